@@ -1,0 +1,111 @@
+"""JSON encoding shared by every backend: one place decides what a storable state is.
+
+States are encoded with the standard library's ``json``: no pickle, no custom tags. A value
+JSON cannot represent (an arbitrary object, a set, bytes, NaN or infinity, a cycle) raises
+:class:`~cognitia.errors.StateNotSerializableError` naming the key and the value's path,
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import InvalidKeyError, StateNotSerializableError
+
+__all__ = ["MAX_KEY_LENGTH", "check_key", "dumps", "loads"]
+
+MAX_KEY_LENGTH = 1024
+
+_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_decoder = json.JSONDecoder()
+
+
+def check_key(key: object) -> str:
+    """Return ``key`` if it can name a session, else raise :class:`InvalidKeyError`."""
+    if type(key) is not str:
+        raise InvalidKeyError(f"session key must be a str, got {type(key).__name__}: {key!r}")
+    if not key or key.isspace():
+        raise InvalidKeyError(f"session key must be a non-empty string, got {key!r}")
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidKeyError(
+            f"session key is {len(key)} characters long, the limit is {MAX_KEY_LENGTH}: {key[:40]!r}..."
+        )
+    if "\x00" in key:
+        raise InvalidKeyError(f"session key must not contain NUL characters: {key!r}")
+    return key
+
+
+def dumps(
+    key: str,
+    value: Any,
+    *,
+    root: str = "state",
+    default: Callable[[Any], Any] | None = None,
+) -> str:
+    """Encode ``value`` as compact JSON, or raise naming the key and the offending path.
+
+    ``default`` converts values JSON does not know (a pydantic model, a datetime) into ones
+    it does, as in :func:`json.dumps`.
+    """
+    if root == "state" and not isinstance(value, Mapping):
+        raise StateNotSerializableError(key, root, f"must be a dict, got {type(value).__name__}")
+    try:
+        if default is None:
+            return _encoder.encode(value)
+        return json.dumps(
+            value, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=default
+        )
+    except (TypeError, ValueError, RecursionError) as exc:
+        path, problem = _locate(value, root, default)
+        raise StateNotSerializableError(key, path, problem) from exc
+
+
+def loads(text: str | bytes) -> Any:
+    """Decode JSON written by :func:`dumps`."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        text = bytes(text).decode("utf-8")
+    return _decoder.decode(text)
+
+
+def _locate(value: Any, root: str, default: Callable[[Any], Any] | None) -> tuple[str, str]:
+    """Walk ``value`` to find the first thing JSON cannot encode (only on the error path)."""
+    ancestors: set[int] = set()
+
+    def walk(node: Any, path: str) -> tuple[str, str] | None:
+        if node is None or isinstance(node, (str, bool, int)):
+            return None
+        if isinstance(node, float):
+            return None if math.isfinite(node) else (path, f"is {node!r}, which JSON cannot represent")
+        if isinstance(node, (dict, list, tuple)):
+            if id(node) in ancestors:
+                return (path, "refers back to itself (a reference cycle)")
+            ancestors.add(id(node))
+            try:
+                if isinstance(node, dict):
+                    for k, v in node.items():
+                        if not isinstance(k, (str, int, float, bool)) and k is not None:
+                            return (path, f"has a key of type {type(k).__name__} ({k!r}); keys must be strings")
+                        label = json.dumps(k, ensure_ascii=False) if isinstance(k, str) else repr(k)
+                        found = walk(v, f"{path}[{label}]")
+                        if found:
+                            return found
+                else:
+                    for i, v in enumerate(node):
+                        found = walk(v, f"{path}[{i}]")
+                        if found:
+                            return found
+            finally:
+                ancestors.discard(id(node))
+            return None
+        if default is not None:
+            try:
+                converted = default(node)
+            except Exception:
+                return (path, f"is a {type(node).__name__} and the converter rejected it")
+            return walk(converted, path)
+        return (path, f"is a {type(node).__name__}, which JSON cannot represent")
+
+    return walk(value, root) or (root, "cannot be encoded as JSON")

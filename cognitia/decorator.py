@@ -1,0 +1,306 @@
+"""``@persisted_session``: an agent handler gets its session, and every turn is persisted.
+
+>>> from cognitia import persisted_session, Session
+>>> from cognitia.session.backends import InMemorySessionBackend
+>>> @persisted_session(InMemorySessionBackend(), key="session_id")
+... async def chat(message: str, *, session_id: str, session: Session) -> str:
+...     session.state["count"] = session.state.get("count", 0) + 1
+...     return f"reply #{session.state['count']} to {message}"
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Literal, TypeVar, overload
+
+from ._json import check_key, loads
+from .errors import VersionConflictError
+from .session._session import Session, Turns
+from .session.backends._protocol import SessionBackend
+from .session.backends._scope import MemoryScope, scoped_key
+from .session.manager import InMemorySessionManager
+
+__all__ = ["persisted_session"]
+
+R = TypeVar("R")
+KeySpec = str | Callable[[inspect.BoundArguments], str]
+
+
+class _Call:
+    """What one decorated call needs, resolved once per call."""
+
+    __slots__ = ("bound", "key")
+
+    def __init__(self, bound: inspect.BoundArguments, key: str) -> None:
+        self.bound = bound
+        self.key = key
+
+
+class _Persister:
+    """The machinery behind one decorated handler."""
+
+    def __init__(
+        self,
+        handler: Callable[..., Any],
+        manager: InMemorySessionManager,
+        *,
+        key: KeySpec,
+        scope: MemoryScope | None,
+        param: str,
+        initial: Callable[[], dict[str, Any]],
+        record: bool,
+        encoder: Callable[[Any], Any] | None,
+        on_conflict: Literal["retry", "raise"],
+        retries: int,
+    ) -> None:
+        signature = inspect.signature(handler)
+        if param not in signature.parameters:
+            raise TypeError(
+                f"@persisted_session: {handler.__qualname__} has no parameter {param!r} to receive the session"
+            )
+        if signature.parameters[param].kind not in (
+            inspect.Parameter.KEYWORD_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
+            raise TypeError(f"@persisted_session: parameter {param!r} of {handler.__qualname__} must accept a keyword")
+        if isinstance(key, str) and key not in signature.parameters:
+            raise TypeError(
+                f"@persisted_session: key={key!r} is not a parameter of {handler.__qualname__}; "
+                "pass the name of the argument that holds the session key, or a callable"
+            )
+        if on_conflict not in ("retry", "raise"):
+            raise ValueError(f"on_conflict must be 'retry' or 'raise', got {on_conflict!r}")
+        self.handler = handler
+        self.manager = manager
+        self.key = key
+        self.scope = scope
+        self.param = param
+        self.initial = initial
+        self.record = record
+        self.encoder = encoder
+        self.attempts = (retries if on_conflict == "retry" else 0) + 1
+        self.public_signature = signature.replace(
+            parameters=[p for name, p in signature.parameters.items() if name != param]
+        )
+
+    def resolve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
+        if self.param in kwargs:
+            raise TypeError(
+                f"{self.handler.__qualname__}() got {self.param!r} from its caller; "
+                "@persisted_session passes the session itself"
+            )
+        bound = self.public_signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        raw = bound.arguments[self.key] if isinstance(self.key, str) else self.key(bound)
+        if not isinstance(raw, str):
+            raise TypeError(
+                f"{self.handler.__qualname__}(): the session key must be a str, got {type(raw).__name__}: {raw!r}"
+            )
+        key = scoped_key(self.scope, raw) if self.scope is not None else check_key(raw)
+        return _Call(bound, key)
+
+    async def session_for(self, key: str) -> Session:
+        manager = self.manager
+        session = await manager._get_locked(key)
+        if session is None:
+            session = Session(key, self.initial(), turns=Turns(key, 0, manager._store.turns))
+            session.last_active = manager._clock()
+            manager._admit(session)
+        return session
+
+    def turn(self, call: _Call, output: Any, started_at: float, duration: float) -> dict[str, Any]:
+        inputs = {k: v for k, v in call.bound.arguments.items() if k != self.param}
+        return {"input": inputs, "output": output, "at": started_at, "duration": round(duration, 6)}
+
+    async def finish(self, session: Session, call: _Call, output: Any, started_at: float, t0: float) -> None:
+        if self.record:
+            session.turns.append(self.turn(call, output, started_at, time.perf_counter() - t0))
+        await self.manager._persist(session, "saved", expected=session.version, default=self.encoder)
+
+    def rollback(self, session: Session, pending_before: int) -> None:
+        """Undo what a failed call did to the live session (its state and queued turns)."""
+        del session.turns._pending[pending_before:]
+        if session._saved_json is not None:
+            session.state = loads(session._saved_json)
+        else:
+            self.manager._live.pop(session.key, None)
+
+
+@overload
+def persisted_session(
+    store: SessionBackend | InMemorySessionManager,
+    *,
+    key: KeySpec = ...,
+    scope: MemoryScope | None = ...,
+    param: str = ...,
+    initial: dict[str, Any] | Callable[[], dict[str, Any]] | None = ...,
+    record_turns: bool = ...,
+    encoder: Callable[[Any], Any] | None = ...,
+    on_conflict: Literal["retry", "raise"] = ...,
+    retries: int | None = ...,
+) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]: ...
+
+
+@overload
+def persisted_session(
+    store: SessionBackend | InMemorySessionManager,
+    *,
+    key: KeySpec = ...,
+    scope: MemoryScope | None = ...,
+    param: str = ...,
+    initial: dict[str, Any] | Callable[[], dict[str, Any]] | None = ...,
+    record_turns: bool = ...,
+    encoder: Callable[[Any], Any] | None = ...,
+    on_conflict: Literal["retry", "raise"] = ...,
+    retries: int | None = ...,
+) -> Callable[[Callable[..., R]], Callable[..., Awaitable[R]]]: ...
+
+
+def persisted_session(
+    store: SessionBackend | InMemorySessionManager,
+    *,
+    key: KeySpec = "session_id",
+    scope: MemoryScope | None = None,
+    param: str = "session",
+    initial: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
+    record_turns: bool = True,
+    encoder: Callable[[Any], Any] | None = None,
+    on_conflict: Literal["retry", "raise"] = "retry",
+    retries: int | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate an agent handler so each call loads its session and persists the turn.
+
+    The handler declares a ``session`` parameter; callers never pass it. On each call the
+    session named by the ``key`` argument is loaded (or created with ``initial``) and
+    handed in; after the handler returns, the turn (inputs, output, start time, duration)
+    is appended to the session's turn log and the state saved, as one atomic step.
+
+    - Calls for the same key run one after another; different keys run in parallel.
+    - If the handler raises (or is cancelled), nothing of that turn is stored and the
+      session's state is as before; the exception propagates unchanged.
+    - Once the handler has returned, the save completes even if the caller is cancelled.
+    - If another worker saved the session in between (a version conflict), the session is
+      reloaded and the handler runs again, up to ``retries`` times
+      (``on_conflict="raise"`` raises :class:`~cognitia.errors.VersionConflictError` instead).
+
+    Args:
+        store: a backend, or an :class:`~cognitia.session.manager.InMemorySessionManager`
+            (whose hooks and logs then see these calls too).
+        key: the name of the handler argument holding the session key, or a callable
+            taking the call's :class:`inspect.BoundArguments` and returning the key.
+        scope: prefix keys with this :class:`MemoryScope` via ``scoped_key``.
+        param: the name of the handler parameter that receives the session.
+        initial: the state of a new session (a dict, copied, or a factory).
+        record_turns: append a turn per call (``False``: only save the state).
+        encoder: converts values JSON does not know in inputs and outputs (as
+            ``json.dumps(default=...)``), e.g. ``lambda m: m.model_dump(mode="json")``.
+        on_conflict: ``"retry"`` (default) or ``"raise"``.
+        retries: conflict retries (default: the manager's ``retries``).
+
+    The decorated handler is always async (a sync handler runs in the event loop thread,
+    so it should not block). An async generator handler streams its chunks; the turn is
+    stored when the stream ends, with the chunks as output (joined if they are strings).
+    """
+    manager = store if isinstance(store, InMemorySessionManager) else InMemorySessionManager(store, max_sessions=10_000)
+    if initial is None:
+        make_initial: Callable[[], dict[str, Any]] = dict
+    elif callable(initial):
+        make_initial = initial
+    elif isinstance(initial, dict):
+        snapshot = dict(initial)
+        make_initial = lambda: loads(_json_copy(snapshot))  # noqa: E731
+    else:
+        raise TypeError(f"initial must be a dict or a callable returning one, got {type(initial).__name__}")
+
+    def decorate(handler: Callable[..., Any]) -> Callable[..., Any]:
+        persister = _Persister(
+            handler,
+            manager,
+            key=key,
+            scope=scope,
+            param=param,
+            initial=make_initial,
+            record=record_turns,
+            encoder=encoder,
+            on_conflict=on_conflict,
+            retries=manager.retries if retries is None else retries,
+        )
+        if inspect.isasyncgenfunction(handler):
+            wrapper = _stream_wrapper(persister)
+        elif inspect.iscoroutinefunction(handler) or not inspect.isgeneratorfunction(handler):
+            wrapper = _call_wrapper(persister, is_async=inspect.iscoroutinefunction(handler))
+        else:
+            raise TypeError(
+                f"@persisted_session cannot wrap the sync generator {handler.__qualname__}; "
+                "make it an async generator (async def ... yield) to stream replies"
+            )
+        functools.update_wrapper(wrapper, handler)
+        wrapper.__signature__ = persister.public_signature  # type: ignore[attr-defined]
+        del wrapper.__wrapped__  # type: ignore[attr-defined]
+        wrapper.manager = manager  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
+
+
+def _json_copy(value: dict[str, Any]) -> str:
+    from ._json import dumps
+
+    return dumps("initial", value)
+
+
+def _call_wrapper(p: _Persister, *, is_async: bool) -> Callable[..., Awaitable[Any]]:
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        call = p.resolve(args, kwargs)
+        manager = p.manager
+        for attempt in range(p.attempts):
+            async with manager._operation(call.key):
+                session = await p.session_for(call.key)
+                pending_before = len(session.turns._pending)
+                started_at, t0 = time.time(), time.perf_counter()
+                try:
+                    kwargs[p.param] = session
+                    output = p.handler(*args, **kwargs)
+                    if is_async:
+                        output = await output
+                    await p.finish(session, call, output, started_at, t0)
+                except VersionConflictError:
+                    if attempt + 1 == p.attempts:
+                        raise
+                    continue
+                except BaseException:
+                    p.rollback(session, pending_before)
+                    raise
+                return output
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return wrapper
+
+
+def _stream_wrapper(p: _Persister) -> Callable[..., AsyncIterator[Any]]:
+    async def wrapper(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        call = p.resolve(args, kwargs)
+        async with p.manager._operation(call.key):
+            session = await p.session_for(call.key)
+            pending_before = len(session.turns._pending)
+            started_at, t0 = time.time(), time.perf_counter()
+            chunks: list[Any] = []
+            kwargs[p.param] = session
+            stream = p.handler(*args, **kwargs)
+            try:
+                async for chunk in stream:
+                    chunks.append(chunk)
+                    yield chunk
+                output: Any = "".join(chunks) if chunks and all(isinstance(c, str) for c in chunks) else chunks
+                # A conflict cannot be retried here: the chunks were already handed out.
+                await p.finish(session, call, output, started_at, t0)
+            except BaseException:
+                p.rollback(session, pending_before)
+                raise
+            finally:
+                await stream.aclose()
+
+    return wrapper

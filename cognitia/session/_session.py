@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .backends._scope import MemoryScope
+
+__all__ = ["Session", "Turns"]
+
+TurnLoader = Callable[[str, "int | None"], Awaitable[list[dict[str, Any]]]]
+
+
+class Turns:
+    """A session's append-only turn log, as seen from a live session.
+
+    ``append`` queues a turn; the next save writes it together with the state, in one
+    atomic step. ``len()`` counts every turn, stored and queued. The log is read lazily:
+    ``await turns.last(5)`` fetches only the tail, and once fetched, turns stay in memory,
+    so a live conversation costs one append per turn, never a reload.
+    """
+
+    __slots__ = ("_key", "_loader", "_stored", "_known", "_complete", "_pending", "_truncate")
+
+    def __init__(self, key: str, stored: int, loader: TurnLoader | None) -> None:
+        self._key = key
+        self._loader = loader
+        self._stored = stored
+        self._known: list[dict[str, Any]] = []
+        """The newest ``len(_known)`` stored turns (the whole log when ``_complete``)."""
+        self._complete = stored == 0
+        self._pending: list[dict[str, Any]] = []
+        self._truncate: int | None = None
+        """Stored turns to keep at the next save, after :meth:`pop` or :meth:`clear`."""
+
+    def __len__(self) -> int:
+        return self._stored + len(self._pending)
+
+    def __repr__(self) -> str:
+        return f"<Turns {self._key!r} stored={self._stored} pending={len(self._pending)}>"
+
+    def append(self, turn: dict[str, Any]) -> None:
+        """Queue ``turn`` (a JSON-compatible dict) for the next save."""
+        if not isinstance(turn, dict):
+            raise TypeError(f"a turn of session {self._key!r} must be a dict, got {type(turn).__name__}")
+        self._pending.append(turn)
+
+    async def pop(self) -> dict[str, Any] | None:
+        """Remove and return the newest turn (``None`` if there is none); stored at the next save."""
+        if self._pending:
+            return self._pending.pop()
+        if self._stored == 0:
+            return None
+        if not self._known:
+            await self.last(1)
+        turn = self._known.pop()
+        self._stored -= 1
+        self._truncate = self._stored
+        return turn
+
+    def clear(self) -> None:
+        """Remove every turn, stored and queued; stored at the next save."""
+        self._pending = []
+        self._known = []
+        self._stored = 0
+        self._complete = True
+        self._truncate = 0
+
+    @property
+    def pending(self) -> list[dict[str, Any]]:
+        """Turns appended since the last save."""
+        return list(self._pending)
+
+    async def last(self, n: int) -> list[dict[str, Any]]:
+        """The newest ``n`` turns, oldest first, reading storage only for what is not in memory."""
+        if n <= 0:
+            return []
+        in_memory = len(self._known) + len(self._pending)
+        if n > in_memory and not self._complete and self._loader is not None:
+            wanted = n - len(self._pending)
+            self._known = await self._loader(self._key, wanted)
+            self._complete = len(self._known) >= self._stored
+        combined = self._known + self._pending
+        return combined[-n:]
+
+    async def all(self) -> list[dict[str, Any]]:
+        """Every turn, oldest first (loaded once, then kept in memory)."""
+        if not self._complete and self._loader is not None:
+            self._known = await self._loader(self._key, None)
+            self._complete = True
+        return self._known + self._pending
+
+    # -- used by the manager ----------------------------------------------------------------
+
+    def _take_pending(self) -> list[dict[str, Any]]:
+        return self._pending
+
+    def _committed(self, count: int) -> None:
+        """The first ``count`` pending turns are now stored."""
+        done, self._pending = self._pending[:count], self._pending[count:]
+        self._known.extend(done)
+        self._stored += count
+        self._truncate = None
+
+
+class Session:
+    """A live session: its key, its state, its version and its turns.
+
+    Mutate ``state`` freely; ``await manager.save(session)`` persists it. ``version`` is 0
+    until the first save and grows by one with every save.
+    """
+
+    __slots__ = ("key", "state", "version", "turns", "last_active", "_saved_json", "__weakref__")
+
+    def __init__(
+        self,
+        key: str,
+        state: dict[str, Any],
+        *,
+        version: int = 0,
+        turns: Turns | None = None,
+        saved_json: str | None = None,
+        last_active: float = 0.0,
+    ) -> None:
+        self.key = key
+        self.state = state
+        self.version = version
+        self.turns = turns if turns is not None else Turns(key, 0, None)
+        self.last_active = last_active
+        self._saved_json = saved_json
+
+    @property
+    def scope(self) -> MemoryScope | None:
+        """The :class:`MemoryScope` the key was made in, if any."""
+        return MemoryScope.of(self.key)
+
+    def __repr__(self) -> str:
+        return f"<Session {self.key!r} version={self.version} turns={len(self.turns)}>"

@@ -1,0 +1,227 @@
+"""How the manager talks to a backend: natively, or through the four protocol methods.
+
+cognitia's own backends (and any backend declaring ``versioned_commit`` and ``turn_log``)
+get versioned commits and an append-only turn log in the storage engine. A plain
+four-method backend, such as one a user wrote from the protocol, still works: the state,
+its version and its turns are kept together in one JSON document under the key, and a
+version check guards each save from this process's point of view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .._json import loads
+from ..errors import VersionConflictError
+from .backends._base import BackendBase
+from .backends._protocol import Capability, SessionBackend, StoreBackend, capabilities_of
+
+__all__ = ["ENVELOPE_MARK", "Loaded", "Store", "open_store"]
+
+ENVELOPE_MARK = "__cognitia_session__"
+
+
+@dataclass(slots=True)
+class Loaded:
+    state: dict[str, Any]
+    version: int
+    turn_count: int
+    bytes: int
+
+
+class Store:
+    """The operations the manager needs, over any backend."""
+
+    name: str
+    backend: SessionBackend | None
+    prefix_listing: bool = True
+
+    async def read(self, key: str) -> Loaded | None:
+        return None
+
+    async def write(
+        self,
+        key: str,
+        state: dict[str, Any],
+        state_json: str,
+        expected: int | None,
+        turns: list[str],
+        truncate: int | None = None,
+    ) -> int:
+        return (expected or 0) + 1
+
+    async def turns(self, key: str, last: int | None) -> list[dict[str, Any]]:
+        return []
+
+    async def keys(self, prefix: str) -> list[str]:
+        return []
+
+    async def delete(self, key: str) -> bool:
+        return False
+
+    async def prune(self, dry_run: bool) -> list[str]:
+        return []
+
+    @property
+    def expires(self) -> bool:
+        return False
+
+
+class NullStore(Store):
+    """No backend: sessions live only while they are live in the manager."""
+
+    name = "none"
+    backend = None
+
+    def __init__(self, live: Mapping[str, Any]) -> None:
+        self._live = live
+
+    async def write(
+        self,
+        key: str,
+        state: dict[str, Any],
+        state_json: str,
+        expected: int | None,
+        turns: list[str],
+        truncate: int | None = None,
+    ) -> int:
+        session = self._live.get(key)
+        return (0 if session is None else session.version) + 1
+
+
+class NativeStore(Store):
+    def __init__(self, backend: StoreBackend) -> None:
+        self.backend = backend
+        self.name = str(getattr(backend, "name", type(backend).__name__))
+        self._encoded = isinstance(backend, BackendBase)
+        self._caps = capabilities_of(backend)
+
+    async def read(self, key: str) -> Loaded | None:
+        record = await self.backend.load_record(key)  # type: ignore[union-attr]
+        if record is None:
+            return None
+        size = record.size if hasattr(record, "size") else 0
+        return Loaded(record.state, record.version, record.turn_count, size)
+
+    async def write(
+        self,
+        key: str,
+        state: dict[str, Any],
+        state_json: str,
+        expected: int | None,
+        turns: list[str],
+        truncate: int | None = None,
+    ) -> int:
+        if self._encoded:
+            backend: BackendBase = self.backend  # type: ignore[assignment]
+            return await backend.commit_encoded(
+                key, state_json, expected_version=expected, turns=turns, truncate=truncate
+            )
+        return await self.backend.commit(  # type: ignore[union-attr]
+            key, loads(state_json), expected_version=expected, turns=[loads(t) for t in turns], truncate=truncate
+        )
+
+    async def turns(self, key: str, last: int | None) -> list[dict[str, Any]]:
+        return await self.backend.load_turns(key, last=last)  # type: ignore[union-attr]
+
+    async def keys(self, prefix: str) -> list[str]:
+        return await self.backend.list_keys(prefix)  # type: ignore[union-attr]
+
+    async def delete(self, key: str) -> bool:
+        return await self.backend.delete(key)  # type: ignore[union-attr]
+
+    async def prune(self, dry_run: bool) -> list[str]:
+        if Capability.EXPIRY not in self._caps:
+            return []
+        return await self.backend.prune(dry_run=dry_run)  # type: ignore[union-attr]
+
+    @property
+    def expires(self) -> bool:
+        return Capability.EXPIRY in self._caps and getattr(self.backend, "ttl", None) is not None
+
+
+class EnvelopeStore(Store):
+    """Keeps ``{"__cognitia_session__": 1, "version": n, "state": {...}, "turns": [...]}`` per key."""
+
+    def __init__(self, backend: SessionBackend) -> None:
+        self.backend = backend
+        self.name = str(getattr(backend, "name", type(backend).__name__))
+        self.prefix_listing = Capability.PREFIX_LISTING in capabilities_of(backend)
+
+    async def _envelope(self, key: str) -> dict[str, Any] | None:
+        raw = await self.backend.load(key)  # type: ignore[union-attr]
+        if raw is None:
+            return None
+        if raw.get(ENVELOPE_MARK) == 1:
+            return raw
+        # A state saved directly through the backend: adopt it as version 1, no turns.
+        return {ENVELOPE_MARK: 1, "version": 1, "state": raw, "turns": []}
+
+    async def read(self, key: str) -> Loaded | None:
+        envelope = await self._envelope(key)
+        if envelope is None:
+            return None
+        state = envelope["state"]
+        return Loaded(state, envelope["version"], len(envelope["turns"]), 0)
+
+    async def write(
+        self,
+        key: str,
+        state: dict[str, Any],
+        state_json: str,
+        expected: int | None,
+        turns: list[str],
+        truncate: int | None = None,
+    ) -> int:
+        envelope = await self._envelope(key)
+        actual = None if envelope is None else envelope["version"]
+        if expected is not None and (
+            (expected == 0 and actual is not None) or (expected > 0 and actual != expected)
+        ):
+            raise VersionConflictError(key, expected, actual)
+        version = (actual or 0) + 1
+        old_turns = [] if envelope is None else envelope["turns"]
+        if truncate is not None:
+            old_turns = old_turns[:truncate]
+        await self.backend.save(  # type: ignore[union-attr]
+            key,
+            {
+                ENVELOPE_MARK: 1,
+                "version": version,
+                "state": loads(state_json),
+                "turns": old_turns + [loads(t) for t in turns],
+            },
+        )
+        return version
+
+    async def turns(self, key: str, last: int | None) -> list[dict[str, Any]]:
+        envelope = await self._envelope(key)
+        if envelope is None:
+            return []
+        turns: list[dict[str, Any]] = envelope["turns"]
+        return turns[-last:] if last else list(turns)
+
+    async def keys(self, prefix: str) -> list[str]:
+        if self.prefix_listing:
+            return sorted(await self.backend.list_keys(prefix))  # type: ignore[union-attr, call-arg]
+        return sorted(k for k in await self.backend.list_keys() if k.startswith(prefix))  # type: ignore[union-attr]
+
+    async def delete(self, key: str) -> bool:
+        return await self.backend.delete(key)  # type: ignore[union-attr]
+
+
+def open_store(backend: SessionBackend | None, live: Mapping[str, Any]) -> Store:
+    """The store for ``backend``: native when it declares versioned commits and a turn log."""
+    if backend is None:
+        return NullStore(live)
+    if not isinstance(backend, SessionBackend):
+        raise TypeError(
+            f"backend must implement SessionBackend (async save, load, delete, list_keys); "
+            f"got {type(backend).__name__}"
+        )
+    caps = capabilities_of(backend)
+    if {Capability.VERSIONED_COMMIT, Capability.TURN_LOG} <= caps:
+        return NativeStore(backend)  # type: ignore[arg-type]
+    return EnvelopeStore(backend)

@@ -1,0 +1,233 @@
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, ClassVar
+
+from ..._json import check_key, dumps, loads
+from ...errors import BackendClosedError, CognitiaError, StorageError
+from ._protocol import Capability, SessionRecord
+from ._scope import MemoryScope
+
+__all__ = ["BackendBase", "RawRecord"]
+
+RawRecord = tuple[str, int, int, float, "float | None"]
+"""What a storage engine returns for a session: state JSON, version, turn count, updated_at, expires_at."""
+
+
+class BackendBase(ABC):
+    """Everything cognitia's own backends share, written once.
+
+    Subclasses implement the ``_raw_*`` methods over already-validated keys and already
+    encoded JSON text; this class does key checks, JSON encoding and decoding, expiry
+    arithmetic, the closed state and the translation of driver errors into
+    :class:`~cognitia.errors.StorageError`.
+    """
+
+    name: ClassVar[str] = "base"
+    capabilities: frozenset[Capability] = frozenset(Capability)
+    _driver_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+
+    def __init__(self, *, ttl: float | None = None, clock: Callable[[], float] = time.time) -> None:
+        if ttl is not None and not ttl > 0:
+            raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
+        self.ttl = ttl
+        self._clock = clock
+        self._closed = False
+
+    # -- the seed's four methods ------------------------------------------------------------
+
+    async def save(self, key: str, state: dict[str, Any]) -> None:
+        """Store ``state`` under ``key``, replacing what was there."""
+        await self.commit(key, state)
+
+    async def load(self, key: str) -> dict[str, Any] | None:
+        """The state stored under ``key``, or ``None``."""
+        record = await self.load_record(key)
+        return None if record is None else record.state
+
+    async def delete(self, key: str) -> bool:
+        """Delete the session and its turns; ``True`` if it existed."""
+        check_key(key)
+        with self._errors("delete", key):
+            return await self._raw_delete(key, self._clock())
+
+    async def list_keys(self, prefix: str | MemoryScope = "") -> list[str]:
+        """Every stored key, sorted; only those starting with ``prefix`` if given.
+
+        ``prefix`` may be a :class:`MemoryScope` to list one namespace. The filtering runs
+        in the storage engine, not in Python.
+        """
+        if isinstance(prefix, MemoryScope):
+            prefix = prefix.prefix
+        elif not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str or MemoryScope, got {type(prefix).__name__}")
+        with self._errors("list keys", prefix or "*"):
+            return await self._raw_list_keys(prefix, self._clock())
+
+    # -- versioned records and the turn log -------------------------------------------------
+
+    async def load_record(self, key: str) -> SessionRecord | None:
+        """The stored session with its version and metadata, or ``None``."""
+        check_key(key)
+        with self._errors("load", key):
+            raw = await self._raw_load(key, self._clock())
+        if raw is None:
+            return None
+        state, version, turn_count, updated_at, expires_at = raw
+        return SessionRecord(key, loads(state), version, turn_count, updated_at, expires_at, len(state.encode()))
+
+    async def commit(
+        self,
+        key: str,
+        state: dict[str, Any],
+        *,
+        expected_version: int | None = None,
+        turns: Sequence[dict[str, Any]] = (),
+        truncate: int | None = None,
+    ) -> int:
+        """Write ``state`` and append ``turns`` atomically; return the new version.
+
+        ``expected_version``: ``None`` overwrites; ``0`` requires that no session exists;
+        ``n`` requires stored version ``n``, else
+        :class:`~cognitia.errors.VersionConflictError` and nothing is written.
+        ``truncate``: first keep only the oldest ``truncate`` stored turns (``0`` clears the
+        log), in the same transaction.
+        """
+        check_key(key)
+        encoded = dumps(key, state)
+        encoded_turns = [dumps(key, turn, root=f"turns[{i}]") for i, turn in enumerate(turns)]
+        return await self.commit_encoded(
+            key, encoded, expected_version=expected_version, turns=encoded_turns, truncate=truncate
+        )
+
+    async def commit_encoded(
+        self,
+        key: str,
+        state: str,
+        *,
+        expected_version: int | None = None,
+        turns: Sequence[str] = (),
+        truncate: int | None = None,
+    ) -> int:
+        """:meth:`commit` for a state and turns already encoded by :func:`cognitia._json.dumps`."""
+        check_key(key)
+        if expected_version is not None and (type(expected_version) is not int or expected_version < 0):
+            raise ValueError(f"expected_version must be None or an int >= 0, got {expected_version!r}")
+        if truncate is not None and (type(truncate) is not int or truncate < 0):
+            raise ValueError(f"truncate must be None or an int >= 0, got {truncate!r}")
+        now = self._clock()
+        expires_at = None if self.ttl is None else now + self.ttl
+        with self._errors("save", key):
+            return await self._raw_commit(key, state, expected_version, list(turns), truncate, now, expires_at)
+
+    async def load_turns(self, key: str, *, last: int | None = None) -> list[dict[str, Any]]:
+        """The session's turns in order; only the last ``last`` if given."""
+        check_key(key)
+        if last is not None and (type(last) is not int or last < 0):
+            raise ValueError(f"last must be None or an int >= 0, got {last!r}")
+        if last == 0:
+            return []
+        with self._errors("load turns of", key):
+            raw = await self._raw_load_turns(key, last, self._clock())
+        return [loads(t) for t in raw]
+
+    async def prune(self, *, dry_run: bool = False) -> list[str]:
+        """Delete expired sessions and return their keys (only report them if ``dry_run``)."""
+        with self._errors("prune", "*"):
+            return await self._raw_prune(self._clock(), dry_run)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` or :meth:`aclose` was called."""
+        return self._closed
+
+    def close(self) -> None:
+        """Release the backend's connections and threads. Safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self._raw_close()
+
+    async def aclose(self) -> None:
+        """Like :meth:`close`, awaiting pending writes without blocking the event loop."""
+        if not self._closed:
+            self._closed = True
+            await self._raw_aclose()
+
+    async def __aenter__(self) -> BackendBase:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<{type(self).__name__} {self._describe()} {state}>"
+
+    def _describe(self) -> str:
+        return ""
+
+    @contextmanager
+    def _errors(self, operation: str, key: str) -> Iterator[None]:
+        if self._closed:
+            raise BackendClosedError(f"{self.name} backend is closed: cannot {operation} session {key!r}")
+        try:
+            yield
+        except CognitiaError:
+            raise
+        except self._driver_errors as exc:
+            if self._closed:
+                raise BackendClosedError(f"{self.name} backend was closed during {operation} of {key!r}") from exc
+            raise StorageError(f"{self.name} backend failed to {operation} session {key!r}: {exc}") from exc
+
+    # -- what a storage engine implements ---------------------------------------------------
+
+    @abstractmethod
+    async def _raw_load(self, key: str, now: float) -> RawRecord | None:
+        ...
+
+    @abstractmethod
+    async def _raw_commit(
+        self,
+        key: str,
+        state: str,
+        expected_version: int | None,
+        turns: list[str],
+        truncate: int | None,
+        now: float,
+        expires_at: float | None,
+    ) -> int:
+        ...
+
+    @abstractmethod
+    async def _raw_load_turns(self, key: str, last: int | None, now: float) -> list[str]:
+        ...
+
+    @abstractmethod
+    async def _raw_delete(self, key: str, now: float) -> bool:
+        ...
+
+    @abstractmethod
+    async def _raw_list_keys(self, prefix: str, now: float) -> list[str]:
+        ...
+
+    @abstractmethod
+    async def _raw_prune(self, now: float, dry_run: bool) -> list[str]:
+        ...
+
+    def _raw_close(self) -> None:
+        pass
+
+    @abstractmethod
+    async def _raw_aclose(self) -> None:
+        self._raw_close()

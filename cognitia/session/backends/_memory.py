@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio.lowlevel
+
+from ...errors import VersionConflictError
+from ._base import BackendBase, RawRecord
+
+__all__ = ["InMemorySessionBackend"]
+
+
+@dataclass(slots=True)
+class _Entry:
+    state: str
+    version: int
+    updated_at: float
+    expires_at: float | None
+    turns: list[str] = field(default_factory=list)
+
+    def alive(self, now: float) -> bool:
+        return self.expires_at is None or self.expires_at > now
+
+
+class InMemorySessionBackend(BackendBase):
+    """Sessions in a dict, for the life of the process: tests, prototypes, one-shot runs.
+
+    States are stored as JSON text, so the backend behaves exactly like the persistent
+    ones: a loaded state is a fresh copy, and an unstorable value is rejected on save.
+
+    >>> backend = InMemorySessionBackend()
+    >>> # await backend.save("agent:demo", {"turn": 1})
+    """
+
+    name = "memory"
+
+    def __init__(self, *, ttl: float | None = None, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(ttl=ttl, clock=clock)
+        self._entries: dict[str, _Entry] = {}
+        self._sorted_keys: list[str] = []
+
+    def _live(self, key: str, now: float) -> _Entry | None:
+        entry = self._entries.get(key)
+        return entry if entry is not None and entry.alive(now) else None
+
+    async def _raw_load(self, key: str, now: float) -> RawRecord | None:
+        await anyio.lowlevel.checkpoint()
+        entry = self._live(key, now)
+        if entry is None:
+            return None
+        return (entry.state, entry.version, len(entry.turns), entry.updated_at, entry.expires_at)
+
+    async def _raw_commit(
+        self,
+        key: str,
+        state: str,
+        expected_version: int | None,
+        turns: list[str],
+        truncate: int | None,
+        now: float,
+        expires_at: float | None,
+    ) -> int:
+        await anyio.lowlevel.checkpoint()
+        entry = self._entries.get(key)
+        live = entry if entry is not None and entry.alive(now) else None
+        if expected_version is not None:
+            actual = None if live is None else live.version
+            if (expected_version == 0 and actual is not None) or (
+                expected_version > 0 and actual != expected_version
+            ):
+                raise VersionConflictError(key, expected_version, actual)
+        if entry is None:
+            self._entries[key] = _Entry(state, 1, now, expires_at, list(turns))
+            bisect.insort(self._sorted_keys, key)
+            return 1
+        if live is None:
+            entry.turns = []
+        elif truncate is not None:
+            del entry.turns[truncate:]
+        entry.state = state
+        entry.version += 1
+        entry.updated_at = now
+        entry.expires_at = expires_at
+        entry.turns.extend(turns)
+        return entry.version
+
+    async def _raw_load_turns(self, key: str, last: int | None, now: float) -> list[str]:
+        await anyio.lowlevel.checkpoint()
+        entry = self._live(key, now)
+        if entry is None:
+            return []
+        return entry.turns[-last:] if last is not None else list(entry.turns)
+
+    async def _raw_delete(self, key: str, now: float) -> bool:
+        await anyio.lowlevel.checkpoint()
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return False
+        del self._sorted_keys[bisect.bisect_left(self._sorted_keys, key)]
+        return entry.alive(now)
+
+    async def _raw_list_keys(self, prefix: str, now: float) -> list[str]:
+        await anyio.lowlevel.checkpoint()
+        keys = self._sorted_keys
+        start = bisect.bisect_left(keys, prefix)
+        found = []
+        for key in keys[start:]:
+            if not key.startswith(prefix):
+                break
+            if self._entries[key].alive(now):
+                found.append(key)
+        return found
+
+    async def _raw_prune(self, now: float, dry_run: bool) -> list[str]:
+        await anyio.lowlevel.checkpoint()
+        expired = [key for key in self._sorted_keys if not self._entries[key].alive(now)]
+        if not dry_run:
+            for key in expired:
+                await self._raw_delete(key, now)
+        return expired
+
+    def _describe(self) -> str:
+        return f"sessions={len(self._entries)}"

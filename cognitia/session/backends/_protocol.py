@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "Capability",
+    "SessionBackend",
+    "SessionRecord",
+    "StoreBackend",
+    "capabilities_of",
+]
+
+
+@runtime_checkable
+class SessionBackend(Protocol):
+    """The contract every backend meets: a JSON state per key.
+
+    Any object with these four async methods is a backend; it does not need to inherit
+    from anything. ``save`` replaces the whole state, ``load`` returns ``None`` for a key
+    that does not exist, ``delete`` reports whether something was deleted.
+    """
+
+    async def save(self, key: str, state: dict[str, Any]) -> None: ...
+
+    async def load(self, key: str) -> dict[str, Any] | None: ...
+
+    async def delete(self, key: str) -> bool: ...
+
+    async def list_keys(self) -> list[str]: ...
+
+
+class Capability(str, Enum):
+    """Optional abilities a backend declares in its ``capabilities`` attribute.
+
+    The manager and the decorator use a capability when it is declared and fall back to
+    the four protocol methods when it is not; the conformance kit tests each capability
+    only where it is declared.
+    """
+
+    PREFIX_LISTING = "prefix_listing"
+    """``list_keys(prefix=...)`` filters in the storage engine."""
+    VERSIONED_COMMIT = "versioned_commit"
+    """``load_record`` and ``commit(..., expected_version=...)`` with conflict detection."""
+    TURN_LOG = "turn_log"
+    """``commit(..., turns=...)`` appends rows natively; ``load_turns`` reads the tail."""
+    EXPIRY = "expiry"
+    """Stored sessions expire after ``ttl`` seconds without a save; ``prune`` removes them."""
+
+
+def capabilities_of(backend: object) -> frozenset[Capability]:
+    """The capabilities ``backend`` declares (none for a plain four-method backend)."""
+    declared = getattr(backend, "capabilities", frozenset())
+    return frozenset(Capability(c) for c in declared)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """A stored session as a versioned backend returns it."""
+
+    key: str
+    state: dict[str, Any]
+    version: int
+    """1 after the first save, +1 on every save."""
+    turn_count: int = 0
+    updated_at: float = 0.0
+    """Unix time of the last save."""
+    expires_at: float | None = field(default=None)
+    """Unix time after which the session is invisible, if the backend has a TTL."""
+    size: int = 0
+    """Bytes of the stored state's JSON encoding."""
+
+
+@runtime_checkable
+class StoreBackend(SessionBackend, Protocol):
+    """A backend with versioned commits and a native turn log (all of cognitia's own).
+
+    ``commit`` writes the state and appends ``turns`` in one transaction. With
+    ``expected_version=None`` it overwrites unconditionally; with ``0`` the key must not
+    exist yet; with ``n`` the stored version must be ``n``, otherwise
+    :class:`~cognitia.errors.VersionConflictError` is raised and nothing is written. With
+    ``truncate=n`` only the oldest ``n`` stored turns are kept before ``turns`` are
+    appended. It returns the new version.
+    """
+
+    capabilities: frozenset[Capability]
+
+    async def load_record(self, key: str) -> SessionRecord | None: ...
+
+    async def commit(
+        self,
+        key: str,
+        state: dict[str, Any],
+        *,
+        expected_version: int | None = None,
+        turns: Sequence[dict[str, Any]] = (),
+        truncate: int | None = None,
+    ) -> int: ...
+
+    async def load_turns(self, key: str, *, last: int | None = None) -> list[dict[str, Any]]: ...
+
+    async def list_keys(self, prefix: str = "") -> list[str]: ...
+
+    async def prune(self, *, dry_run: bool = False) -> list[str]: ...

@@ -1,0 +1,350 @@
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..._worker import Job, ThreadWorker
+from ...errors import StorageError, VersionConflictError
+from ._base import BackendBase, RawRecord
+
+__all__ = ["SCHEMA_VERSION", "SqliteSessionBackend"]
+
+SCHEMA_VERSION = 1
+"""Recorded in the file as ``PRAGMA user_version``; a newer file is refused, an older one migrated."""
+
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE IF NOT EXISTS cognitia_sessions (
+            key TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            turn_count INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            expires_at REAL
+        ) WITHOUT ROWID""",
+        """CREATE INDEX IF NOT EXISTS cognitia_sessions_expiry
+            ON cognitia_sessions (expires_at) WHERE expires_at IS NOT NULL""",
+        """CREATE TABLE IF NOT EXISTS cognitia_turns (
+            key TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            turn TEXT NOT NULL,
+            PRIMARY KEY (key, seq)
+        ) WITHOUT ROWID""",
+    ),
+}
+
+_ALIVE = "(expires_at IS NULL OR expires_at > ?)"
+_SELECT_RECORD = (
+    "SELECT state, version, turn_count, updated_at, expires_at FROM cognitia_sessions "
+    f"WHERE key = ? AND {_ALIVE}"
+)
+_SELECT_TURNS_TAIL = (
+    "SELECT t.turn FROM cognitia_turns AS t JOIN cognitia_sessions AS s ON s.key = t.key "
+    f"WHERE t.key = ? AND (s.expires_at IS NULL OR s.expires_at > ?) AND t.seq >= s.turn_count - ? "
+    "ORDER BY t.seq"
+)
+_SELECT_TURNS_ALL = (
+    "SELECT t.turn FROM cognitia_turns AS t JOIN cognitia_sessions AS s ON s.key = t.key "
+    "WHERE t.key = ? AND (s.expires_at IS NULL OR s.expires_at > ?) ORDER BY t.seq"
+)
+_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+def _prefix_bounds(prefix: str) -> tuple[str, str | None]:
+    """The half-open key range ``[low, high)`` holding every key that starts with ``prefix``.
+
+    Keys compare as UTF-8 bytes (SQLite's BINARY collation), which orders like code points,
+    so bumping the last code point gives the upper bound and the primary key index is used.
+    """
+    if not prefix:
+        return "", None
+    last = ord(prefix[-1])
+    if last >= 0x10FFFF:
+        return prefix, None
+    bumped = last + 1
+    if 0xD800 <= bumped <= 0xDFFF:
+        bumped = 0xE000
+    return prefix, prefix[:-1] + chr(bumped)
+
+
+class SqliteSessionBackend(BackendBase):
+    """Sessions in one SQLite file: the embedded default, persistent across restarts.
+
+    Runs the same on asyncio and trio: the standard library's ``sqlite3`` is driven by two
+    threads the backend owns, one writer and one reader, so a load never queues behind a
+    write. Writes that arrive while a transaction is running are committed together in the
+    next one (each in its own savepoint, so one failing save does not affect the others).
+    ``save`` returns once its transaction is committed.
+
+    The file uses WAL mode and a busy timeout so several processes can share it, is created
+    readable and writable by its owner only, and records its schema version.
+
+    Args:
+        db_path: the database file (created if missing), or ``":memory:"``.
+        ttl: seconds after the last save when a session expires (``None``: never).
+        synchronous: SQLite's ``synchronous`` setting. ``"NORMAL"`` (default) keeps every
+            committed save across a process crash; ``"FULL"`` also across power loss.
+        busy_timeout: seconds to wait for another process's write lock.
+
+    >>> backend = SqliteSessionBackend(db_path="sessions.db")
+    """
+
+    name = "sqlite"
+    _driver_errors = (sqlite3.Error,)
+
+    def __init__(
+        self,
+        db_path: str | os.PathLike[str] = "sessions.db",
+        *,
+        ttl: float | None = None,
+        synchronous: str = "NORMAL",
+        busy_timeout: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(ttl=ttl, clock=clock)
+        synchronous = synchronous.upper()
+        if synchronous not in _SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, got {synchronous!r}")
+        self.db_path = os.fspath(db_path)
+        self._synchronous = synchronous
+        self._busy_timeout = busy_timeout
+        self._memory = self.db_path == ":memory:"
+        self._schema_ready = threading.Event()
+        self._writer: ThreadWorker[sqlite3.Connection] = ThreadWorker(
+            f"cognitia-sqlite-writer:{self.db_path}", self._open_writer, sqlite3.Connection.close, batch=_run_batch
+        )
+        self._reader: ThreadWorker[sqlite3.Connection] = (
+            self._writer
+            if self._memory
+            else ThreadWorker(f"cognitia-sqlite-reader:{self.db_path}", self._open_reader, sqlite3.Connection.close)
+        )
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.db_path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        return conn
+
+    def _open_writer(self) -> sqlite3.Connection:
+        if not self._memory:
+            path = Path(self.db_path)
+            if not path.exists():
+                # Create the file ourselves so it is private: SQLite gives its WAL and
+                # shared-memory files the same permissions as the database file.
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        conn = self._connect()
+        try:
+            if not self._memory:
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            _migrate(conn, self.db_path)
+        except BaseException:
+            conn.close()
+            raise
+        self._schema_ready.set()
+        return conn
+
+    def _open_reader(self) -> sqlite3.Connection:
+        conn = self._connect()
+        conn.execute("PRAGMA query_only = ON")
+        return conn
+
+    async def _read(self, fn: Callable[..., object], *args: object) -> object:
+        if not self._schema_ready.is_set():
+            # The writer creates or migrates the schema before the first read.
+            await self._writer.call(_noop, shield=True)
+        return await self._reader.call(fn, *args)
+
+    # -- the storage engine -----------------------------------------------------------------
+
+    async def _raw_load(self, key: str, now: float) -> RawRecord | None:
+        return await self._read(_load, key, now)  # type: ignore[return-value]
+
+    async def _raw_commit(
+        self,
+        key: str,
+        state: str,
+        expected_version: int | None,
+        turns: list[str],
+        truncate: int | None,
+        now: float,
+        expires_at: float | None,
+    ) -> int:
+        return await self._writer.call(
+            _commit, key, state, expected_version, turns, truncate, now, expires_at, shield=True
+        )
+
+    async def _raw_load_turns(self, key: str, last: int | None, now: float) -> list[str]:
+        return await self._read(_load_turns, key, last, now)  # type: ignore[return-value]
+
+    async def _raw_delete(self, key: str, now: float) -> bool:
+        return await self._writer.call(_delete, key, now, shield=True)
+
+    async def _raw_list_keys(self, prefix: str, now: float) -> list[str]:
+        return await self._read(_list_keys, prefix, now)  # type: ignore[return-value]
+
+    async def _raw_prune(self, now: float, dry_run: bool) -> list[str]:
+        return await self._writer.call(_prune, now, dry_run, shield=True)
+
+    def _raw_close(self) -> None:
+        self._reader.stop()
+        self._writer.stop()
+
+    async def _raw_aclose(self) -> None:
+        await self._reader.astop()
+        await self._writer.astop()
+
+    def _describe(self) -> str:
+        return f"db_path={self.db_path!r}"
+
+
+# Everything below runs in a worker thread, on the connection it owns.
+
+
+def _migrate(conn: sqlite3.Connection, db_path: str) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        found = conn.execute("PRAGMA user_version").fetchone()[0]
+        if found > SCHEMA_VERSION:
+            raise StorageError(
+                f"{db_path} has cognitia schema version {found}, newer than this release "
+                f"understands ({SCHEMA_VERSION}); upgrade cognitia-sessions"
+            )
+        for version in range(found + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[version]:
+                conn.execute(statement)
+        if found != SCHEMA_VERSION:
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _noop(conn: sqlite3.Connection) -> None:
+    return None
+
+
+def _run_batch(conn: sqlite3.Connection, jobs: list[Job]) -> None:
+    """Run queued writes in one transaction; with several, each in a savepoint of its own."""
+    single = len(jobs) == 1
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for job in jobs:
+            if single:
+                job.run(conn)
+                continue
+            conn.execute("SAVEPOINT job")
+            job.run(conn)
+            if job.error is not None:
+                conn.execute("ROLLBACK TO job")
+            conn.execute("RELEASE job")
+        conn.execute("ROLLBACK" if single and jobs[0].error is not None else "COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _load(conn: sqlite3.Connection, key: str, now: float) -> RawRecord | None:
+    return conn.execute(_SELECT_RECORD, (key, now)).fetchone()  # type: ignore[no-any-return]
+
+
+def _commit(
+    conn: sqlite3.Connection,
+    key: str,
+    state: str,
+    expected_version: int | None,
+    turns: list[str],
+    truncate: int | None,
+    now: float,
+    expires_at: float | None,
+) -> int:
+    row = conn.execute(
+        "SELECT version, turn_count, expires_at FROM cognitia_sessions WHERE key = ?", (key,)
+    ).fetchone()
+    alive = row is not None and (row[2] is None or row[2] > now)
+    if expected_version is not None:
+        actual = row[0] if alive else None
+        if (expected_version == 0 and actual is not None) or (expected_version > 0 and actual != expected_version):
+            raise VersionConflictError(key, expected_version, actual)
+    if row is None:
+        version, first_seq = 1, 0
+        conn.execute(
+            "INSERT INTO cognitia_sessions (key, state, version, turn_count, created_at, updated_at, expires_at) "
+            "VALUES (?, ?, 1, ?, ?, ?, ?)",
+            (key, state, len(turns), now, now, expires_at),
+        )
+    else:
+        version = row[0] + 1
+        first_seq = row[1] if alive else 0
+        if truncate is not None and truncate < first_seq:
+            first_seq = truncate
+        if first_seq < row[1]:
+            conn.execute("DELETE FROM cognitia_turns WHERE key = ? AND seq >= ?", (key, first_seq))
+        conn.execute(
+            "UPDATE cognitia_sessions SET state = ?, version = ?, turn_count = ?, updated_at = ?, expires_at = ?"
+            + (", created_at = ?" if not alive else "")
+            + " WHERE key = ?",
+            (state, version, first_seq + len(turns), now, expires_at, *((now,) if not alive else ()), key),
+        )
+    if turns:
+        conn.executemany(
+            "INSERT INTO cognitia_turns (key, seq, turn) VALUES (?, ?, ?)",
+            [(key, first_seq + i, turn) for i, turn in enumerate(turns)],
+        )
+    return version
+
+
+def _load_turns(conn: sqlite3.Connection, key: str, last: int | None, now: float) -> list[str]:
+    if last is None:
+        rows = conn.execute(_SELECT_TURNS_ALL, (key, now)).fetchall()
+    else:
+        rows = conn.execute(_SELECT_TURNS_TAIL, (key, now, last)).fetchall()
+    return [row[0] for row in rows]
+
+
+def _delete(conn: sqlite3.Connection, key: str, now: float) -> bool:
+    row = conn.execute("SELECT expires_at FROM cognitia_sessions WHERE key = ?", (key,)).fetchone()
+    if row is None:
+        return False
+    conn.execute("DELETE FROM cognitia_turns WHERE key = ?", (key,))
+    conn.execute("DELETE FROM cognitia_sessions WHERE key = ?", (key,))
+    return row[0] is None or row[0] > now
+
+
+def _list_keys(conn: sqlite3.Connection, prefix: str, now: float) -> list[str]:
+    low, high = _prefix_bounds(prefix)
+    if high is None:
+        rows = conn.execute(
+            f"SELECT key FROM cognitia_sessions WHERE key >= ? AND {_ALIVE} ORDER BY key", (low, now)
+        ).fetchall()
+        return [row[0] for row in rows if row[0].startswith(prefix)]
+    rows = conn.execute(
+        f"SELECT key FROM cognitia_sessions WHERE key >= ? AND key < ? AND {_ALIVE} ORDER BY key",
+        (low, high, now),
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def _prune(conn: sqlite3.Connection, now: float, dry_run: bool) -> list[str]:
+    keys = [
+        row[0]
+        for row in conn.execute(
+            "SELECT key FROM cognitia_sessions WHERE expires_at IS NOT NULL AND expires_at <= ? ORDER BY key",
+            (now,),
+        )
+    ]
+    if not dry_run:
+        for key in keys:
+            conn.execute("DELETE FROM cognitia_turns WHERE key = ?", (key,))
+            conn.execute("DELETE FROM cognitia_sessions WHERE key = ?", (key,))
+    return keys

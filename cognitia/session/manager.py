@@ -1,0 +1,523 @@
+"""The session manager: live sessions, their persistence, and their observable lifecycle.
+
+>>> from cognitia.session.manager import InMemorySessionManager
+>>> from cognitia.session.backends import SqliteSessionBackend
+>>> manager = InMemorySessionManager(backend=SqliteSessionBackend(db_path="sessions.db"))
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any, TypeVar, overload
+
+import anyio
+import structlog
+
+from .._json import check_key, dumps
+from ..errors import BackendClosedError, SessionNotFound, VersionConflictError
+from ._events import EVENTS, EventName, Hook, HookRegistry, SessionEvent, Subscription
+from ._session import Session, Turns
+from ._store import Store, open_store
+from .backends._protocol import SessionBackend
+from .backends._scope import MemoryScope
+
+__all__ = ["EVENTS", "InMemorySessionManager", "Session", "SessionEvent", "Subscription", "Turns"]
+
+log = structlog.get_logger("cognitia")
+
+H = TypeVar("H", bound=Hook)
+
+
+class _KeyLocks:
+    """One lock per key, created on demand and dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, list[Any]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = [anyio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[key]
+
+
+class InMemorySessionManager:
+    """Owns live sessions, persists them through a backend, and reports every lifecycle step.
+
+    Without a backend, sessions live in memory only. With one, ``register`` and ``close``
+    persist (as do ``save`` and ``update``), and ``get`` rehydrates a session that is not
+    live from storage. Operations on one key are serialized; different keys never wait on
+    each other. Each step fires the hooks registered with :meth:`on` and logs a structlog
+    event (``session.saved``, ...) carrying the key, scope, backend, runtime, version, size
+    and duration, never the state.
+
+    Args:
+        backend: any :class:`~cognitia.session.backends.SessionBackend`, or ``None``.
+        idle_ttl: seconds without use after which a live session is saved and evicted
+            (event ``expired``). Checked on access, by :meth:`evict_idle`, and every
+            ``sweep_interval`` seconds while the manager is entered with ``async with``.
+        max_sessions: evict the least recently used live sessions beyond this many
+            (event ``evicted``). Evicted sessions stay in storage.
+        retries: how many times :meth:`update` re-applies a change after a version conflict.
+        strict_hooks: re-raise hook failures as :class:`~cognitia.errors.HookError`
+            instead of logging them (for tests).
+        sweep_interval: seconds between idle and retention sweeps under ``async with``.
+        clock: monotonic clock for idle tracking.
+
+    >>> manager = InMemorySessionManager()
+    >>> unsubscribe = manager.on("saved", lambda event: print(event.name, event.key, event.version))
+    """
+
+    def __init__(
+        self,
+        backend: SessionBackend | None = None,
+        *,
+        idle_ttl: float | None = None,
+        max_sessions: int | None = None,
+        retries: int = 3,
+        strict_hooks: bool = False,
+        sweep_interval: float = 60.0,
+        save_timeout: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if idle_ttl is not None and not idle_ttl > 0:
+            raise ValueError(f"idle_ttl must be a positive number of seconds or None, got {idle_ttl!r}")
+        if max_sessions is not None and max_sessions < 1:
+            raise ValueError(f"max_sessions must be at least 1 or None, got {max_sessions!r}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries!r}")
+        self.backend = backend
+        self.idle_ttl = idle_ttl
+        self.max_sessions = max_sessions
+        self.retries = retries
+        self.sweep_interval = sweep_interval
+        self.save_timeout = save_timeout
+        self._live: OrderedDict[str, Session] = OrderedDict()
+        self._store: Store = open_store(backend, self._live)
+        self._hooks = HookRegistry(strict=strict_hooks)
+        self._clock = clock
+        self._locks = _KeyLocks()
+        self._closed = False
+        self._task_group: anyio.abc.TaskGroup | None = None
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    @overload
+    def on(self, event: EventName | str, hook: None = None) -> Callable[[H], H]: ...
+
+    @overload
+    def on(self, event: EventName | str, hook: Hook) -> Subscription: ...
+
+    def on(self, event: EventName | str, hook: Hook | None = None) -> Subscription | Callable[[H], H]:
+        """Call ``hook(event)`` after every ``event`` step; returns a handle that unregisters it.
+
+        ``hook`` may be sync or async. Used as a decorator (``@manager.on("saved")``) it
+        returns the function unchanged; unregister it with :meth:`off`. A hook that raises
+        does not undo or fail the step: the failure is logged as ``session.hook_failed``
+        (raised instead with ``strict_hooks=True``).
+        """
+        if hook is None:
+
+            def register(fn: H) -> H:
+                self._hooks.add(event, fn)
+                return fn
+
+            if event not in EVENTS:
+                raise ValueError(f"unknown lifecycle event {event!r}; expected one of {', '.join(EVENTS)}")
+            return register
+        return self._hooks.add(event, hook)
+
+    def off(self, event: EventName | str, hook: Hook) -> bool:
+        """Unregister ``hook`` from ``event``; ``True`` if it was registered."""
+        return Subscription(self._hooks, event, hook).cancel()
+
+    # -- lifecycle of one session -------------------------------------------------------------
+
+    async def register(self, key: str, state: dict[str, Any] | None = None) -> Session:
+        """Make ``key`` a live session with ``state`` (default ``{}``) and persist it.
+
+        If a session with that key is stored already, ``state`` replaces its state (the
+        version keeps counting, the turn log is kept). To resume a stored session, use
+        :meth:`get` or :meth:`open`.
+        """
+        check_key(key)
+        state = {} if state is None else state
+        async with self._operation(key):
+            session = self._live.get(key)
+            if session is None:
+                session = Session(key, state, turns=Turns(key, 0, self._store.turns))
+            else:
+                session.state = state
+            await self._persist(session, "registered", expected=None)
+            self._admit(session)
+            return session
+
+    async def get(self, key: str) -> Session:
+        """The live session for ``key``, rehydrated from the backend if it is not live.
+
+        Raises :class:`~cognitia.errors.SessionNotFound` if it exists nowhere.
+        """
+        check_key(key)
+        async with self._operation(key):
+            session = await self._get_locked(key)
+            if session is None:
+                raise SessionNotFound(key)
+            return session
+
+    async def open(self, key: str, state: dict[str, Any] | None = None) -> Session:
+        """:meth:`get` the session, or create it with ``state`` if it exists nowhere.
+
+        A created session is live but not yet stored; its first :meth:`save` stores it
+        (and fails with a conflict if another worker created the key in the meantime).
+        """
+        check_key(key)
+        async with self._operation(key):
+            session = await self._get_locked(key)
+            if session is None:
+                session = Session(
+                    key, {} if state is None else state, turns=Turns(key, 0, self._store.turns),
+                    last_active=self._clock(),
+                )
+                self._admit(session)
+            return session
+
+    async def save(self, session: Session | str) -> Session:
+        """Persist the session's state and its queued turns as one atomic step.
+
+        Raises :class:`~cognitia.errors.VersionConflictError` if another writer saved the
+        session since it was loaded (the live copy is then dropped, so the next
+        :meth:`get` sees the stored one). Use :meth:`update` to retry automatically.
+        """
+        key = session if isinstance(session, str) else session.key
+        check_key(key)
+        async with self._operation(key):
+            live = self._live.get(key)
+            if live is None:
+                if isinstance(session, str):
+                    raise SessionNotFound(key)
+                live = session
+            elif not isinstance(session, str) and live is not session:
+                raise ValueError(
+                    f"session {key!r} passed to save() is not the manager's live session for that key "
+                    "(it was closed or reloaded); get() it again"
+                )
+            await self._persist(live, "saved", expected=live.version)
+            self._admit(live)
+            return live
+
+    async def update(
+        self,
+        key: str,
+        change: Callable[[Session], Awaitable[object] | object],
+        *,
+        retries: int | None = None,
+    ) -> Session:
+        """Apply ``change(session)`` and save, re-applying it on a fresh copy after a conflict.
+
+        ``change`` (sync or async) mutates ``session.state`` and may append turns. If
+        another worker saved in between, the session is reloaded and ``change`` runs again,
+        up to ``retries`` times (default: the manager's); then the conflict is raised.
+        """
+        attempts = (self.retries if retries is None else retries) + 1
+        for attempt in range(attempts):
+            async with self._operation(key):
+                session = await self._get_locked(key)
+                if session is None:
+                    session = Session(key, {}, turns=Turns(key, 0, self._store.turns))
+                result = change(session)
+                if inspect.isawaitable(result):
+                    await result
+                try:
+                    await self._persist(session, "saved", expected=session.version)
+                except VersionConflictError:
+                    if attempt + 1 == attempts:
+                        raise
+                    continue
+                self._admit(session)
+                return session
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def close(self, key: str) -> bool:
+        """Persist the session if it changed, and drop it from the live set.
+
+        Returns ``False`` if the session was not live.
+        """
+        check_key(key)
+        async with self._operation(key, allow_closed=True):
+            session = self._live.get(key)
+            if session is None:
+                return False
+            await self._retire(session, "closed", reason=None)
+            return True
+
+    async def close_all(self) -> None:
+        """:meth:`close` every live session."""
+        for key in list(self._live):
+            await self.close(key)
+
+    async def delete(self, key: str) -> bool:
+        """Drop the session from the live set and delete it from storage, turns included."""
+        check_key(key)
+        async with self._operation(key):
+            started = time.perf_counter()
+            session = self._live.pop(key, None)
+            existed = await self._store.delete(key)
+            existed = existed or session is not None
+            if existed:
+                await self._emit("deleted", key, 0 if session is None else session.version, started)
+            return existed
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def sessions(self) -> list[Session]:
+        """The live sessions, least recently used first."""
+        return list(self._live.values())
+
+    def live_keys(self) -> list[str]:
+        """Keys of the live sessions, least recently used first."""
+        return list(self._live)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._live
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    async def list_keys(self, prefix: str | MemoryScope = "") -> list[str]:
+        """Stored keys (and live ones not stored yet), sorted; filtered by prefix or scope."""
+        if isinstance(prefix, MemoryScope):
+            prefix = prefix.prefix
+        stored = await self._store.keys(prefix)
+        live = [k for k in self._live if k.startswith(prefix)]
+        return sorted(set(stored).union(live))
+
+    async def turns(self, key: str, *, last: int | None = None) -> list[dict[str, Any]]:
+        """The session's turns, oldest first; only the newest ``last`` if given.
+
+        Served from the live session's memory when it is there, else read from storage
+        (only the tail when ``last`` is given).
+        """
+        check_key(key)
+        session = self._live.get(key)
+        if session is not None:
+            return await (session.turns.all() if last is None else session.turns.last(last))
+        return await self._store.turns(key, last)
+
+    # -- retention ----------------------------------------------------------------------------
+
+    async def evict_idle(self) -> list[str]:
+        """Save and evict live sessions idle for longer than ``idle_ttl``; return their keys."""
+        if self.idle_ttl is None:
+            return []
+        deadline = self._clock() - self.idle_ttl
+        evicted = []
+        for key, session in list(self._live.items()):
+            if session.last_active <= deadline:
+                async with self._operation(key, allow_closed=True):
+                    current = self._live.get(key)
+                    if current is not None and current.last_active <= deadline:
+                        await self._retire(current, "expired", reason="idle")
+                        evicted.append(key)
+        return evicted
+
+    async def prune(self, *, dry_run: bool = False) -> list[str]:
+        """Remove stored sessions past the backend's TTL; with ``dry_run``, only report them.
+
+        Each pruned key fires ``pruned`` (``reason="dry_run"`` when nothing was deleted).
+        """
+        started = time.perf_counter()
+        keys = await self._store.prune(dry_run)
+        for key in keys:
+            if not dry_run:
+                self._live.pop(key, None)
+            await self._emit("pruned", key, 0, started, reason="dry_run" if dry_run else "ttl")
+        return keys
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await anyio.sleep(self.sweep_interval)
+            try:
+                await self.evict_idle()
+                if self._store.expires:
+                    await self.prune()
+            except Exception:
+                # A sweep that fails (the database is briefly unreachable) is retried on
+                # the next tick; the manager keeps serving.
+                log.warning("session.sweep_failed", backend=self._store.name, exc_info=True)
+
+    # -- the manager's own lifecycle ----------------------------------------------------------
+
+    async def __aenter__(self) -> InMemorySessionManager:
+        if self._task_group is not None:
+            raise RuntimeError("this manager is already entered")
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        if self.idle_ttl is not None or self._store.expires:
+            self._task_group.start_soon(self._sweep_forever)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        task_group, self._task_group = self._task_group, None
+        assert task_group is not None
+        task_group.cancel_scope.cancel()
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
+        finally:
+            return await task_group.__aexit__(exc_type, exc, tb)
+
+    async def aclose(self) -> None:
+        """Close every live session, then refuse further operations. The backend stays open."""
+        await self.close_all()
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        return f"<InMemorySessionManager backend={self._store.name} live={len(self._live)}>"
+
+    # -- internals --------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _operation(self, key: str, *, allow_closed: bool = False) -> AsyncIterator[None]:
+        if self._closed and not allow_closed:
+            raise BackendClosedError(f"session manager is closed: cannot use session {key!r}")
+        async with self._locks.hold(key):
+            yield
+        if self.max_sessions is not None and len(self._live) > self.max_sessions:
+            await self._evict_over_capacity()
+
+    async def _get_locked(self, key: str) -> Session | None:
+        session = self._live.get(key)
+        if session is not None:
+            if self.idle_ttl is not None and session.last_active <= self._clock() - self.idle_ttl:
+                await self._retire(session, "expired", reason="idle")
+            else:
+                session.last_active = self._clock()
+                self._live.move_to_end(key)
+                return session
+        started = time.perf_counter()
+        loaded = await self._store.read(key)
+        if loaded is None:
+            return None
+        session = Session(
+            key,
+            loaded.state,
+            version=loaded.version,
+            turns=Turns(key, loaded.turn_count, self._store.turns),
+            saved_json=dumps(key, loaded.state),
+            last_active=self._clock(),
+        )
+        self._admit(session)
+        await self._emit("loaded", key, loaded.version, started, size=loaded.bytes, turns=loaded.turn_count)
+        return session
+
+    async def _persist(
+        self,
+        session: Session,
+        event: str,
+        *,
+        expected: int | None,
+        default: Callable[[Any], Any] | None = None,
+    ) -> None:
+        """Write state and queued turns; shielded so a cancelled caller never leaves it half-known.
+
+        Everything is encoded (and so validated) before storage is touched.
+        """
+        started = time.perf_counter()
+        state_json = dumps(session.key, session.state)
+        pending = session.turns._take_pending()
+        count = len(pending)
+        turns_json = [
+            dumps(session.key, turn, root="turn" if count == 1 else f"turns[{i}]", default=default)
+            for i, turn in enumerate(pending)
+        ]
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + self.save_timeout
+            try:
+                version = await self._store.write(
+                    session.key, session.state, state_json, expected, turns_json, session.turns._truncate
+                )
+            except VersionConflictError as exc:
+                self._live.pop(session.key, None)
+                await self._emit("conflict", session.key, session.version, started, reason=f"found {exc.actual}")
+                raise
+            except BaseException:
+                # The outcome is unknown (timeout, connection lost): forget the live copy so
+                # the next access reads what storage really holds.
+                self._live.pop(session.key, None)
+                raise
+            session.version = version
+            session.turns._committed(count)
+            session._saved_json = state_json
+            session.last_active = self._clock()
+            await self._emit(event, session.key, version, started, size=len(state_json.encode()), turns=count)
+        if scope.cancelled_caught:
+            raise TimeoutError(f"saving session {session.key!r} took longer than {self.save_timeout}s")
+
+    async def _retire(self, session: Session, event: str, *, reason: str | None) -> None:
+        """Persist the session if it changed, drop it from the live set, and report ``event``."""
+        started = time.perf_counter()
+        if self._store.backend is not None and self._changed(session):
+            await self._persist(session, "saved", expected=session.version)
+        self._live.pop(session.key, None)
+        await self._emit(event, session.key, session.version, started, reason=reason)
+
+    @staticmethod
+    def _changed(session: Session) -> bool:
+        if session.turns._take_pending() or session.turns._truncate is not None or session._saved_json is None:
+            return True
+        try:
+            return dumps(session.key, session.state) != session._saved_json
+        except Exception:
+            return True
+
+    def _admit(self, session: Session) -> None:
+        self._live[session.key] = session
+        self._live.move_to_end(session.key)
+
+    async def _evict_over_capacity(self) -> None:
+        """Save and evict least recently used sessions until at most ``max_sessions`` are live."""
+        assert self.max_sessions is not None
+        while len(self._live) > self.max_sessions:
+            key = next(iter(self._live))
+            async with self._locks.hold(key):
+                session = self._live.get(key)
+                if session is not None and len(self._live) > self.max_sessions:
+                    await self._retire(session, "evicted", reason="capacity")
+
+    async def _emit(
+        self, name: str, key: str, version: int, started: float, *, size: int = 0, turns: int = 0,
+        reason: str | None = None,
+    ) -> None:
+        await self._hooks.emit(
+            name,
+            key,
+            backend=self._store.name,
+            version=version,
+            bytes=size,
+            duration=time.perf_counter() - started,
+            turns=turns,
+            reason=reason,
+        )
+
