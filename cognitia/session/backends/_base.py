@@ -228,6 +228,5 @@ class BackendBase(ABC):
     def _raw_close(self) -> None:
         pass
 
-    @abstractmethod
     async def _raw_aclose(self) -> None:
         self._raw_close()

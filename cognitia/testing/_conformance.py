@@ -1,0 +1,370 @@
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from ..errors import VersionConflictError
+from ..session.backends._protocol import Capability, SessionBackend, capabilities_of
+from ..session.backends._scope import MemoryScope, scoped_key
+
+__all__ = ["ConformanceRule", "conformance_rules"]
+
+Factory = Callable[[], "SessionBackend | Awaitable[SessionBackend]"]
+RuleFn = Callable[[Factory], Awaitable[None]]
+
+_RULES: list[ConformanceRule] = []
+
+
+@dataclass(frozen=True)
+class ConformanceRule:
+    """One rule of the backend protocol, checked against backends made by a factory."""
+
+    name: str
+    doc: str
+    requires: frozenset[Capability]
+    persistent_only: bool
+    fn: RuleFn
+
+    def __str__(self) -> str:
+        return self.name
+
+    def applies_to(self, backend: object, *, persistent: bool = True) -> bool:
+        """Whether the backend declares what this rule needs."""
+        return self.requires <= capabilities_of(backend) and (persistent or not self.persistent_only)
+
+    async def check(self, factory: Factory, *, persistent: bool | None = None) -> bool:
+        """Run the rule; returns ``False`` (having checked nothing) if it does not apply.
+
+        ``persistent``: whether a second backend from ``factory`` sees the first one's data
+        (default: ``True`` unless the backend's ``name`` is ``"memory"``).
+        """
+        probe = await _make(factory)
+        try:
+            is_persistent = persistent if persistent is not None else getattr(probe, "name", "") != "memory"
+            applies = self.applies_to(probe, persistent=is_persistent)
+        finally:
+            await _close(probe)
+        if not applies:
+            return False
+        await self.fn(factory)
+        return True
+
+
+def conformance_rules() -> list[ConformanceRule]:
+    """Every rule, in a stable order (for ``pytest.mark.parametrize``)."""
+    return list(_RULES)
+
+
+def _rule(*requires: Capability, persistent_only: bool = False) -> Callable[[RuleFn], RuleFn]:
+    def register(fn: RuleFn) -> RuleFn:
+        doc = (fn.__doc__ or "").strip()
+        _RULES.append(ConformanceRule(fn.__name__, doc, frozenset(requires), persistent_only, fn))
+        return fn
+
+    return register
+
+
+async def _make(factory: Factory) -> Any:
+    backend = factory()
+    if inspect.isawaitable(backend):
+        backend = await backend
+    if not isinstance(backend, SessionBackend):
+        raise AssertionError(f"factory returned {type(backend).__name__}, which does not implement SessionBackend")
+    return backend
+
+
+async def _close(backend: Any) -> None:
+    aclose = getattr(backend, "aclose", None)
+    if aclose is not None:
+        await aclose()
+        return
+    close = getattr(backend, "close", None)
+    if close is not None:
+        result = close()
+        if inspect.isawaitable(result):
+            await result
+
+
+class _Opened:
+    def __init__(self, factory: Factory) -> None:
+        self.factory = factory
+
+    async def __aenter__(self) -> Any:
+        self.backend = await _make(self.factory)
+        return self.backend
+
+    async def __aexit__(self, *exc: object) -> None:
+        await _close(self.backend)
+
+
+def _expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)
+
+
+# -- the four protocol methods ------------------------------------------------------------------
+
+
+@_rule()
+async def load_of_missing_key_is_none(factory: Factory) -> None:
+    """load() of a key never saved returns None."""
+    async with _Opened(factory) as backend:
+        _expect(await backend.load("agent:never-saved") is None, "load() of a missing key must return None")
+
+
+@_rule()
+async def save_then_load_round_trips(factory: Factory) -> None:
+    """A saved state loads back equal, nested values, unicode and numbers included."""
+    state = {
+        "role": "coach",
+        "turn": 7,
+        "ratio": 0.25,
+        "big": 2**53,
+        "flag": True,
+        "nothing": None,
+        "text": "héllo ✓ 日本 \n\t\"quoted\"",
+        "history": [{"role": "user", "content": "hi"}, [1, 2, [3]]],
+        "empty": {},
+    }
+    async with _Opened(factory) as backend:
+        await backend.save("agent:user:42:session:abc", state)
+        loaded = await backend.load("agent:user:42:session:abc")
+        _expect(loaded == state, f"loaded state differs from the saved one: {loaded!r}")
+
+
+@_rule()
+async def save_replaces_the_whole_state(factory: Factory) -> None:
+    """A second save replaces the state; keys absent from it are gone."""
+    async with _Opened(factory) as backend:
+        await backend.save("global:settings", {"a": 1, "b": 2})
+        await backend.save("global:settings", {"b": 3})
+        _expect(await backend.load("global:settings") == {"b": 3}, "save() must replace, not merge")
+
+
+@_rule()
+async def loaded_state_is_independent(factory: Factory) -> None:
+    """Mutating a loaded (or saved) dict does not change what is stored."""
+    async with _Opened(factory) as backend:
+        state: dict[str, Any] = {"items": [1]}
+        await backend.save("k:copy", state)
+        state["items"].append(2)
+        loaded = await backend.load("k:copy")
+        assert loaded is not None
+        loaded["items"].append(3)
+        _expect(await backend.load("k:copy") == {"items": [1]}, "stored state must not alias caller dicts")
+
+
+@_rule()
+async def delete_reports_whether_something_was_deleted(factory: Factory) -> None:
+    """delete() returns True for a stored key, then False, and the key no longer loads."""
+    async with _Opened(factory) as backend:
+        await backend.save("agent:doomed", {"x": 1})
+        _expect(await backend.delete("agent:doomed") is True, "delete() of a stored key must return True")
+        _expect(await backend.load("agent:doomed") is None, "a deleted key must not load")
+        _expect(await backend.delete("agent:doomed") is False, "a second delete() must return False")
+        _expect(await backend.delete("agent:never") is False, "delete() of a missing key must return False")
+
+
+@_rule()
+async def list_keys_lists_exactly_the_stored_keys(factory: Factory) -> None:
+    """list_keys() returns every stored key once, and not deleted ones."""
+    keys = ["agent:a", "agent:b", "global:settings", "shared:team", "plain"]
+    async with _Opened(factory) as backend:
+        _expect(list(await backend.list_keys()) == [], "list_keys() of empty storage must be empty")
+        for i, key in enumerate(keys):
+            await backend.save(key, {"i": i})
+        await backend.save("agent:a", {"i": 99})
+        await backend.delete("plain")
+        listed = list(await backend.list_keys())
+        _expect(sorted(listed) == sorted(keys[:-1]), f"list_keys() returned {listed!r}")
+        _expect(len(listed) == len(set(listed)), "list_keys() must not repeat keys")
+
+
+@_rule()
+async def keys_are_opaque_strings(factory: Factory) -> None:
+    """Keys with quotes, wildcards, spaces and non-ASCII text are stored verbatim."""
+    keys = ["agent:it's", 'agent:"q"', "agent:100%_done", "agent:a*b?[c]", "agent:with space", "agent:日本:✓"]
+    async with _Opened(factory) as backend:
+        for i, key in enumerate(keys):
+            await backend.save(key, {"i": i})
+        for i, key in enumerate(keys):
+            _expect(await backend.load(key) == {"i": i}, f"key {key!r} did not round-trip")
+        _expect(sorted(await backend.list_keys()) == sorted(keys), "odd keys must be listed verbatim")
+
+
+@_rule()
+async def concurrent_saves_to_different_keys_all_land(factory: Factory) -> None:
+    """Fifty concurrent saves to different keys are all stored."""
+    async with _Opened(factory) as backend:
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(backend.save, f"agent:c{i:02d}", {"i": i})
+        for i in range(50):
+            _expect(await backend.load(f"agent:c{i:02d}") == {"i": i}, f"save of agent:c{i:02d} was lost")
+
+
+@_rule(persistent_only=True)
+async def state_survives_a_new_backend_object(factory: Factory) -> None:
+    """What one backend object saved, a new one over the same storage loads."""
+    async with _Opened(factory) as first:
+        await first.save("agent:user:42", {"role": "coach", "turn": 7})
+    async with _Opened(factory) as second:
+        _expect(await second.load("agent:user:42") == {"role": "coach", "turn": 7}, "state did not persist")
+        _expect("agent:user:42" in await second.list_keys(), "persisted key is not listed")
+
+
+# -- prefix listing -----------------------------------------------------------------------------
+
+
+@_rule(Capability.PREFIX_LISTING)
+async def list_keys_filters_by_prefix_and_scope(factory: Factory) -> None:
+    """list_keys(prefix) returns only keys starting with it; a MemoryScope lists its namespace."""
+    async with _Opened(factory) as backend:
+        for key in ["agent:a", "agent:b", "agentx", "global:a", "shared:t", "agent;"]:
+            await backend.save(key, {})
+        _expect(list(await backend.list_keys("agent:")) == ["agent:a", "agent:b"], "prefix 'agent:' mis-listed")
+        _expect(list(await backend.list_keys(MemoryScope.GLOBAL)) == ["global:a"], "scope GLOBAL mis-listed")
+        _expect(list(await backend.list_keys("nothing:")) == [], "an unmatched prefix must list nothing")
+
+
+@_rule(Capability.PREFIX_LISTING)
+async def prefix_is_literal_not_a_pattern(factory: Factory) -> None:
+    """Wildcard characters in a prefix (% _ * ? [) match only themselves."""
+    async with _Opened(factory) as backend:
+        for key in ["a%b:1", "axb:1", "a_b:1", "a*b:1", "a?b:1", "a[b:1", "abb:1"]:
+            await backend.save(key, {})
+        for prefix in ["a%b", "a_b", "a*b", "a?b", "a[b"]:
+            listed = list(await backend.list_keys(prefix))
+            _expect(listed == [prefix + ":1"], f"prefix {prefix!r} listed {listed!r}")
+
+
+# -- versioned commits --------------------------------------------------------------------------
+
+
+@_rule(Capability.VERSIONED_COMMIT)
+async def versions_start_at_one_and_grow_by_one(factory: Factory) -> None:
+    """The first commit gives version 1; each commit (and save) adds one."""
+    async with _Opened(factory) as backend:
+        _expect(await backend.commit("agent:v", {"n": 1}) == 1, "first commit must return version 1")
+        _expect(await backend.commit("agent:v", {"n": 2}) == 2, "second commit must return version 2")
+        await backend.save("agent:v", {"n": 3})
+        record = await backend.load_record("agent:v")
+        _expect(record is not None and record.version == 3 and record.state == {"n": 3}, f"got {record!r}")
+        _expect(await backend.load_record("agent:none") is None, "load_record of a missing key must be None")
+
+
+@_rule(Capability.VERSIONED_COMMIT)
+async def a_stale_expected_version_conflicts_and_writes_nothing(factory: Factory) -> None:
+    """commit(expected_version=stale) raises VersionConflictError and leaves the state as it was."""
+    async with _Opened(factory) as backend:
+        await backend.commit("agent:c", {"n": 1}, expected_version=0)
+        await backend.commit("agent:c", {"n": 2}, expected_version=1)
+        try:
+            await backend.commit("agent:c", {"n": "lost"}, expected_version=1, turns=[{"t": 1}])
+        except VersionConflictError as exc:
+            _expect(exc.key == "agent:c" and exc.expected == 1 and exc.actual == 2, f"conflict says {exc}")
+        else:
+            raise AssertionError("a stale expected_version must raise VersionConflictError")
+        record = await backend.load_record("agent:c")
+        _expect(record is not None and record.state == {"n": 2} and record.version == 2, f"got {record!r}")
+        _expect(record.turn_count == 0, "a conflicting commit must not append its turns")
+
+
+@_rule(Capability.VERSIONED_COMMIT)
+async def expected_version_zero_means_create_only(factory: Factory) -> None:
+    """expected_version=0 creates a new key and conflicts if the key exists."""
+    async with _Opened(factory) as backend:
+        _expect(await backend.commit("agent:new", {}, expected_version=0) == 1, "create must give version 1")
+        try:
+            await backend.commit("agent:new", {"again": True}, expected_version=0)
+        except VersionConflictError as exc:
+            _expect(exc.actual == 1, f"conflict must report the stored version, got {exc.actual}")
+        else:
+            raise AssertionError("expected_version=0 on an existing key must conflict")
+        try:
+            await backend.commit("agent:absent", {}, expected_version=3)
+        except VersionConflictError as exc:
+            _expect(exc.actual is None, "a conflict on a missing key must report actual=None")
+        else:
+            raise AssertionError("expected_version=3 on a missing key must conflict")
+
+
+@_rule(Capability.VERSIONED_COMMIT)
+async def concurrent_commits_with_one_expected_version_let_one_win(factory: Factory) -> None:
+    """Of ten concurrent commits expecting the same version, exactly one succeeds."""
+    async with _Opened(factory) as backend:
+        await backend.commit("agent:race", {"winner": None})
+        wins: list[int] = []
+        conflicts: list[int] = []
+
+        async def attempt(i: int) -> None:
+            try:
+                await backend.commit("agent:race", {"winner": i}, expected_version=1)
+                wins.append(i)
+            except VersionConflictError:
+                conflicts.append(i)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                tg.start_soon(attempt, i)
+        _expect(len(wins) == 1 and len(conflicts) == 9, f"wins={wins} conflicts={conflicts}")
+        _expect(await backend.load("agent:race") == {"winner": wins[0]}, "the winner's state must be stored")
+
+
+# -- turn log -----------------------------------------------------------------------------------
+
+
+@_rule(Capability.TURN_LOG)
+async def turns_append_in_order_and_the_tail_reads_alone(factory: Factory) -> None:
+    """Turns committed over several commits read back in order; last=N gives the newest N."""
+    async with _Opened(factory) as backend:
+        await backend.commit("agent:t", {"n": 0}, turns=[{"i": 0}, {"i": 1}])
+        for i in range(2, 10):
+            await backend.commit("agent:t", {"n": i}, turns=[{"i": i}])
+        _expect(await backend.load_turns("agent:t") == [{"i": i} for i in range(10)], "turns out of order")
+        _expect(await backend.load_turns("agent:t", last=3) == [{"i": 7}, {"i": 8}, {"i": 9}], "wrong tail")
+        _expect(await backend.load_turns("agent:t", last=50) == [{"i": i} for i in range(10)], "tail > count")
+        record = await backend.load_record("agent:t")
+        _expect(record is not None and record.turn_count == 10, f"turn_count wrong: {record!r}")
+        _expect(await backend.load_turns("agent:none") == [], "turns of a missing key must be empty")
+
+
+@_rule(Capability.TURN_LOG)
+async def saving_state_keeps_turns_and_delete_removes_them(factory: Factory) -> None:
+    """A plain save() keeps the turn log; delete() removes state and turns."""
+    async with _Opened(factory) as backend:
+        await backend.commit("agent:d", {}, turns=[{"i": 0}])
+        await backend.save("agent:d", {"x": 1})
+        _expect(await backend.load_turns("agent:d") == [{"i": 0}], "save() must not drop turns")
+        await backend.delete("agent:d")
+        await backend.commit("agent:d", {}, turns=[{"i": "new"}])
+        _expect(await backend.load_turns("agent:d") == [{"i": "new"}], "delete() must remove old turns")
+
+
+@_rule(Capability.TURN_LOG)
+async def truncate_drops_the_newest_turns_atomically(factory: Factory) -> None:
+    """commit(truncate=n) keeps the oldest n turns, then appends; truncate=0 clears the log."""
+    async with _Opened(factory) as backend:
+        await backend.commit("agent:p", {}, turns=[{"i": i} for i in range(5)])
+        await backend.commit("agent:p", {}, turns=[{"i": "x"}], truncate=3)
+        _expect(
+            await backend.load_turns("agent:p") == [{"i": 0}, {"i": 1}, {"i": 2}, {"i": "x"}],
+            "truncate then append gave the wrong log",
+        )
+        await backend.commit("agent:p", {}, truncate=0)
+        _expect(await backend.load_turns("agent:p") == [], "truncate=0 must clear the log")
+        record = await backend.load_record("agent:p")
+        _expect(record is not None and record.turn_count == 0, "turn_count must follow truncation")
+
+
+@_rule(Capability.TURN_LOG, persistent_only=True)
+async def turns_survive_a_new_backend_object(factory: Factory) -> None:
+    """Turns written by one backend object are read by a new one over the same storage."""
+    async with _Opened(factory) as first:
+        await first.commit(scoped_key(MemoryScope.AGENT, "log"), {"n": 2}, turns=[{"i": 0}, {"i": 1}])
+    async with _Opened(factory) as second:
+        _expect(await second.load_turns("agent:log", last=1) == [{"i": 1}], "turns did not persist")
