@@ -174,7 +174,7 @@ class ThreadWorker(Generic[R]):
                     continue
             if self._batch is not None:
                 try:
-                    self._batch(resource, jobs)  # type: ignore[arg-type]
+                    self._batch(resource, jobs)
                 except BaseException as exc:
                     for job in jobs:
                         if job.error is None:

@@ -14,7 +14,7 @@ import functools
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, Protocol, TypeVar, cast, overload
 
 from ._json import check_key, loads
 from .errors import VersionConflictError
@@ -23,9 +23,10 @@ from .session.backends._protocol import SessionBackend
 from .session.backends._scope import MemoryScope, scoped_key
 from .session.manager import InMemorySessionManager
 
-__all__ = ["persisted_session"]
+__all__ = ["PersistedDecorator", "persisted_session"]
 
 R = TypeVar("R")
+T = TypeVar("T")
 KeySpec = str | Callable[[inspect.BoundArguments], str]
 
 
@@ -129,34 +130,25 @@ class _Persister:
             self.manager._live.pop(session.key, None)
 
 
-@overload
-def persisted_session(
-    store: SessionBackend | InMemorySessionManager,
-    *,
-    key: KeySpec = ...,
-    scope: MemoryScope | None = ...,
-    param: str = ...,
-    initial: dict[str, Any] | Callable[[], dict[str, Any]] | None = ...,
-    record_turns: bool = ...,
-    encoder: Callable[[Any], Any] | None = ...,
-    on_conflict: Literal["retry", "raise"] = ...,
-    retries: int | None = ...,
-) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]: ...
+class PersistedDecorator(Protocol):
+    """What ``persisted_session(...)`` returns: turns a handler into a persisted async one.
 
+    The decorated function keeps the handler's return type. Its parameters are the
+    handler's minus ``session`` (``inspect.signature`` shows exactly that); Python's type
+    system cannot express removing a keyword parameter, so static checkers accept any
+    arguments.
+    """
 
-@overload
-def persisted_session(
-    store: SessionBackend | InMemorySessionManager,
-    *,
-    key: KeySpec = ...,
-    scope: MemoryScope | None = ...,
-    param: str = ...,
-    initial: dict[str, Any] | Callable[[], dict[str, Any]] | None = ...,
-    record_turns: bool = ...,
-    encoder: Callable[[Any], Any] | None = ...,
-    on_conflict: Literal["retry", "raise"] = ...,
-    retries: int | None = ...,
-) -> Callable[[Callable[..., R]], Callable[..., Awaitable[R]]]: ...
+    @overload
+    def __call__(  # type: ignore[overload-overlap]
+        self, handler: Callable[..., AsyncIterator[T]]
+    ) -> Callable[..., AsyncIterator[T]]: ...
+
+    @overload
+    def __call__(self, handler: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]: ...
+
+    @overload
+    def __call__(self, handler: Callable[..., R]) -> Callable[..., Awaitable[R]]: ...
 
 
 def persisted_session(
@@ -170,7 +162,7 @@ def persisted_session(
     encoder: Callable[[Any], Any] | None = None,
     on_conflict: Literal["retry", "raise"] = "retry",
     retries: int | None = None,
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+) -> PersistedDecorator:
     """Decorate an agent handler so each call loads its session and persists the turn.
 
     The handler declares a ``session`` parameter; callers never pass it. On each call the
@@ -228,6 +220,7 @@ def persisted_session(
             on_conflict=on_conflict,
             retries=manager.retries if retries is None else retries,
         )
+        wrapper: Callable[..., Any]
         if inspect.isasyncgenfunction(handler):
             wrapper = _stream_wrapper(persister)
         elif inspect.iscoroutinefunction(handler) or not inspect.isgeneratorfunction(handler):
@@ -238,12 +231,12 @@ def persisted_session(
                 "make it an async generator (async def ... yield) to stream replies"
             )
         functools.update_wrapper(wrapper, handler)
-        wrapper.__signature__ = persister.public_signature  # type: ignore[attr-defined]
-        del wrapper.__wrapped__  # type: ignore[attr-defined]
-        wrapper.manager = manager  # type: ignore[attr-defined]
+        # inspect.signature() would follow __wrapped__ back to the handler and show `session`.
+        del wrapper.__dict__["__wrapped__"]
+        vars(wrapper).update(__signature__=persister.public_signature, manager=manager)
         return wrapper
 
-    return decorate
+    return cast(PersistedDecorator, decorate)
 
 
 def _json_copy(value: dict[str, Any]) -> str:

@@ -94,16 +94,16 @@ class NullStore(Store):
 class NativeStore(Store):
     def __init__(self, backend: StoreBackend) -> None:
         self.backend = backend
+        self._native = backend
         self.name = str(getattr(backend, "name", type(backend).__name__))
         self._encoded = isinstance(backend, BackendBase)
         self._caps = capabilities_of(backend)
 
     async def read(self, key: str) -> Loaded | None:
-        record = await self.backend.load_record(key)  # type: ignore[union-attr]
+        record = await self._native.load_record(key)
         if record is None:
             return None
-        size = record.size if hasattr(record, "size") else 0
-        return Loaded(record.state, record.version, record.turn_count, size)
+        return Loaded(record.state, record.version, record.turn_count, getattr(record, "size", 0))
 
     async def write(
         self,
@@ -119,23 +119,23 @@ class NativeStore(Store):
             return await backend.commit_encoded(
                 key, state_json, expected_version=expected, turns=turns, truncate=truncate
             )
-        return await self.backend.commit(  # type: ignore[union-attr]
+        return await self._native.commit(
             key, loads(state_json), expected_version=expected, turns=[loads(t) for t in turns], truncate=truncate
         )
 
     async def turns(self, key: str, last: int | None) -> list[dict[str, Any]]:
-        return await self.backend.load_turns(key, last=last)  # type: ignore[union-attr]
+        return await self._native.load_turns(key, last=last)
 
     async def keys(self, prefix: str) -> list[str]:
-        return await self.backend.list_keys(prefix)  # type: ignore[union-attr]
+        return await self._native.list_keys(prefix)
 
     async def delete(self, key: str) -> bool:
-        return await self.backend.delete(key)  # type: ignore[union-attr]
+        return await self._native.delete(key)
 
     async def prune(self, dry_run: bool) -> list[str]:
         if Capability.EXPIRY not in self._caps:
             return []
-        return await self.backend.prune(dry_run=dry_run)  # type: ignore[union-attr]
+        return await self._native.prune(dry_run=dry_run)
 
     @property
     def expires(self) -> bool:
@@ -147,11 +147,12 @@ class EnvelopeStore(Store):
 
     def __init__(self, backend: SessionBackend) -> None:
         self.backend = backend
+        self._plain = backend
         self.name = str(getattr(backend, "name", type(backend).__name__))
         self.prefix_listing = Capability.PREFIX_LISTING in capabilities_of(backend)
 
     async def _envelope(self, key: str) -> dict[str, Any] | None:
-        raw = await self.backend.load(key)  # type: ignore[union-attr]
+        raw = await self._plain.load(key)
         if raw is None:
             return None
         if raw.get(ENVELOPE_MARK) == 1:
@@ -185,7 +186,7 @@ class EnvelopeStore(Store):
         old_turns = [] if envelope is None else envelope["turns"]
         if truncate is not None:
             old_turns = old_turns[:truncate]
-        await self.backend.save(  # type: ignore[union-attr]
+        await self._plain.save(
             key,
             {
                 ENVELOPE_MARK: 1,
@@ -205,11 +206,12 @@ class EnvelopeStore(Store):
 
     async def keys(self, prefix: str) -> list[str]:
         if self.prefix_listing:
-            return sorted(await self.backend.list_keys(prefix))  # type: ignore[union-attr, call-arg]
-        return sorted(k for k in await self.backend.list_keys() if k.startswith(prefix))  # type: ignore[union-attr]
+            listed: list[str] = await self._plain.list_keys(prefix)  # type: ignore[call-arg]
+            return sorted(listed)
+        return sorted(k for k in await self._plain.list_keys() if k.startswith(prefix))
 
     async def delete(self, key: str) -> bool:
-        return await self.backend.delete(key)  # type: ignore[union-attr]
+        return await self._plain.delete(key)
 
 
 def open_store(backend: SessionBackend | None, live: Mapping[str, Any]) -> Store:

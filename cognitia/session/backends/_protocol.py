@@ -52,7 +52,7 @@ class Capability(str, Enum):
 
 def capabilities_of(backend: object) -> frozenset[Capability]:
     """The capabilities ``backend`` declares (none for a plain four-method backend)."""
-    declared = getattr(backend, "capabilities", frozenset())
+    declared: frozenset[str] = getattr(backend, "capabilities", frozenset())
     return frozenset(Capability(c) for c in declared)
 
 
