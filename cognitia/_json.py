@@ -35,6 +35,14 @@ def check_key(key: object) -> str:
         )
     if "\x00" in key:
         raise InvalidKeyError(f"session key must not contain NUL characters: {key!r}")
+    if not key.isascii():
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate (left by a lossy decode upstream): storage engines key by UTF-8.
+            raise InvalidKeyError(
+                f"session key is not valid Unicode text (lone surrogate): {key!r}"
+            ) from None
     return key
 
 
@@ -54,10 +62,21 @@ def dumps(
         raise StateNotSerializableError(key, root, f"must be a dict, got {type(value).__name__}")
     try:
         if default is None:
-            return _encoder.encode(value)
-        return json.dumps(
-            value, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=default
-        )
+            text = _encoder.encode(value)
+        else:
+            text = json.dumps(
+                value, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=default
+            )
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                # A lone surrogate cannot be stored as UTF-8 text; JSON's \u escape carries it
+                # losslessly, so fall back to ASCII-only output for this value.
+                text = json.dumps(
+                    value, ensure_ascii=True, allow_nan=False, separators=(",", ":"), default=default
+                )
+        return text
     except (TypeError, ValueError, RecursionError) as exc:
         path, problem = _locate(value, root, default)
         raise StateNotSerializableError(key, path, problem) from exc
@@ -108,4 +127,7 @@ def _locate(value: Any, root: str, default: Callable[[Any], Any] | None) -> tupl
             return walk(converted, path)
         return (path, f"is a {type(node).__name__}, which JSON cannot represent")
 
-    return walk(value, root) or (root, "cannot be encoded as JSON")
+    try:
+        return walk(value, root) or (root, "cannot be encoded as JSON")
+    except RecursionError:
+        return (root, "is nested too deeply to be encoded as JSON")

@@ -40,8 +40,10 @@ class Job:
         self.args = args
         self.result: Any = None
         self.error: BaseException | None = None
-        self.event = anyio.Event()
-        self.token = anyio.lowlevel.current_token()
+        self.token = token = anyio.lowlevel.current_token()
+        # The token already knows the running backend: asking it for the event saves a
+        # second runtime lookup on every operation.
+        self.event: anyio.Event = token.backend_class.create_event()
         self.abandoned = False
 
     def run(self, resource: Any) -> None:
@@ -58,10 +60,15 @@ def _wake(jobs: list[Job]) -> None:
 
 def _notify(jobs: list[Job]) -> None:
     """Wake the tasks waiting on ``jobs``: one scheduler call per event loop, not per job."""
-    by_loop: dict[int, list[Job]] = {}
-    for job in jobs:
-        by_loop.setdefault(id(job.token.native_token), []).append(job)
-    for group in by_loop.values():
+    native = jobs[0].token.native_token
+    if all(job.token.native_token is native for job in jobs):
+        groups: Any = (jobs,)  # the usual case: one event loop uses the backend
+    else:
+        by_loop: dict[int, list[Job]] = {}
+        for job in jobs:
+            by_loop.setdefault(id(job.token.native_token), []).append(job)
+        groups = by_loop.values()
+    for group in groups:
         token = group[0].token
         try:
             token.backend_class.run_sync_soon(_wake, (group,), token.native_token)
@@ -154,12 +161,11 @@ class ThreadWorker(Generic[R]):
                     break
                 if not item.abandoned:
                     jobs.append(item)
-                if len(jobs) >= self._max_batch:
+                # Only this thread takes from the queue, so a non-empty queue cannot empty
+                # before get_nowait(); checking first avoids raising queue.Empty per batch.
+                if len(jobs) >= self._max_batch or self._queue.empty():
                     break
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
+                item = self._queue.get_nowait()
             if not jobs:
                 continue
             if resource is None:

@@ -21,13 +21,16 @@ from .errors import VersionConflictError
 from .session._session import Session, Turns
 from .session.backends._protocol import SessionBackend
 from .session.backends._scope import MemoryScope, scoped_key
-from .session.manager import InMemorySessionManager
+from .session.manager import InMemorySessionManager, as_manager
 
 __all__ = ["PersistedDecorator", "persisted_session"]
 
 R = TypeVar("R")
 T = TypeVar("T")
 KeySpec = str | Callable[[inspect.BoundArguments], str]
+
+
+_PLAIN = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
 class _Call:
@@ -86,6 +89,11 @@ class _Persister:
         self.public_signature = signature.replace(
             parameters=[p for name, p in signature.parameters.items() if name != param]
         )
+        public = list(self.public_signature.parameters.values())
+        # A signature of plain parameters (no *args, **kwargs, positional-only) is bound by
+        # _bind's short loop, on every call; anything else goes through Signature.bind.
+        self._plain = [(p.name, p.default) for p in public] if all(p.kind in _PLAIN for p in public) else None
+        self._positional = sum(1 for p in public if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
     def resolve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
         if self.param in kwargs:
@@ -93,15 +101,35 @@ class _Persister:
                 f"{self.handler.__qualname__}() got {self.param!r} from its caller; "
                 "@persisted_session passes the session itself"
             )
-        bound = self.public_signature.bind(*args, **kwargs)
-        bound.apply_defaults()
+        bound = self._bind(args, kwargs)
         raw = bound.arguments[self.key] if isinstance(self.key, str) else self.key(bound)
-        if not isinstance(raw, str):
-            raise TypeError(
-                f"{self.handler.__qualname__}(): the session key must be a str, got {type(raw).__name__}: {raw!r}"
-            )
         key = scoped_key(self.scope, raw) if self.scope is not None else check_key(raw)
         return _Call(bound, key)
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> inspect.BoundArguments:
+        """``public_signature.bind(*args, **kwargs)`` with defaults applied: the same arguments, in order."""
+        plain = self._plain
+        if plain is not None and len(args) <= self._positional:
+            arguments: dict[str, Any] = {}
+            used = 0
+            for i, (name, default) in enumerate(plain):
+                if i < len(args):
+                    if name in kwargs:
+                        break  # given twice: Signature.bind raises the usual TypeError
+                    arguments[name] = args[i]
+                elif name in kwargs:
+                    arguments[name] = kwargs[name]
+                    used += 1
+                elif default is not inspect.Parameter.empty:
+                    arguments[name] = default
+                else:
+                    break  # missing: Signature.bind raises the usual TypeError
+            else:
+                if used == len(kwargs):
+                    return inspect.BoundArguments(self.public_signature, arguments)
+        bound = self.public_signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return bound
 
     async def session_for(self, key: str) -> Session:
         manager = self.manager
@@ -121,13 +149,10 @@ class _Persister:
             session.turns.append(self.turn(call, output, started_at, time.perf_counter() - t0))
         await self.manager._persist(session, "saved", expected=session.version, default=self.encoder)
 
-    def rollback(self, session: Session, pending_before: int) -> None:
-        """Undo what a failed call did to the live session (its state and queued turns)."""
-        del session.turns._pending[pending_before:]
-        if session._saved_json is not None:
-            session.state = loads(session._saved_json)
-        else:
-            self.manager._live.pop(session.key, None)
+    def rollback(self, session: Session, point: tuple[Any, ...]) -> None:
+        """Undo what a failed call did to the live session (its state and turn log)."""
+        if not session._rollback(point) and self.manager._live.get(session.key) is session:
+            del self.manager._live[session.key]
 
 
 class PersistedDecorator(Protocol):
@@ -196,7 +221,7 @@ def persisted_session(
     so it should not block). An async generator handler streams its chunks; the turn is
     stored when the stream ends, with the chunks as output (joined if they are strings).
     """
-    manager = store if isinstance(store, InMemorySessionManager) else InMemorySessionManager(store, max_sessions=10_000)
+    manager = as_manager(store, max_sessions=10_000)
     if initial is None:
         make_initial: Callable[[], dict[str, Any]] = dict
     elif callable(initial):
@@ -252,7 +277,7 @@ def _call_wrapper(p: _Persister, *, is_async: bool) -> Callable[..., Awaitable[A
         for attempt in range(p.attempts):
             async with manager._operation(call.key):
                 session = await p.session_for(call.key)
-                pending_before = len(session.turns._pending)
+                point = session._checkpoint()
                 started_at, t0 = time.time(), time.perf_counter()
                 try:
                     kwargs[p.param] = session
@@ -265,7 +290,7 @@ def _call_wrapper(p: _Persister, *, is_async: bool) -> Callable[..., Awaitable[A
                         raise
                     continue
                 except BaseException:
-                    p.rollback(session, pending_before)
+                    p.rollback(session, point)
                     raise
                 return output
         raise AssertionError("unreachable")  # pragma: no cover
@@ -278,7 +303,7 @@ def _stream_wrapper(p: _Persister) -> Callable[..., AsyncIterator[Any]]:
         call = p.resolve(args, kwargs)
         async with p.manager._operation(call.key):
             session = await p.session_for(call.key)
-            pending_before = len(session.turns._pending)
+            point = session._checkpoint()
             started_at, t0 = time.time(), time.perf_counter()
             chunks: list[Any] = []
             kwargs[p.param] = session
@@ -291,7 +316,7 @@ def _stream_wrapper(p: _Persister) -> Callable[..., AsyncIterator[Any]]:
                 # A conflict cannot be retried here: the chunks were already handed out.
                 await p.finish(session, call, output, started_at, t0)
             except BaseException:
-                p.rollback(session, pending_before)
+                p.rollback(session, point)
                 raise
             finally:
                 await stream.aclose()

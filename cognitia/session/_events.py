@@ -55,6 +55,24 @@ def current_runtime() -> str:
     return module.rsplit("_", 1)[-1]
 
 
+def _info_enabled(logger: object) -> bool:
+    """Whether ``logger`` keeps info events; ``True`` unless it says otherwise.
+
+    structlog's filtering loggers (``make_filtering_bound_logger``) answer through
+    ``is_enabled_for``; any other logger is assumed to keep everything.
+    """
+    is_enabled_for = getattr(logger, "is_enabled_for", None)
+    if is_enabled_for is None:
+        return True
+    try:
+        return bool(is_enabled_for(_INFO))
+    except Exception:
+        return True
+
+
+_INFO = 20  # logging.INFO, without importing logging here
+
+
 class Subscription:
     """Returned by ``manager.on(...)``; call it (or ``.cancel()``) to unregister the hook."""
 
@@ -114,6 +132,13 @@ class HookRegistry:
         turns: int = 0,
         reason: str | None = None,
     ) -> None:
+        hooks = self._hooks[name]
+        logger = log.bind()  # resolves the current structlog configuration once
+        logging_on = _info_enabled(logger)
+        if not hooks and not logging_on:
+            # Nobody would see this event: a filtering logger drops info events and no
+            # hook listens. Skip measuring the scope and the runtime for nothing.
+            return
         scope = MemoryScope.of(key)
         event = SessionEvent(
             name=name,
@@ -127,19 +152,20 @@ class HookRegistry:
             turns=turns,
             reason=reason,
         )
-        log.info(
-            "session." + name,
-            key=key,
-            scope=event.scope,
-            backend=backend,
-            runtime=event.runtime,
-            version=version,
-            bytes=bytes,
-            duration_ms=round(duration * 1000, 3),
-            turns=turns,
-            **({"reason": reason} if reason else {}),
-        )
-        for hook in tuple(self._hooks[name]):
+        if logging_on:
+            logger.info(
+                "session." + name,
+                key=key,
+                scope=event.scope,
+                backend=backend,
+                runtime=event.runtime,
+                version=version,
+                bytes=bytes,
+                duration_ms=round(duration * 1000, 3),
+                turns=turns,
+                **({"reason": reason} if reason else {}),
+            )
+        for hook in tuple(hooks):
             try:
                 result = hook(event)
                 if inspect.isawaitable(result):
@@ -150,7 +176,8 @@ class HookRegistry:
                     raise HookError(name, hook_name, key) from exc
                 log.error(
                     "session.hook_failed",
-                    event=name,
+                    # Not ``event=``: that is the log event's own name in structlog.
+                    lifecycle_event=name,
                     key=key,
                     hook=hook_name,
                     error=type(exc).__name__,

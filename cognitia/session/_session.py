@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .._json import loads
 from .backends._scope import MemoryScope
 
 __all__ = ["Session", "Turns"]
@@ -19,12 +20,14 @@ class Turns:
     so a live conversation costs one append per turn, never a reload.
     """
 
-    __slots__ = ("_key", "_loader", "_stored", "_known", "_complete", "_pending", "_truncate")
+    __slots__ = ("_key", "_loader", "_stored", "_backing", "_known", "_complete", "_pending", "_truncate")
 
     def __init__(self, key: str, stored: int, loader: TurnLoader | None) -> None:
         self._key = key
         self._loader = loader
         self._stored = stored
+        self._backing = stored
+        """Turns in storage: more than ``_stored`` after :meth:`pop`, until the next save."""
         self._known: list[dict[str, Any]] = []
         """The newest ``len(_known)`` stored turns (the whole log when ``_complete``)."""
         self._complete = stored == 0
@@ -46,13 +49,18 @@ class Turns:
 
     async def pop(self) -> dict[str, Any] | None:
         """Remove and return the newest turn (``None`` if there is none); stored at the next save."""
+        # Lists are replaced, not changed in place, so a failed call can restore them
+        # (see Session._checkpoint).
         if self._pending:
-            return self._pending.pop()
+            turn = self._pending[-1]
+            self._pending = self._pending[:-1]
+            return turn
         if self._stored == 0:
             return None
         if not self._known:
             await self.last(1)
-        turn = self._known.pop()
+        turn = self._known[-1]
+        self._known = self._known[:-1]
         self._stored -= 1
         self._truncate = self._stored
         return turn
@@ -77,7 +85,10 @@ class Turns:
         in_memory = len(self._known) + len(self._pending)
         if n > in_memory and not self._complete and self._loader is not None:
             wanted = n - len(self._pending)
-            self._known = await self._loader(self._key, wanted)
+            # Storage still holds the turns popped since the last save: read past them.
+            popped = self._backing - self._stored
+            loaded = await self._loader(self._key, wanted + popped)
+            self._known = loaded[: len(loaded) - popped]
             self._complete = len(self._known) >= self._stored
         combined = self._known + self._pending
         return combined[-n:]
@@ -85,7 +96,7 @@ class Turns:
     async def all(self) -> list[dict[str, Any]]:
         """Every turn, oldest first (loaded once, then kept in memory)."""
         if not self._complete and self._loader is not None:
-            self._known = await self._loader(self._key, None)
+            self._known = (await self._loader(self._key, None))[: self._stored]
             self._complete = True
         return self._known + self._pending
 
@@ -99,6 +110,7 @@ class Turns:
         done, self._pending = self._pending[:count], self._pending[count:]
         self._known.extend(done)
         self._stored += count
+        self._backing = self._stored
         self._truncate = None
 
 
@@ -127,6 +139,28 @@ class Session:
         self.turns = turns if turns is not None else Turns(key, 0, None)
         self.last_active = last_active
         self._saved_json = saved_json
+
+    def _checkpoint(self) -> tuple[Any, ...]:
+        """What :meth:`_rollback` needs to undo an uncommitted change (no copies made)."""
+        t = self.turns
+        return (self.version, t._pending, len(t._pending), t._known, t._stored, t._complete, t._truncate)
+
+    def _rollback(self, point: tuple[Any, ...]) -> bool:
+        """Undo what a failed change did since ``point``: the state and the turn log.
+
+        Nothing is undone if the change was committed meanwhile. Returns ``False`` when the
+        state cannot be restored because it was never stored (the caller drops the session).
+        """
+        version, pending, pending_len, known, stored, complete, truncate = point
+        if self.version != version:
+            return True
+        t = self.turns
+        del pending[pending_len:]
+        t._pending, t._known, t._stored, t._complete, t._truncate = pending, known, stored, complete, truncate
+        if self._saved_json is None:
+            return False
+        self.state = loads(self._saved_json)
+        return True
 
     @property
     def scope(self) -> MemoryScope | None:

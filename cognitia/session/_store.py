@@ -202,7 +202,9 @@ class EnvelopeStore(Store):
         if envelope is None:
             return []
         turns: list[dict[str, Any]] = envelope["turns"]
-        return turns[-last:] if last else list(turns)
+        if last is None:
+            return list(turns)
+        return turns[-last:] if last > 0 else []
 
     async def keys(self, prefix: str) -> list[str]:
         if self.prefix_listing:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
@@ -26,11 +25,27 @@ from ._store import Store, open_store
 from .backends._protocol import SessionBackend
 from .backends._scope import MemoryScope
 
-__all__ = ["EVENTS", "InMemorySessionManager", "Session", "SessionEvent", "Subscription", "Turns"]
+__all__ = ["EVENTS", "InMemorySessionManager", "Session", "SessionEvent", "Subscription", "Turns", "as_manager"]
 
 log = structlog.get_logger("cognitia")
 
 H = TypeVar("H", bound=Hook)
+
+
+def as_manager(store: SessionBackend | InMemorySessionManager, **options: Any) -> InMemorySessionManager:
+    """``store`` itself if it is a manager, else a new manager over the backend ``store``.
+
+    What every adapter that accepts "a backend or a manager" starts with; ``options`` are
+    passed to :class:`InMemorySessionManager` when one is created.
+
+    >>> from cognitia.session.backends import InMemorySessionBackend
+    >>> manager = as_manager(InMemorySessionBackend())
+    >>> as_manager(manager) is manager
+    True
+    """
+    if isinstance(store, InMemorySessionManager):
+        return store
+    return InMemorySessionManager(store, **options)
 
 
 class _KeyLocks:
@@ -39,19 +54,71 @@ class _KeyLocks:
     def __init__(self) -> None:
         self._locks: dict[str, list[Any]] = {}
 
-    @asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        entry = self._locks.get(key)
+    def hold(self, key: str) -> _Held:
+        return _Held(self._locks, key)
+
+
+class _Held:
+    """``async with locks.hold(key)``: a class, not a generator, as it wraps every operation."""
+
+    __slots__ = ("_entry", "_key", "_locks")
+
+    def __init__(self, locks: dict[str, list[Any]], key: str) -> None:
+        self._locks = locks
+        self._key = key
+
+    async def __aenter__(self) -> None:
+        entry = self._locks.get(self._key)
         if entry is None:
-            entry = self._locks[key] = [anyio.Lock(), 0]
+            # fast_acquire: a free lock is taken without yielding to the scheduler (a
+            # cancelled caller still stops here); the operation checkpoints in storage.
+            # A semaphore, not a Lock: a streaming handler its caller abandons is closed by
+            # the runtime's async-generator finalizer in another task, which must be able
+            # to release the key (a Lock refuses a release by a task that does not own it).
+            entry = self._locks[self._key] = [anyio.Semaphore(1, fast_acquire=True), 0]
         entry[1] += 1
         try:
-            async with entry[0]:
-                yield
+            await entry[0].acquire()
+        except BaseException:
+            self._drop(entry)
+            raise
+        self._entry = entry
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        entry = self._entry
+        try:
+            entry[0].release()
         finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._locks[key]
+            self._drop(entry)
+
+    def _drop(self, entry: list[Any]) -> None:
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._locks[self._key]
+
+
+class _Operation:
+    """``async with manager._operation(key)``: the key's lock, then the capacity check on success."""
+
+    __slots__ = ("_held", "_manager")
+
+    def __init__(self, manager: InMemorySessionManager, key: str) -> None:
+        self._manager = manager
+        self._held = _Held(manager._locks._locks, key)
+
+    async def __aenter__(self) -> None:
+        await self._held.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._held.__aexit__(exc_type, exc, tb)
+        manager = self._manager
+        if exc is None and manager.max_sessions is not None and len(manager._live) > manager.max_sessions:
+            await manager._evict_over_capacity()
 
 
 class InMemorySessionManager:
@@ -142,6 +209,8 @@ class InMemorySessionManager:
 
     def off(self, event: EventName | str, hook: Hook) -> bool:
         """Unregister ``hook`` from ``event``; ``True`` if it was registered."""
+        if event not in EVENTS:
+            raise ValueError(f"unknown lifecycle event {event!r}; expected one of {', '.join(EVENTS)}")
         return Subscription(self._hooks, event, hook).cancel()
 
     # -- lifecycle of one session -------------------------------------------------------------
@@ -158,7 +227,10 @@ class InMemorySessionManager:
         async with self._operation(key):
             session = self._live.get(key)
             if session is None:
-                session = Session(key, state, turns=Turns(key, 0, self._store.turns))
+                # The stored turn log is kept, so the live session must know its length.
+                stored = await self._store.read(key)
+                count = 0 if stored is None else stored.turn_count
+                session = Session(key, state, turns=Turns(key, count, self._store.turns))
             else:
                 session.state = state
             await self._persist(session, "registered", expected=None)
@@ -237,15 +309,22 @@ class InMemorySessionManager:
                 session = await self._get_locked(key)
                 if session is None:
                     session = Session(key, {}, turns=Turns(key, 0, self._store.turns))
-                result = change(session)
-                if inspect.isawaitable(result):
-                    await result
+                point = session._checkpoint()
                 try:
+                    result = change(session)
+                    if inspect.isawaitable(result):
+                        await result
                     await self._persist(session, "saved", expected=session.version)
                 except VersionConflictError:
                     if attempt + 1 == attempts:
                         raise
                     continue
+                except BaseException:
+                    # A change that failed (or could not be stored) must not linger in the
+                    # live session, or the next save would store half of it.
+                    if not session._rollback(point) and self._live.get(key) is session:
+                        del self._live[key]
+                    raise
                 self._admit(session)
                 return session
         raise AssertionError("unreachable")  # pragma: no cover
@@ -377,12 +456,13 @@ class InMemorySessionManager:
     ) -> bool | None:
         task_group, self._task_group = self._task_group, None
         assert task_group is not None
-        task_group.cancel_scope.cancel()
+        task_group.cancel_scope.cancel()  # stops the sweeper
         try:
             with anyio.CancelScope(shield=True):
                 await self.aclose()
         finally:
-            return await task_group.__aexit__(exc_type, exc, tb)
+            suppressed = await task_group.__aexit__(exc_type, exc, tb)
+        return suppressed
 
     async def aclose(self) -> None:
         """Close every live session, then refuse further operations. The backend stays open."""
@@ -398,14 +478,11 @@ class InMemorySessionManager:
 
     # -- internals --------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _operation(self, key: str, *, allow_closed: bool = False) -> AsyncIterator[None]:
+    def _operation(self, key: str, *, allow_closed: bool = False) -> _Operation:
+        """Hold ``key``'s lock for one operation; afterwards, evict beyond ``max_sessions``."""
         if self._closed and not allow_closed:
             raise BackendClosedError(f"session manager is closed: cannot use session {key!r}")
-        async with self._locks.hold(key):
-            yield
-        if self.max_sessions is not None and len(self._live) > self.max_sessions:
-            await self._evict_over_capacity()
+        return _Operation(self, key)
 
     async def _get_locked(self, key: str) -> Session | None:
         session = self._live.get(key)
@@ -452,6 +529,8 @@ class InMemorySessionManager:
             dumps(session.key, turn, root="turn" if count == 1 else f"turns[{i}]", default=default)
             for i, turn in enumerate(pending)
         ]
+        conflict: VersionConflictError | None = None
+        # The write is shielded from the caller's cancellation but bounded by save_timeout.
         with anyio.CancelScope(shield=True) as scope:
             scope.deadline = anyio.current_time() + self.save_timeout
             try:
@@ -460,20 +539,26 @@ class InMemorySessionManager:
                 )
             except VersionConflictError as exc:
                 self._live.pop(session.key, None)
-                await self._emit("conflict", session.key, session.version, started, reason=f"found {exc.actual}")
-                raise
+                conflict = exc
             except BaseException:
                 # The outcome is unknown (timeout, connection lost): forget the live copy so
                 # the next access reads what storage really holds.
                 self._live.pop(session.key, None)
                 raise
-            session.version = version
-            session.turns._committed(count)
-            session._saved_json = state_json
-            session.last_active = self._clock()
-            await self._emit(event, session.key, version, started, size=len(state_json.encode()), turns=count)
+            else:
+                session.version = version
+                session.turns._committed(count)
+                session._saved_json = state_json
+                session.last_active = self._clock()
         if scope.cancelled_caught:
             raise TimeoutError(f"saving session {session.key!r} took longer than {self.save_timeout}s")
+        # Hooks run after the deadline scope (a slow hook cannot fail a committed save) but
+        # still shielded, so a committed save is always reported.
+        with anyio.CancelScope(shield=True):
+            if conflict is not None:
+                await self._emit("conflict", session.key, session.version, started, reason=f"found {conflict.actual}")
+                raise conflict
+            await self._emit(event, session.key, version, started, size=len(state_json.encode()), turns=count)
 
     async def _retire(self, session: Session, event: str, *, reason: str | None) -> None:
         """Persist the session if it changed, drop it from the live set, and report ``event``."""

@@ -2,10 +2,9 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from ..._json import check_key, dumps, loads
 from ...errors import BackendClosedError, CognitiaError, StorageError
@@ -129,9 +128,9 @@ class BackendBase(ABC):
         check_key(key)
         if last is not None and (type(last) is not int or last < 0):
             raise ValueError(f"last must be None or an int >= 0, got {last!r}")
-        if last == 0:
-            return []
         with self._errors("load turns of", key):
+            if last == 0:
+                return []
             raw = await self._raw_load_turns(key, last, self._clock())
         return [loads(t) for t in raw]
 
@@ -159,7 +158,7 @@ class BackendBase(ABC):
             self._closed = True
             await self._raw_aclose()
 
-    async def __aenter__(self) -> BackendBase:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
@@ -177,18 +176,10 @@ class BackendBase(ABC):
     def _describe(self) -> str:
         return ""
 
-    @contextmanager
-    def _errors(self, operation: str, key: str) -> Iterator[None]:
+    def _errors(self, operation: str, key: str) -> _ErrorBoundary:
         if self._closed:
             raise BackendClosedError(f"{self.name} backend is closed: cannot {operation} session {key!r}")
-        try:
-            yield
-        except CognitiaError:
-            raise
-        except self._driver_errors as exc:
-            if self._closed:
-                raise BackendClosedError(f"{self.name} backend was closed during {operation} of {key!r}") from exc
-            raise StorageError(f"{self.name} backend failed to {operation} session {key!r}: {exc}") from exc
+        return _ErrorBoundary(self, operation, key)
 
     # -- what a storage engine implements ---------------------------------------------------
 
@@ -230,3 +221,32 @@ class BackendBase(ABC):
 
     async def _raw_aclose(self) -> None:
         self._raw_close()
+
+
+class _ErrorBoundary:
+    """Translates a driver's errors into :class:`StorageError` (a class: it runs on every operation)."""
+
+    __slots__ = ("backend", "key", "operation")
+
+    def __init__(self, backend: BackendBase, operation: str, key: str) -> None:
+        self.backend = backend
+        self.operation = operation
+        self.key = key
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None or isinstance(exc, CognitiaError):
+            return
+        if not isinstance(exc, self.backend._driver_errors):
+            return
+        backend, operation, key = self.backend, self.operation, self.key
+        if backend._closed:
+            raise BackendClosedError(f"{backend.name} backend was closed during {operation} of {key!r}") from exc
+        raise StorageError(f"{backend.name} backend failed to {operation} session {key!r}: {exc}") from exc

@@ -54,6 +54,21 @@ _SELECT_TURNS_ALL = (
 )
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
+# One-statement fast paths for the common commits (a new key; a live key, at the expected
+# version if one is given). Each changes nothing when its condition does not hold, and the
+# general path in _commit then decides, so the outcome is the same either way.
+_FAST_COMMITS = sqlite3.sqlite_version_info >= (3, 35, 0)  # RETURNING
+_INSERT_NEW = (
+    "INSERT INTO cognitia_sessions (key, state, version, turn_count, created_at, updated_at, expires_at) "
+    "VALUES (?, ?, 1, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING RETURNING version"
+)
+_UPDATE_ALIVE = (
+    "UPDATE cognitia_sessions SET state = ?, version = version + 1, turn_count = turn_count + ?, "
+    f"updated_at = ?, expires_at = ? WHERE key = ? AND {_ALIVE} RETURNING version, turn_count"
+)
+_UPDATE_ALIVE_AT_VERSION = _UPDATE_ALIVE.replace(" RETURNING", " AND version = ? RETURNING")
+_INSERT_TURN = "INSERT INTO cognitia_turns (key, seq, turn) VALUES (?, ?, ?)"
+
 
 def _prefix_bounds(prefix: str) -> tuple[str, str | None]:
     """The half-open key range ``[low, high)`` holding every key that starts with ``prefix``.
@@ -95,7 +110,8 @@ class SqliteSessionBackend(BackendBase):
     """
 
     name = "sqlite"
-    _driver_errors = (sqlite3.Error,)
+    # OSError: creating the file can fail before SQLite is involved (a missing directory).
+    _driver_errors = (sqlite3.Error, OSError)
 
     def __init__(
         self,
@@ -268,6 +284,10 @@ def _commit(
     now: float,
     expires_at: float | None,
 ) -> int:
+    if _FAST_COMMITS and truncate is None:
+        fast = _commit_fast(conn, key, state, expected_version, turns, now, expires_at)
+        if fast is not None:
+            return fast
     row = conn.execute(
         "SELECT version, turn_count, expires_at FROM cognitia_sessions WHERE key = ?", (key,)
     ).fetchone()
@@ -297,11 +317,43 @@ def _commit(
             (state, version, first_seq + len(turns), now, expires_at, *((now,) if not alive else ()), key),
         )
     if turns:
-        conn.executemany(
-            "INSERT INTO cognitia_turns (key, seq, turn) VALUES (?, ?, ?)",
-            [(key, first_seq + i, turn) for i, turn in enumerate(turns)],
-        )
+        conn.executemany(_INSERT_TURN, [(key, first_seq + i, turn) for i, turn in enumerate(turns)])
     return version
+
+
+def _commit_fast(
+    conn: sqlite3.Connection,
+    key: str,
+    state: str,
+    expected_version: int | None,
+    turns: list[str],
+    now: float,
+    expires_at: float | None,
+) -> int | None:
+    """:func:`_commit` in one statement when the key is new or live; ``None`` to take the general path.
+
+    Saves the read that the general path does first. ``fetchall`` runs each statement to
+    completion, so nothing is left in progress when the transaction commits.
+    """
+    if expected_version is None or expected_version == 0:
+        if conn.execute(_INSERT_NEW, (key, state, len(turns), now, now, expires_at)).fetchall():
+            if turns:
+                conn.executemany(_INSERT_TURN, [(key, i, turn) for i, turn in enumerate(turns)])
+            return 1
+        if expected_version == 0:
+            return None  # the key exists: a conflict, unless its session expired
+        rows = conn.execute(_UPDATE_ALIVE, (state, len(turns), now, expires_at, key, now)).fetchall()
+    else:
+        rows = conn.execute(
+            _UPDATE_ALIVE_AT_VERSION, (state, len(turns), now, expires_at, key, now, expected_version)
+        ).fetchall()
+    if not rows:
+        return None
+    version, turn_count = rows[0]
+    if turns:
+        first_seq = turn_count - len(turns)
+        conn.executemany(_INSERT_TURN, [(key, first_seq + i, turn) for i, turn in enumerate(turns)])
+    return int(version)
 
 
 def _load_turns(conn: sqlite3.Connection, key: str, last: int | None, now: float) -> list[str]:

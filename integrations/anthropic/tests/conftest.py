@@ -1,0 +1,156 @@
+"""Fixtures for the Anthropic integration: an offline Messages API, backends, both runtimes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from anthropic import AsyncAnthropic
+
+from cognitia.session.backends import BackendBase, InMemorySessionBackend, SqliteSessionBackend
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """The Anthropic SDK runs on asyncio and trio: every test runs on both (explicit params, so a
+    missing trio fails instead of being skipped)."""
+    return str(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reaches the network: outbound sockets refuse (the SDK talks to the fake API
+    through its HTTP client's MockTransport, which opens none)."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("network access is forbidden in tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+class FakeMessagesAPI:
+    """The Messages API answering by rule, served through ``httpx2.MockTransport``.
+
+    A user message "weather in <city>" gets a reply calling ``get_weather``; a tool result
+    gets a sentence made of it; "cut" gets a reply stopped by max_tokens in the middle of
+    a tool call; anything else is echoed. ``requests`` holds every request body. With
+    ``"stream": true`` the reply is sent as server-sent events, as the real API does.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self._ids = itertools.count(1)
+
+    def client(self) -> AsyncAnthropic:
+        transport = httpx2.MockTransport(self.handle)
+        return AsyncAnthropic(
+            api_key="test-key", http_client=httpx2.AsyncClient(transport=transport), max_retries=0
+        )
+
+    def handle(self, request: httpx2.Request) -> httpx2.Response:
+        assert request.url.path == "/v1/messages", request.url
+        body = json.loads(request.content)
+        self.requests.append(body)
+        reply = self.reply(body["messages"][-1])
+        if body.get("stream"):
+            return httpx2.Response(
+                200, headers={"content-type": "text/event-stream"}, content=_server_sent_events(reply)
+            )
+        return httpx2.Response(200, json=reply)
+
+    def reply(self, last: dict[str, Any]) -> dict[str, Any]:
+        n = next(self._ids)
+        content = last["content"]
+        if isinstance(content, list) and content and content[0].get("type") == "tool_result":
+            return _message(n, [{"type": "text", "text": f"It is {content[0]['content']}."}], "end_turn")
+        text = content if isinstance(content, str) else content[0]["text"]
+        match = re.search(r"weather in (\w+)", text)
+        if match or text == "cut":
+            call = {"type": "tool_use", "id": f"toolu_{n}", "name": "get_weather", "input": {}}
+            if match:
+                call["input"] = {"city": match.group(1)}
+            return _message(
+                n, [{"type": "text", "text": "Let me look."}, call], "tool_use" if match else "max_tokens"
+            )
+        return _message(n, [{"type": "text", "text": f"echo: {text}"}], "end_turn")
+
+
+def _message(n: int, content: list[dict[str, Any]], stop_reason: str) -> dict[str, Any]:
+    return {
+        "id": f"msg_{n}",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-test",
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 10, "output_tokens": 5},
+    }
+
+
+def _server_sent_events(message: dict[str, Any]) -> bytes:
+    """``message`` as the stream of events the API sends for it."""
+    start = {**message, "content": [], "stop_reason": None}
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("message_start", {"type": "message_start", "message": start})
+    ]
+    for index, block in enumerate(message["content"]):
+        if block["type"] == "text":
+            empty: dict[str, Any] = {"type": "text", "text": ""}
+            delta: dict[str, Any] = {"type": "text_delta", "text": block["text"]}
+        else:
+            empty = {**block, "input": {}}
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
+        events += [
+            ("content_block_start", {"type": "content_block_start", "index": index, "content_block": empty}),
+            ("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}),
+            ("content_block_stop", {"type": "content_block_stop", "index": index}),
+        ]
+    events += [
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
+                "usage": {"output_tokens": 5},
+            },
+        ),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    return "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events).encode()
+
+
+@pytest.fixture
+def api() -> FakeMessagesAPI:
+    return FakeMessagesAPI()
+
+
+BackendFactory = Callable[[], BackendBase]
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def reopen(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendFactory]:
+    """Makes a backend over the same storage each call: a process restart for SQLite (a new
+    object on the same file), the same store for the in-memory backend."""
+    opened: list[BackendBase] = []
+    memory = InMemorySessionBackend()
+
+    def factory() -> BackendBase:
+        if request.param == "memory":
+            return memory
+        backend = SqliteSessionBackend(db_path=tmp_path / "sessions.db")
+        opened.append(backend)
+        return backend
+
+    yield factory
+    for backend in opened:
+        backend.close()

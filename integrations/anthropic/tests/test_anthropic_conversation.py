@@ -1,0 +1,267 @@
+"""PersistedConversation driving the real Anthropic tool runner against an offline API, on each
+backend and on asyncio and trio."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+import structlog
+from anthropic import AsyncAnthropic, beta_async_tool
+from anthropic.lib.tools import BetaAsyncFunctionTool
+from cognitia_anthropic import PersistedConversation
+
+from cognitia import InMemorySessionManager, MemoryScope, SessionEvent
+from cognitia.session.backends import SqliteSessionBackend
+
+pytestmark = pytest.mark.anyio
+
+MODEL = "claude-test"
+
+PARIS = [
+    {"role": "user", "content": "What is the weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": [
+            {"type": "text", "text": "Let me look."},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+        ],
+    },
+    {
+        "role": "user",
+        "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny in Paris"}],
+    },
+    {"role": "assistant", "content": [{"type": "text", "text": "It is sunny in Paris."}]},
+]
+
+
+def digest(messages: list[Any]) -> list[str]:
+    """A readable form of messages: role and the text, call or result of each block."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            out.append(f"{message['role']}: {content}")
+            continue
+        for block in content:
+            if block["type"] == "text":
+                out.append(f"{message['role']}: {block['text']}")
+            elif block["type"] == "tool_use":
+                out.append(f"call {block['name']}({json.dumps(block['input'])})")
+            else:
+                out.append(f"result {block['content']}")
+    return out
+
+
+@pytest.fixture
+def tool_calls() -> list[str]:
+    return []
+
+
+@pytest.fixture
+def get_weather(tool_calls: list[str]) -> BetaAsyncFunctionTool[Any]:
+    @beta_async_tool
+    async def get_weather(city: str) -> str:
+        """The weather in a city."""
+        tool_calls.append(city)
+        await anyio.lowlevel.checkpoint()
+        return f"sunny in {city}"
+
+    return get_weather
+
+
+async def ask(
+    conversation: PersistedConversation, client: AsyncAnthropic, tool: BetaAsyncFunctionTool[Any], text: str
+) -> str:
+    """One user turn: store the question, run the tool loop over the whole history, return the answer."""
+    await conversation.append({"role": "user", "content": text})
+    runner = client.beta.messages.tool_runner(
+        model=MODEL, max_tokens=256, tools=[tool], messages=await conversation.messages()
+    )
+    final = await conversation.run(runner)
+    block = final.content[0]
+    assert block.type == "text"
+    return block.text
+
+
+async def test_multi_turn_tool_run_stores_every_message(
+    reopen: Any, api: Any, get_weather: Any, tool_calls: list[str]
+) -> None:
+    """User messages, replies and tool results are stored in order; each tool runs once."""
+    manager = InMemorySessionManager(reopen())
+    conversation = PersistedConversation(manager, "user-1")
+    client = api.client()
+
+    assert (
+        await ask(conversation, client, get_weather, "What is the weather in Paris?")
+        == "It is sunny in Paris."
+    )
+    assert tool_calls == ["Paris"]
+    assert await conversation.messages() == PARIS
+
+    # The second turn iterates the runner by hand: each reply is stored once it is handled.
+    await conversation.append({"role": "user", "content": "thanks"})
+    runner = client.beta.messages.tool_runner(
+        model=MODEL, max_tokens=256, tools=[get_weather], messages=await conversation.messages()
+    )
+    seen = []
+    async for message in conversation.record(runner):
+        seen.append(message.id)
+        assert len(await manager.turns("user-1")) == 5  # not stored while it is being handled
+    assert seen == ["msg_3"]
+    stored = await manager.turns("user-1")
+    assert digest(stored[4:]) == ["user: thanks", "assistant: echo: thanks"]
+    # The second runner sent the whole first turn as history.
+    assert api.requests[-1]["messages"] == stored[:5]
+
+
+async def test_conversation_resumes_after_a_restart_with_its_full_history(
+    reopen: Any, api: Any, get_weather: Any
+) -> None:
+    """A new backend object (and manager) on the same storage continues the conversation."""
+    backend = reopen()
+    await ask(
+        PersistedConversation(backend, "user-1"), api.client(), get_weather, "What is the weather in Paris?"
+    )
+    if isinstance(backend, SqliteSessionBackend):
+        await backend.aclose()
+
+    # The restart: a new backend, manager, conversation and client; only the storage remains.
+    resumed = PersistedConversation(reopen(), "user-1")
+    assert await resumed.messages() == PARIS
+    assert await ask(resumed, api.client(), get_weather, "thanks") == "echo: thanks"
+
+    first_request_after_restart = api.requests[-1]
+    assert first_request_after_restart["messages"] == [*PARIS, {"role": "user", "content": "thanks"}]
+    assert digest(await PersistedConversation(reopen(), "user-1").messages()) == [
+        "user: What is the weather in Paris?",
+        "assistant: Let me look.",
+        'call get_weather({"city": "Paris"})',
+        "result sunny in Paris",
+        "assistant: It is sunny in Paris.",
+        "user: thanks",
+        "assistant: echo: thanks",
+    ]
+
+
+async def test_concurrent_conversations_stay_separate(reopen: Any, api: Any, get_weather: Any) -> None:
+    """Conversations run concurrently on one manager and one client never mix their messages."""
+    manager = InMemorySessionManager(reopen())
+    client = api.client()
+    cities = ["Paris", "Oslo", "Lima", "Tokyo", "Cairo", "Quito"]
+
+    async def converse(city: str) -> None:
+        conversation = PersistedConversation(manager, f"user-{city}")
+        await ask(conversation, client, get_weather, f"What is the weather in {city}?")
+        await ask(conversation, client, get_weather, f"thanks from {city}")
+
+    async with anyio.create_task_group() as tg:
+        for city in cities:
+            tg.start_soon(converse, city)
+
+    for city in cities:
+        stored = await PersistedConversation(reopen(), f"user-{city}").messages()
+        assert digest(stored) == [
+            f"user: What is the weather in {city}?",
+            "assistant: Let me look.",
+            f'call get_weather({{"city": "{city}"}})',
+            f"result sunny in {city}",
+            f"assistant: It is sunny in {city}.",
+            f"user: thanks from {city}",
+            f"assistant: echo: thanks from {city}",
+        ]
+
+
+async def test_hooks_and_log_events_fire_for_each_stored_step(
+    reopen: Any, api: Any, get_weather: Any, anyio_backend: str
+) -> None:
+    """The user message, the tool-calling reply with its results, and the answer are three saves."""
+    manager = InMemorySessionManager(reopen(), strict_hooks=True)
+    saved: list[SessionEvent] = []
+    manager.on("saved", saved.append)
+    conversation = PersistedConversation(manager, "chat", scope=MemoryScope.AGENT)
+
+    with structlog.testing.capture_logs() as logs:
+        await ask(conversation, api.client(), get_weather, "What is the weather in Paris?")
+
+    assert [(e.key, e.scope, e.turns, e.version, e.runtime) for e in saved] == [
+        ("agent:chat", "agent", 1, 1, anyio_backend),
+        ("agent:chat", "agent", 2, 2, anyio_backend),
+        ("agent:chat", "agent", 1, 3, anyio_backend),
+    ]
+    saved_logs = [entry for entry in logs if entry["event"] == "session.saved"]
+    assert [entry["turns"] for entry in saved_logs] == [1, 2, 1]
+    # The conversation itself never reaches the logs.
+    assert "Paris" not in repr(logs)
+
+
+async def test_stored_messages_are_plain_json_rows(tmp_path: Path, api: Any, get_weather: Any) -> None:
+    """The SQLite file holds each message as a JSON row of cognitia_turns, readable without cognitia."""
+    path = tmp_path / "plain.db"
+    async with SqliteSessionBackend(db_path=path) as backend:
+        await ask(
+            PersistedConversation(backend, "user-1"),
+            api.client(),
+            get_weather,
+            "What is the weather in Paris?",
+        )
+
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT key, seq, turn FROM cognitia_turns ORDER BY seq").fetchall()
+    assert {key for key, _, _ in rows} == {"user-1"}
+    assert [json.loads(turn) for _, _, turn in rows] == PARIS
+
+
+async def test_streaming_runner_is_recorded_too(
+    reopen: Any, api: Any, get_weather: Any, tool_calls: list[str]
+) -> None:
+    """With stream=True the streams are handed over unread and their final messages stored."""
+    conversation = PersistedConversation(reopen(), "user-1")
+    await conversation.append({"role": "user", "content": "What is the weather in Paris?"})
+    runner = api.client().beta.messages.tool_runner(
+        model=MODEL, max_tokens=256, tools=[get_weather], messages=await conversation.messages(), stream=True
+    )
+    texts = []
+    async for stream in conversation.record(runner):
+        async for event in stream:
+            if event.type == "text":
+                texts.append(event.text)
+    assert texts == ["Let me look.", "It is sunny in Paris."]
+    assert tool_calls == ["Paris"]
+    assert await conversation.messages() == PARIS
+    assert all(request["stream"] for request in api.requests)
+
+
+async def test_a_reply_cut_off_in_a_tool_call_is_stored_without_running_it(
+    reopen: Any, api: Any, get_weather: Any, tool_calls: list[str]
+) -> None:
+    """A tool_use block in a reply that stopped for max_tokens is stored, and the tool is not run."""
+    conversation = PersistedConversation(reopen(), "user-1")
+    await conversation.append({"role": "user", "content": "cut"})
+    runner = api.client().beta.messages.tool_runner(
+        model=MODEL, max_tokens=256, tools=[get_weather], messages=await conversation.messages()
+    )
+    final = await conversation.run(runner)
+    assert final.stop_reason == "max_tokens"
+    assert tool_calls == []
+    assert digest(await conversation.messages()) == [
+        "user: cut",
+        "assistant: Let me look.",
+        "call get_weather({})",
+    ]
+
+
+async def test_unstorable_message_is_refused_with_its_path(reopen: Any) -> None:
+    """A message JSON cannot hold is refused before anything is written, naming where it is."""
+    from cognitia import StateNotSerializableError
+
+    conversation = PersistedConversation(reopen(), "user-1")
+    with pytest.raises(StateNotSerializableError, match=r"content.*bytes"):
+        unstorable: Any = {"role": "user", "content": [{"type": "text", "text": b"raw"}]}
+        await conversation.append(unstorable)
+    assert await conversation.messages() == []

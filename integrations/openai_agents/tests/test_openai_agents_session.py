@@ -1,0 +1,203 @@
+"""CognitiaSession driven by the real OpenAI Agents Runner, offline, on each backend."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import structlog
+from agents import Agent, Runner, SessionSettings
+from agents.memory import Session as AgentsSession
+from cognitia_openai_agents import CognitiaSession
+
+from cognitia import InMemorySessionManager, MemoryScope, SessionEvent
+from cognitia.session.backends import SqliteSessionBackend
+
+pytestmark = pytest.mark.anyio
+
+WEATHER_TURN = [
+    {"role": "user", "content": "What is the weather in Paris?"},
+    {
+        "type": "function_call",
+        "id": "fc_1",
+        "call_id": "call_1",
+        "name": "get_weather",
+        "arguments": '{"city": "Paris"}',
+    },
+    {"type": "function_call_output", "call_id": "call_1", "output": "sunny in Paris"},
+]
+
+
+def texts(items: list[Any]) -> list[str]:
+    """A readable digest of items: the text of messages, the name or output of tool items."""
+    out = []
+    for item in items:
+        if item.get("type") == "function_call":
+            out.append(f"call {item['name']}({item['arguments']})")
+        elif item.get("type") == "function_call_output":
+            out.append(f"result {item['output']}")
+        elif isinstance(item["content"], str):
+            out.append(f"{item['role']}: {item['content']}")
+        else:
+            out.append(f"{item['role']}: {item['content'][0]['text']}")
+    return out
+
+
+EXPECTED = [
+    "user: What is the weather in Paris?",
+    'call get_weather({"city": "Paris"})',
+    "result sunny in Paris",
+    "assistant: It is sunny in Paris.",
+    "user: thanks",
+    "assistant: echo: thanks",
+]
+
+
+async def test_the_adapter_is_an_sdk_session(reopen: Any) -> None:
+    """CognitiaSession satisfies the SDK's runtime-checkable Session protocol."""
+    assert isinstance(CognitiaSession("s", reopen()), AgentsSession)
+
+
+async def test_multi_turn_run_with_a_tool_call_stores_every_item_as_a_turn(
+    reopen: Any, agent: Agent[Any]
+) -> None:
+    """Two runs (one calling a tool) store user, tool call, tool result and replies, in order."""
+    manager = InMemorySessionManager(reopen())
+    session = CognitiaSession("user-1", manager)
+    first = await Runner.run(agent, "What is the weather in Paris?", session=session)
+    assert first.final_output == "It is sunny in Paris."
+    second = await Runner.run(agent, "thanks", session=session)
+    assert second.final_output == "echo: thanks"
+
+    stored = await manager.turns("user-1")
+    assert texts(stored) == EXPECTED
+    assert stored[:3] == WEATHER_TURN
+    assert await session.get_items() == stored
+    # The second run sent the model the whole first run as history.
+    assert texts(agent.model.inputs[-1]) == EXPECTED[:5]  # type: ignore[union-attr]
+
+
+async def test_conversation_resumes_after_a_restart_with_its_full_history(
+    reopen: Any, agent: Agent[Any]
+) -> None:
+    """A new backend object (and manager) on the same storage continues the conversation."""
+    backend = reopen()
+    await Runner.run(agent, "What is the weather in Paris?", session=CognitiaSession("user-1", backend))
+    if isinstance(backend, SqliteSessionBackend):
+        await backend.aclose()
+
+    # The restart: nothing survives but the storage. A backend is accepted directly too.
+    resumed = CognitiaSession("user-1", reopen())
+    result = await Runner.run(agent, "thanks", session=resumed)
+
+    assert result.final_output == "echo: thanks"
+    assert texts(agent.model.inputs[-1]) == EXPECTED[:5]  # type: ignore[union-attr]
+    assert texts(await resumed.get_items()) == EXPECTED
+    assert texts(await CognitiaSession("user-1", reopen()).get_items()) == EXPECTED
+
+
+async def test_concurrent_conversations_stay_separate(reopen: Any, agent: Agent[Any]) -> None:
+    """Runs of several conversations interleaved on one manager never mix their items."""
+    manager = InMemorySessionManager(reopen())
+    cities = ["Paris", "Oslo", "Lima", "Tokyo", "Cairo", "Quito"]
+
+    async def converse(city: str) -> None:
+        session = CognitiaSession(f"user-{city}", manager)
+        await Runner.run(agent, f"What is the weather in {city}?", session=session)
+        await Runner.run(agent, f"thanks from {city}", session=session)
+
+    async with anyio.create_task_group() as tg:
+        for city in cities:
+            tg.start_soon(converse, city)
+
+    for city in cities:
+        stored = await InMemorySessionManager(reopen()).turns(f"user-{city}")
+        assert texts(stored) == [
+            f"user: What is the weather in {city}?",
+            f'call get_weather({{"city": "{city}"}})',
+            f"result sunny in {city}",
+            f"assistant: It is sunny in {city}.",
+            f"user: thanks from {city}",
+            f"assistant: echo: thanks from {city}",
+        ]
+    assert sorted(await manager.list_keys("user-")) == sorted(f"user-{city}" for city in cities)
+
+
+async def test_hooks_and_log_events_fire_for_agent_turns(reopen: Any, agent: Agent[Any]) -> None:
+    """Every add_items is one manager save: a `saved` hook call and a `session.saved` log event."""
+    manager = InMemorySessionManager(reopen(), strict_hooks=True)
+    saved: list[SessionEvent] = []
+    manager.on("saved", saved.append)
+    session = CognitiaSession("chat", manager, scope=MemoryScope.AGENT)
+
+    with structlog.testing.capture_logs() as logs:
+        await Runner.run(agent, "What is the weather in Paris?", session=session)
+
+    assert [(e.key, e.scope, e.runtime) for e in saved] == [("agent:chat", "agent", "asyncio")] * len(saved)
+    assert sum(e.turns for e in saved) == 4
+    assert [e.version for e in saved] == list(range(1, len(saved) + 1))
+    saved_logs = [entry for entry in logs if entry["event"] == "session.saved"]
+    assert len(saved_logs) == len(saved)
+    assert all(entry["key"] == "agent:chat" for entry in saved_logs)
+    # The conversation itself never reaches the logs.
+    assert "Paris" not in repr(logs)
+
+
+async def test_stored_turns_are_plain_json_rows(tmp_path: Path, agent: Agent[Any]) -> None:
+    """The SQLite file holds each item as a JSON row of cognitia_turns, readable without cognitia."""
+    path = tmp_path / "plain.db"
+    async with SqliteSessionBackend(db_path=path) as backend:
+        session = CognitiaSession("user-1", backend)
+        await Runner.run(agent, "What is the weather in Paris?", session=session)
+        await Runner.run(agent, "thanks", session=session)
+
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT key, seq, turn FROM cognitia_turns ORDER BY seq").fetchall()
+    assert {key for key, _, _ in rows} == {"user-1"}
+    items = [json.loads(turn) for _, _, turn in rows]
+    assert texts(items) == EXPECTED
+    assert items[:3] == WEATHER_TURN
+
+
+async def test_get_items_limit_pop_and_clear_are_stored(reopen: Any, agent: Agent[Any]) -> None:
+    """limit returns the tail; pop_item and clear_session are saved and survive a restart."""
+    session = CognitiaSession("user-1", reopen())
+    await Runner.run(agent, "What is the weather in Paris?", session=session)
+    await Runner.run(agent, "thanks", session=session)
+
+    assert texts(await session.get_items(limit=2)) == EXPECTED[-2:]
+    assert await session.get_items(limit=0) == []
+    assert texts(await session.get_items(limit=-1)) == EXPECTED
+    limited = CognitiaSession("user-1", reopen(), session_settings=SessionSettings(limit=3))
+    assert texts(await limited.get_items()) == EXPECTED[-3:]
+
+    popped = await session.pop_item()
+    assert popped is not None and texts([popped]) == EXPECTED[-1:]
+    assert texts(await CognitiaSession("user-1", reopen()).get_items()) == EXPECTED[:-1]
+
+    await session.clear_session()
+    assert await session.get_items() == []
+    assert await CognitiaSession("user-1", reopen()).get_items() == []
+    # The conversation goes on from empty.
+    await Runner.run(agent, "hello again", session=session)
+    assert texts(await CognitiaSession("user-1", reopen()).get_items()) == [
+        "user: hello again",
+        "assistant: echo: hello again",
+    ]
+
+
+async def test_pop_and_clear_of_an_unknown_conversation_store_nothing(reopen: Any) -> None:
+    """Popping or clearing a conversation that does not exist creates no session."""
+    manager = InMemorySessionManager(reopen())
+    saved: list[SessionEvent] = []
+    manager.on("saved", saved.append)
+    session = CognitiaSession("nobody", manager)
+    assert await session.pop_item() is None
+    await session.clear_session()
+    assert await session.get_items() == []
+    assert saved == []
+    assert await manager.list_keys() == []

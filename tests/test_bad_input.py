@@ -1,0 +1,309 @@
+"""Bad input: unstorable states and unusable keys are refused with a clear error, and nothing is written."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cognitia
+from cognitia import (
+    BackendClosedError,
+    CognitiaError,
+    HookError,
+    InMemorySessionManager,
+    InvalidKeyError,
+    MissingDependencyError,
+    Session,
+    SessionNotFound,
+    StateNotSerializableError,
+    StorageError,
+    VersionConflictError,
+    persisted_session,
+)
+from cognitia.session.backends import BackendBase, InMemorySessionBackend, SqliteSessionBackend
+
+pytestmark = pytest.mark.anyio
+
+
+def _cycle() -> dict[str, Any]:
+    history: list[Any] = [{"ts": 1}]
+    history.append(history)
+    return {"history": history}
+
+
+def _deep(depth: int) -> dict[str, Any]:
+    root: dict[str, Any] = {}
+    node = root
+    for _ in range(depth):
+        node["a"] = {}
+        node = node["a"]
+    return root
+
+
+class Opaque:
+    pass
+
+
+# (state, the path the error must name, a word of the problem)
+BAD_STATES: list[tuple[str, dict[str, Any], str, str]] = [
+    ("object", {"history": [{}, {}, {}, {"ts": Opaque()}]}, 'state["history"][3]["ts"]', "Opaque"),
+    ("set", {"tags": {"a", "b"}}, 'state["tags"]', "set"),
+    ("bytes", {"blob": b"\x00\x01"}, 'state["blob"]', "bytes"),
+    ("nan", {"score": math.nan}, 'state["score"]', "nan"),
+    ("inf", {"nested": {"x": [1.0, -math.inf]}}, 'state["nested"]["x"][1]', "inf"),
+    ("cycle", _cycle(), 'state["history"][1]', "cycle"),
+    ("tuple key", {"map": {("a", 1): "v"}}, 'state["map"]', "tuple"),
+    ("not a dict", ["a", "list"], "state", "dict"),  # type: ignore[list-item]
+]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BackendBase]:
+    made: BackendBase
+    if request.param == "memory":
+        made = InMemorySessionBackend()
+    else:
+        made = SqliteSessionBackend(db_path=tmp_path / "bad.db")
+    async with made:
+        yield made
+
+
+@pytest.mark.parametrize(("label", "state", "path", "word"), BAD_STATES, ids=[b[0] for b in BAD_STATES])
+async def test_backend_refuses_unstorable_state(
+    backend: BackendBase, label: str, state: dict[str, Any], path: str, word: str
+) -> None:
+    await backend.save("agent:k", {"good": 1})
+    with pytest.raises(StateNotSerializableError) as info:
+        await backend.save("agent:k", state)
+    error = info.value
+    assert error.key == "agent:k"
+    assert error.path == path
+    assert "'agent:k'" in str(error) and path in str(error)
+    assert word.lower() in str(error).lower()
+    assert "nothing was written" in str(error)
+    record = await backend.load_record("agent:k")
+    assert record is not None
+    assert record.state == {"good": 1}
+    assert record.version == 1
+
+
+async def test_backend_refuses_unstorable_state_for_a_new_key(backend: BackendBase) -> None:
+    with pytest.raises(StateNotSerializableError):
+        await backend.save("agent:new", {"x": {1, 2}})
+    assert await backend.load("agent:new") is None
+    assert await backend.list_keys() == []
+
+
+async def test_backend_refuses_unstorable_turns(backend: BackendBase) -> None:
+    await backend.commit("k", {"n": 1}, turns=[{"i": 0}])
+    with pytest.raises(StateNotSerializableError) as info:
+        await backend.commit("k", {"n": 2}, turns=[{"i": 1}, {"i": 2, "at": Opaque()}])
+    assert info.value.path == 'turns[1]["at"]'
+    assert await backend.load("k") == {"n": 1}
+    assert await backend.load_turns("k") == [{"i": 0}]
+
+
+async def test_too_deeply_nested_state_is_refused_cleanly(backend: BackendBase) -> None:
+    with pytest.raises(StateNotSerializableError) as info:
+        await backend.save("k", _deep(5000))
+    assert info.value.path.startswith("state")
+    assert await backend.load("k") is None
+
+
+async def test_lone_surrogates_are_stored_and_read_back(backend: BackendBase) -> None:
+    # JSON can carry any Python str (as a \udXXX escape); a state must round-trip on every backend.
+    await backend.save("k", {"text": "broken \ud800 half", "ok": "é"})
+    assert await backend.load("k") == {"text": "broken \ud800 half", "ok": "é"}
+    record = await backend.load_record("k")
+    assert record is not None and record.size > 0
+
+
+@pytest.mark.parametrize(("label", "state", "path", "word"), BAD_STATES, ids=[b[0] for b in BAD_STATES])
+async def test_manager_refuses_unstorable_state(
+    backend: BackendBase, label: str, state: dict[str, Any], path: str, word: str
+) -> None:
+    manager = InMemorySessionManager(backend=backend)
+    session = await manager.register("agent:k", {"good": 1})
+    session.state = state
+    with pytest.raises(StateNotSerializableError) as info:
+        await manager.save(session)
+    assert info.value.path == path
+    assert session.version == 1
+    assert await backend.load("agent:k") == {"good": 1}
+    assert (await backend.load_record("agent:k")).version == 1  # type: ignore[union-attr]
+
+
+async def test_manager_register_refuses_unstorable_state_and_keeps_nothing(backend: BackendBase) -> None:
+    manager = InMemorySessionManager(backend=backend)
+    with pytest.raises(StateNotSerializableError):
+        await manager.register("agent:k", {"when": Opaque()})
+    assert "agent:k" not in manager
+    assert await backend.load("agent:k") is None
+
+
+async def test_manager_refuses_unstorable_turn(backend: BackendBase) -> None:
+    manager = InMemorySessionManager(backend=backend)
+    session = await manager.register("k", {"n": 1})
+    session.state["n"] = 2
+    session.turns.append({"said": b"bytes"})
+    with pytest.raises(StateNotSerializableError) as info:
+        await manager.save(session)
+    assert info.value.path == 'turn["said"]'
+    assert await backend.load("k") == {"n": 1}
+    assert await backend.load_turns("k") == []
+
+
+async def test_update_with_an_unstorable_change_writes_nothing(backend: BackendBase) -> None:
+    manager = InMemorySessionManager(backend=backend)
+    await manager.register("k", {"n": 1})
+
+    def change(session: Session) -> None:
+        session.state["n"] = 2
+        session.state["bad"] = {1.5, 2.5}
+
+    with pytest.raises(StateNotSerializableError):
+        await manager.update("k", change)
+    assert await backend.load("k") == {"n": 1}
+    # The failed change does not linger in the live session either.
+    assert (await manager.get("k")).state == {"n": 1}
+
+
+async def test_decorator_refuses_unstorable_state_and_output(backend: BackendBase) -> None:
+    @persisted_session(backend, key="session_id")
+    async def chat(message: Any, *, session_id: str, session: Session, poison: bool = False) -> Any:
+        session.state["count"] = session.state.get("count", 0) + 1
+        if poison:
+            session.state["history"] = [{"ts": 1}, {"ts": 2}, {"ts": 3}, {"ts": Opaque()}]
+        return message
+
+    assert await chat("hi", session_id="user:42") == "hi"
+    with pytest.raises(StateNotSerializableError) as info:
+        await chat("bad", session_id="user:42", poison=True)
+    assert info.value.key == "user:42"
+    assert info.value.path == 'state["history"][3]["ts"]'
+
+    with pytest.raises(StateNotSerializableError) as info:
+        await chat({"when": {1, 2}}, session_id="user:42")  # an input JSON cannot hold
+    assert info.value.path == 'turn["input"]["message"]["when"]'
+
+    @persisted_session(backend, key="session_id")
+    async def answer(*, session_id: str, session: Session) -> object:
+        session.state["count"] = session.state.get("count", 0) + 1
+        return {"score": math.inf}
+
+    with pytest.raises(StateNotSerializableError) as info:
+        await answer(session_id="user:42")
+    assert info.value.path == 'turn["output"]["score"]'
+
+    assert await backend.load("user:42") == {"count": 1}
+    assert len(await backend.load_turns("user:42")) == 1
+    assert (await backend.load_record("user:42")).version == 1  # type: ignore[union-attr]
+    assert await chat("ok", session_id="user:42") == "ok"
+    assert await backend.load("user:42") == {"count": 2}
+
+
+BAD_KEYS: list[tuple[str, object]] = [
+    ("empty", ""),
+    ("blank", "   "),
+    ("int", 42),
+    ("none", None),
+    ("bytes", b"key"),
+    ("nul", "a\x00b"),
+    ("too long", "k" * 1025),
+    ("lone surrogate", "user:\ud800"),
+]
+
+
+@pytest.mark.parametrize(("label", "key"), BAD_KEYS, ids=[k[0] for k in BAD_KEYS])
+async def test_backend_refuses_bad_keys(backend: BackendBase, label: str, key: Any) -> None:
+    for call in (
+        lambda: backend.save(key, {}),
+        lambda: backend.load(key),
+        lambda: backend.delete(key),
+        lambda: backend.load_record(key),
+        lambda: backend.load_turns(key),
+        lambda: backend.commit(key, {}),
+    ):
+        with pytest.raises(InvalidKeyError):
+            await call()
+    assert await backend.list_keys() == []
+
+
+async def test_the_longest_allowed_key_works(backend: BackendBase) -> None:
+    key = "k" * 1024
+    await backend.save(key, {"ok": True})
+    assert await backend.load(key) == {"ok": True}
+
+
+@pytest.mark.parametrize(("label", "key"), BAD_KEYS, ids=[k[0] for k in BAD_KEYS])
+async def test_manager_and_decorator_refuse_bad_keys(label: str, key: Any) -> None:
+    manager = InMemorySessionManager(backend=InMemorySessionBackend())
+    calls: list[Callable[[], Any]] = [
+        lambda: manager.register(key, {}),
+        lambda: manager.get(key),
+        lambda: manager.open(key),
+        lambda: manager.close(key),
+        lambda: manager.delete(key),
+        lambda: manager.turns(key),
+        lambda: manager.update(key, lambda s: None),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidKeyError):
+            await call()
+
+    @persisted_session(manager, key="session_id")
+    async def chat(*, session_id: Any, session: Session) -> None:
+        raise AssertionError("never called with a bad key")
+
+    with pytest.raises(InvalidKeyError):
+        await chat(session_id=key)
+    assert len(manager) == 0
+
+
+def test_scoped_key_refuses_bad_keys() -> None:
+    from cognitia.session.backends import MemoryScope, scoped_key
+
+    with pytest.raises(InvalidKeyError):
+        scoped_key(MemoryScope.AGENT, "")
+    with pytest.raises(InvalidKeyError):
+        scoped_key(MemoryScope.AGENT, "k" * 1024)  # too long once prefixed
+
+
+def test_errors_subclass_the_documented_builtins() -> None:
+    expected: dict[type[Exception], tuple[type[BaseException], ...]] = {
+        InvalidKeyError: (ValueError,),
+        StateNotSerializableError: (TypeError,),
+        SessionNotFound: (LookupError,),
+        BackendClosedError: (RuntimeError,),
+        StorageError: (OSError,),
+        MissingDependencyError: (ImportError,),
+        VersionConflictError: (),
+        HookError: (),
+    }
+    for error, builtins in expected.items():
+        assert issubclass(error, CognitiaError), error
+        for builtin in builtins:
+            assert issubclass(error, builtin), (error, builtin)
+    assert issubclass(CognitiaError, Exception)
+    assert not issubclass(VersionConflictError, (ValueError, LookupError, RuntimeError, OSError))
+
+    assert SessionNotFound("k").key == "k"
+    conflict = VersionConflictError("k", 3, None)
+    assert (conflict.key, conflict.expected, conflict.actual) == ("k", 3, None)
+    assert "no stored session" in str(conflict)
+    missing = MissingDependencyError("Redis", "redis", "coredis")
+    assert "pip install 'cognitia-sessions[redis]'" in str(missing)
+    for name in cognitia.errors.__all__:
+        assert getattr(cognitia, name) is getattr(cognitia.errors, name)
+
+
+async def test_missing_session_is_a_lookup_error() -> None:
+    manager = InMemorySessionManager(backend=InMemorySessionBackend())
+    with pytest.raises(LookupError):
+        await manager.get("nobody")
+    with pytest.raises(SessionNotFound):
+        await manager.save("nobody")

@@ -1,0 +1,557 @@
+"""InMemorySessionManager: the lifecycle of sessions, locking, retention and multi-worker conflicts."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from cognitia import (
+    BackendClosedError,
+    InMemorySessionManager,
+    Session,
+    SessionEvent,
+    SessionNotFound,
+    VersionConflictError,
+)
+from cognitia.session.backends import (
+    InMemorySessionBackend,
+    MemoryScope,
+    SessionBackend,
+    SqliteSessionBackend,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class DictBackend:
+    """A user-written four-method backend (no capabilities declared)."""
+
+    def __init__(self, storage: dict[str, str]) -> None:
+        self._data = storage
+
+    async def save(self, key: str, state: dict[str, Any]) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._data[key] = json.dumps(state)
+
+    async def load(self, key: str) -> dict[str, Any] | None:
+        await anyio.lowlevel.checkpoint()
+        data = self._data.get(key)
+        return json.loads(data) if data else None
+
+    async def delete(self, key: str) -> bool:
+        return self._data.pop(key, None) is not None
+
+    async def list_keys(self) -> list[str]:
+        return list(self._data)
+
+
+def record(manager: InMemorySessionManager, *names: str) -> list[SessionEvent]:
+    events: list[SessionEvent] = []
+    for name in names:
+        manager.on(name, events.append)
+    return events
+
+
+@pytest.fixture(params=["memory", "sqlite", "custom"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SessionBackend]:
+    if request.param == "memory":
+        async with InMemorySessionBackend() as memory:
+            yield memory
+    elif request.param == "sqlite":
+        async with SqliteSessionBackend(db_path=tmp_path / "m.db") as sqlite:
+            yield sqlite
+    else:
+        yield DictBackend({})
+
+
+async def test_lifecycle(backend: SessionBackend) -> None:
+    manager = InMemorySessionManager(backend=backend)
+    session = await manager.register("agent:s1", {"role": "coach"})
+    assert isinstance(session, Session)
+    assert session.key == "agent:s1" and session.scope is MemoryScope.AGENT
+    assert session.version == 1 and "agent:s1" in manager and len(manager) == 1
+    assert await manager.get("agent:s1") is session
+
+    session.state["turn"] = 1
+    session.turns.append({"said": "hi"})
+    assert await manager.save(session) is session
+    assert session.version == 2
+    assert await manager.save("agent:s1") is session  # by key
+    assert session.version == 3
+
+    assert await manager.close("agent:s1")
+    assert "agent:s1" not in manager
+    restored = await manager.get("agent:s1")
+    assert restored is not session
+    assert restored.state == {"role": "coach", "turn": 1}
+    assert restored.version == 3
+    assert await restored.turns.all() == [{"said": "hi"}]
+
+    assert await manager.delete("agent:s1")
+    assert not await manager.delete("agent:s1")
+    assert "agent:s1" not in manager
+    with pytest.raises(SessionNotFound):
+        await manager.get("agent:s1")
+    assert await manager.list_keys() == []
+
+
+async def test_open_gets_or_creates_and_first_save_stores(backend: SessionBackend) -> None:
+    manager = InMemorySessionManager(backend=backend)
+    created = await manager.open("k", {"fresh": True})
+    assert created.version == 0
+    assert await backend.load("k") is None  # live, not stored yet
+    assert await manager.list_keys() == ["k"]  # but listed
+    assert await manager.open("k", {"ignored": True}) is created
+    await manager.save(created)
+    assert created.version == 1
+    await manager.close("k")
+    again = await manager.open("k", {"ignored": True})
+    assert again.state == {"fresh": True} and again.version == 1
+
+
+async def test_save_refuses_a_session_that_is_no_longer_live(backend: SessionBackend) -> None:
+    manager = InMemorySessionManager(backend=backend)
+    old = await manager.register("k", {"n": 1})
+    await manager.close("k")
+    await manager.get("k")
+    with pytest.raises(ValueError, match="not the manager's live session"):
+        await manager.save(old)
+
+
+async def test_versions_grow_by_one_on_every_save(backend: SessionBackend) -> None:
+    manager = InMemorySessionManager(backend=backend)
+    versions = []
+    session = await manager.register("k", {"n": 0})
+    versions.append(session.version)
+    for n in range(1, 4):
+        session.state["n"] = n
+        await manager.save(session)
+        versions.append(session.version)
+    await manager.update("k", lambda s: s.state.update(n=4))
+    versions.append(session.version)
+    session.state["n"] = 5
+    await manager.close("k")  # changed: saved on close
+    versions.append(session.version)
+    unchanged = await manager.get("k")
+    await manager.close("k")  # unchanged: not saved again
+    versions.append(unchanged.version)
+    assert versions == [1, 2, 3, 4, 5, 6, 6]
+
+
+async def test_close_all_persists_every_changed_session(backend: SessionBackend) -> None:
+    manager = InMemorySessionManager(backend=backend)
+    for i in range(5):
+        session = await manager.register(f"k{i}", {"i": i})
+        session.state["closed"] = True
+    await manager.close_all()
+    assert len(manager) == 0
+    for i in range(5):
+        assert await backend.load(f"k{i}") in (
+            {"i": i, "closed": True},
+            {"__cognitia_session__": 1, "version": 2, "state": {"i": i, "closed": True}, "turns": []},
+        )
+        assert (await manager.get(f"k{i}")).state == {"i": i, "closed": True}
+
+
+async def test_list_keys_by_prefix_and_scope(backend: SessionBackend) -> None:
+    manager = InMemorySessionManager(backend=backend)
+    await manager.register("agent:b", {})
+    await manager.register("agent:a", {})
+    await manager.register("global:settings", {})
+    await manager.open("agent:c")  # live only
+    await manager.close("agent:a")  # stored only
+    assert await manager.list_keys() == ["agent:a", "agent:b", "agent:c", "global:settings"]
+    assert await manager.list_keys(MemoryScope.AGENT) == ["agent:a", "agent:b", "agent:c"]
+    assert await manager.list_keys("global:") == ["global:settings"]
+    assert await manager.list_keys(MemoryScope.SHARED) == []
+
+
+async def test_turns_from_memory_and_from_storage(backend: SessionBackend) -> None:
+    manager = InMemorySessionManager(backend=backend)
+    session = await manager.register("k", {})
+    for i in range(5):
+        session.turns.append({"i": i})
+    assert len(session.turns) == 5
+    assert await manager.turns("k", last=2) == [{"i": 3}, {"i": 4}]  # queued turns count too
+    await manager.save(session)
+    assert await manager.turns("k") == [{"i": i} for i in range(5)]
+    await manager.close("k")
+    assert await manager.turns("k") == [{"i": i} for i in range(5)]
+    assert await manager.turns("k", last=2) == [{"i": 3}, {"i": 4}]
+    assert await manager.turns("k", last=0) == []
+    assert await manager.turns("nobody") == []
+
+
+async def test_rehydration_after_a_restart(tmp_path: Path) -> None:
+    db = tmp_path / "sessions.db"
+    async with SqliteSessionBackend(db_path=db) as backend:
+        manager = InMemorySessionManager(backend=backend)
+        session = await manager.register("agent:u1", {"role": "coach"})
+        for i in range(3):
+            session.state["turn"] = i
+            session.turns.append({"i": i})
+            await manager.save(session)
+        await manager.close_all()
+
+    async with SqliteSessionBackend(db_path=db) as backend:  # "the process restarted"
+        manager = InMemorySessionManager(backend=backend)
+        events = record(manager, "loaded")
+        session = await manager.get("agent:u1")
+        assert session.state == {"role": "coach", "turn": 2}
+        assert session.version == 4
+        assert len(session.turns) == 3
+        assert await session.turns.last(1) == [{"i": 2}]
+        assert [(e.name, e.version, e.turns) for e in events] == [("loaded", 4, 3)]
+        session.turns.append({"i": 3})
+        await manager.save(session)
+        assert await backend.load_turns("agent:u1") == [{"i": i} for i in range(4)]
+
+
+async def test_register_over_a_stored_session_keeps_its_turn_log(backend: SessionBackend) -> None:
+    first = InMemorySessionManager(backend=backend)
+    session = await first.register("k", {"n": 1})
+    session.turns.append({"i": 0})
+    session.turns.append({"i": 1})
+    await first.close("k")
+
+    second = InMemorySessionManager(backend=backend)
+    session = await second.register("k", {"n": 2})
+    assert session.version == 3
+    assert len(session.turns) == 2
+    assert await session.turns.all() == [{"i": 0}, {"i": 1}]
+    assert await second.turns("k") == [{"i": 0}, {"i": 1}]
+
+
+async def test_updates_on_one_key_are_serialized(backend: SessionBackend) -> None:
+    manager = InMemorySessionManager(backend=backend)
+    await manager.register("counter", {"n": 0})
+
+    async def increment(session: Session) -> None:
+        seen = session.state["n"]
+        await anyio.lowlevel.checkpoint()  # a lost update would show here
+        session.state["n"] = seen + 1
+        session.turns.append({"n": seen + 1})
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(100):
+            tg.start_soon(manager.update, "counter", increment)
+    assert (await manager.get("counter")).state == {"n": 100}
+    await manager.close("counter")
+    assert (await InMemorySessionManager(backend=backend).get("counter")).state == {"n": 100}
+    assert await manager.turns("counter") == [{"n": n} for n in range(1, 101)]
+
+
+async def test_different_keys_do_not_wait_on_each_other(backend: SessionBackend) -> None:
+    manager = InMemorySessionManager(backend=backend)
+    await manager.register("slow", {})
+    inside, release = anyio.Event(), anyio.Event()
+
+    async def blocked_change(session: Session) -> None:
+        inside.set()
+        await release.wait()
+        session.state["done"] = True
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(manager.update, "slow", blocked_change)
+        await inside.wait()
+        with anyio.fail_after(5):
+            fast = await manager.register("fast", {"n": 0})
+            await manager.update("fast", lambda s: s.state.update(n=1))
+            await manager.save(fast)
+            assert (await manager.get("fast")).state == {"n": 1}
+            assert await manager.turns("fast") == []
+            assert await manager.close("fast")
+            assert await manager.delete("fast")
+        with anyio.move_on_after(0.05) as waited:
+            await manager.get("slow")  # the same key does wait
+        assert waited.cancel_called
+        release.set()
+    assert (await manager.get("slow")).state == {"done": True}
+
+
+async def test_a_blocked_hook_holds_only_its_own_key(backend: SessionBackend) -> None:
+    manager = InMemorySessionManager(backend=backend)
+    inside, release = anyio.Event(), anyio.Event()
+
+    @manager.on("saved")
+    async def slow_hook(event: SessionEvent) -> None:
+        if event.key == "slow":
+            inside.set()
+            await release.wait()
+
+    slow = await manager.register("slow", {})
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(manager.save, slow)
+        await inside.wait()
+        with anyio.fail_after(5):
+            other = await manager.register("other", {})
+            await manager.save(other)
+            await manager.close("other")
+        release.set()
+
+
+async def test_a_failing_change_is_rolled_back(backend: SessionBackend) -> None:
+    manager = InMemorySessionManager(backend=backend)
+    session = await manager.register("k", {"n": 1})
+    session.turns.append({"i": 0})
+    session.turns.append({"i": 1})
+    await manager.save(session)
+
+    async def change(s: Session) -> None:
+        s.state["n"] = 99
+        s.turns.append({"i": "half"})
+        assert await s.turns.pop() == {"i": "half"}
+        assert await s.turns.pop() == {"i": 1}
+        raise RuntimeError("model unavailable")
+
+    with pytest.raises(RuntimeError, match="model unavailable"):
+        await manager.update("k", change)
+    live = await manager.get("k")
+    assert live.state == {"n": 1} and live.version == 2
+    assert len(live.turns) == 2
+    assert await live.turns.all() == [{"i": 0}, {"i": 1}]
+    await manager.update("k", lambda s: s.state.update(n=2))
+    assert await backend.load("k") in (
+        {"n": 2},
+        {"__cognitia_session__": 1, "version": 3, "state": {"n": 2}, "turns": [{"i": 0}, {"i": 1}]},
+    )
+    assert await manager.turns("k") == [{"i": 0}, {"i": 1}]
+
+
+async def test_idle_sessions_expire(backend: SessionBackend) -> None:
+    clock = Clock()
+    manager = InMemorySessionManager(backend=backend, idle_ttl=10, clock=clock)
+    events = record(manager, "expired", "loaded", "saved")
+    a = await manager.register("a", {"n": 0})
+    await manager.register("b", {"n": 0})
+    clock.advance(6)
+    await manager.get("a")  # touching a keeps it live
+    a.state["n"] = 1  # an unsaved change is saved when it expires
+    clock.advance(6)
+    assert await manager.evict_idle() == ["b"]
+    assert manager.live_keys() == ["a"]
+    assert [(e.name, e.key, e.reason) for e in events] == [("expired", "b", "idle")]
+    assert (await manager.get("b")).state == {"n": 0}  # still stored: loaded again
+
+    events.clear()
+    clock.advance(11)
+    again = await manager.get("a")  # lazy expiry on access
+    assert again is not a
+    assert again.state == {"n": 1}
+    assert [(e.name, e.key) for e in events] == [("saved", "a"), ("expired", "a"), ("loaded", "a")]
+    assert await manager.evict_idle() == ["b"]
+
+
+async def test_idle_sessions_without_a_backend_are_gone() -> None:
+    clock = Clock()
+    manager = InMemorySessionManager(idle_ttl=10, clock=clock)
+    events = record(manager, "expired")
+    await manager.register("a", {"n": 0})
+    clock.advance(11)
+    with pytest.raises(SessionNotFound):
+        await manager.get("a")
+    assert [(e.name, e.key) for e in events] == [("expired", "a")]
+    assert await manager.evict_idle() == []
+    assert await InMemorySessionManager(clock=clock).evict_idle() == []  # no idle_ttl
+
+
+async def test_max_sessions_evicts_the_least_recently_used(backend: SessionBackend) -> None:
+    manager = InMemorySessionManager(backend=backend, max_sessions=2)
+    events = record(manager, "evicted")
+    a = await manager.register("a", {"n": 0})
+    await manager.register("b", {"n": 0})
+    a.state["n"] = 1
+    await manager.get("a")  # a is now the most recently used
+    await manager.register("c", {"n": 0})
+    assert manager.live_keys() == ["a", "c"]
+    assert [(e.name, e.key, e.reason) for e in events] == [("evicted", "b", "capacity")]
+    assert (await manager.get("b")).state == {"n": 0}  # still stored
+    assert manager.live_keys() == ["c", "b"]
+    assert [e.key for e in events] == ["b", "a"]
+    assert (await manager.get("a")).state == {"n": 1}  # its change was saved on eviction
+
+
+async def test_the_sweeper_expires_idle_sessions_in_the_background(backend: SessionBackend) -> None:
+    manager = InMemorySessionManager(backend=backend, idle_ttl=0.2, sweep_interval=0.05)
+    events = record(manager, "expired", "closed")
+    async with manager:
+        session = await manager.register("idle", {"n": 0})
+        session.state["n"] = 1
+        await manager.register("busy", {"n": 0})
+        for _ in range(20):  # 0.5 s: "idle" expires after 0.2-0.25 s, "busy" is touched every 25 ms
+            await anyio.sleep(0.025)
+            await manager.get("busy")
+        assert manager.live_keys() == ["busy"]
+        assert [(e.name, e.key) for e in events] == [("expired", "idle")]
+    assert [(e.name, e.key) for e in events] == [("expired", "idle"), ("closed", "busy")]
+    assert manager.closed and len(manager) == 0
+    fresh = InMemorySessionManager(backend=backend)
+    assert (await fresh.get("idle")).state == {"n": 1}
+    with pytest.raises(BackendClosedError):
+        await manager.get("idle")
+    with pytest.raises(BackendClosedError):
+        await manager.register("new", {})
+
+
+async def test_entering_a_manager_twice_is_refused() -> None:
+    manager = InMemorySessionManager()
+    async with manager:
+        with pytest.raises(RuntimeError, match="already entered"):
+            await manager.__aenter__()
+
+
+async def test_a_failure_while_closing_on_exit_propagates(tmp_path: Path) -> None:
+    backend = SqliteSessionBackend(db_path=tmp_path / "s.db")
+    with pytest.raises(BackendClosedError):
+        async with InMemorySessionManager(backend=backend) as manager:
+            session = await manager.register("k", {"n": 0})
+            session.state["n"] = 1  # must be saved on exit, but the backend is gone
+            await backend.aclose()
+
+
+async def _two_workers(tmp_path: Path) -> tuple[SqliteSessionBackend, SqliteSessionBackend]:
+    db = tmp_path / "shared.db"
+    return SqliteSessionBackend(db_path=db), SqliteSessionBackend(db_path=db)
+
+
+async def test_two_workers_saving_one_session_conflict(tmp_path: Path) -> None:
+    backend1, backend2 = await _two_workers(tmp_path)
+    async with backend1, backend2:
+        worker1 = InMemorySessionManager(backend=backend1)
+        worker2 = InMemorySessionManager(backend=backend2)
+        conflicts = record(worker2, "conflict")
+        mine = await worker1.register("k", {"n": 0})
+        theirs = await worker2.get("k")
+        mine.state["n"] = 1
+        await worker1.save(mine)
+
+        theirs.state["n"] = 100
+        with pytest.raises(VersionConflictError) as info:
+            await worker2.save(theirs)
+        assert (info.value.key, info.value.expected, info.value.actual) == ("k", 1, 2)
+        assert [(e.name, e.key, e.version, e.reason) for e in conflicts] == [("conflict", "k", 1, "found 2")]
+        assert "k" not in worker2  # the stale copy was dropped
+        fresh = await worker2.get("k")
+        assert fresh.state == {"n": 1} and fresh.version == 2
+        assert await backend1.load("k") == {"n": 1}
+
+
+async def test_update_retries_after_a_conflict(tmp_path: Path) -> None:
+    backend1, backend2 = await _two_workers(tmp_path)
+    async with backend1, backend2:
+        worker1 = InMemorySessionManager(backend=backend1)
+        worker2 = InMemorySessionManager(backend=backend2)
+        conflicts = record(worker2, "conflict")
+        await worker1.register("k", {"log": []})
+        await worker2.get("k")  # worker2 now holds version 1
+        await worker1.update("k", lambda s: s.state["log"].append("w1"))
+
+        calls: list[int] = []
+
+        def change(session: Session) -> None:
+            calls.append(session.version)
+            session.state["log"].append("w2")
+
+        session = await worker2.update("k", change)
+        assert calls == [1, 2]  # applied to the stale copy, then again to the fresh one
+        assert session.state == {"log": ["w1", "w2"]} and session.version == 3
+        assert len(conflicts) == 1
+        assert await backend1.load("k") == {"log": ["w1", "w2"]}
+
+        await worker1.get("k")  # worker1's copy is stale now
+        await worker2.update("k", change)
+        with pytest.raises(VersionConflictError):
+            await worker1.update("k", change, retries=0)
+
+
+async def test_two_workers_creating_one_key(tmp_path: Path) -> None:
+    backend1, backend2 = await _two_workers(tmp_path)
+    async with backend1, backend2:
+        worker1 = InMemorySessionManager(backend=backend1)
+        worker2 = InMemorySessionManager(backend=backend2)
+        one = await worker1.open("k", {"by": 1})
+        two = await worker2.open("k", {"by": 2})
+        await worker1.save(one)
+        with pytest.raises(VersionConflictError) as info:
+            await worker2.save(two)
+        assert (info.value.expected, info.value.actual) == (0, 1)
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_prune_with_a_backend_ttl(tmp_path: Path, kind: str) -> None:
+    clock = Clock(now=1_700_000_000.0)
+    db = tmp_path / "ttl.db"
+    made: Callable[[], Any] = (
+        (lambda: InMemorySessionBackend(ttl=60, clock=clock))
+        if kind == "memory"
+        else (lambda: SqliteSessionBackend(db_path=db, ttl=60, clock=clock))
+    )
+    async with made() as backend:
+        manager = InMemorySessionManager(backend=backend)
+        events = record(manager, "pruned")
+        await manager.register("old", {"n": 0})
+        await manager.register("young", {"n": 0})
+        await manager.close_all()
+        clock.advance(30)
+        await manager.update("young", lambda s: s.state.update(n=1))
+        clock.advance(40)  # old: 70 s since its save, young: 40 s
+
+        assert await manager.prune(dry_run=True) == ["old"]
+        assert [(e.name, e.key, e.reason) for e in events] == [("pruned", "old", "dry_run")]
+        assert await backend.prune(dry_run=True) == ["old"]  # reported, not deleted
+        if kind == "sqlite":
+            with sqlite3.connect(db) as conn:
+                assert [r[0] for r in conn.execute("SELECT key FROM cognitia_sessions ORDER BY key")] == [
+                    "old",
+                    "young",
+                ]
+        assert await manager.list_keys() == ["young"]  # expired is invisible meanwhile
+
+        events.clear()
+        assert await manager.prune() == ["old"]
+        assert [(e.name, e.key, e.reason) for e in events] == [("pruned", "old", "ttl")]
+        assert await backend.prune(dry_run=True) == []
+        if kind == "sqlite":
+            with sqlite3.connect(db) as conn:
+                assert [r[0] for r in conn.execute("SELECT key FROM cognitia_sessions")] == ["young"]
+        assert await manager.prune() == []
+
+
+async def test_prune_without_expiry_is_a_no_op(backend: SessionBackend) -> None:
+    manager = InMemorySessionManager(backend=backend)
+    await manager.register("k", {})
+    assert await manager.prune() == []
+    assert await manager.prune(dry_run=True) == []
+    assert await manager.list_keys() == ["k"]
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError):
+        InMemorySessionManager(idle_ttl=0)
+    with pytest.raises(ValueError):
+        InMemorySessionManager(max_sessions=0)
+    with pytest.raises(ValueError):
+        InMemorySessionManager(retries=-1)
+    with pytest.raises(ValueError):
+        InMemorySessionBackend(ttl=0)
+    assert "backend=none" in repr(InMemorySessionManager())

@@ -1,0 +1,339 @@
+"""SqliteSessionBackend: durability, file hygiene, schema versioning, errors, closing and cancellation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import stat
+import sys
+import textwrap
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from cognitia import BackendClosedError, StorageError
+from cognitia.session.backends import MemoryScope, SqliteSessionBackend
+from cognitia.session.backends._sqlite import SCHEMA_VERSION
+
+pytestmark = pytest.mark.anyio
+
+
+def _script(body: str) -> str:
+    """A child program: ``body`` is the inside of ``async def main(backend)``, run under argv[2]'s runtime."""
+    return textwrap.dedent(
+        """
+        import sys, anyio
+        from cognitia.session.backends import SqliteSessionBackend
+
+        async def main():
+            backend = SqliteSessionBackend(db_path=sys.argv[1])
+        {body}
+
+        anyio.run(main, backend=sys.argv[2])
+        """
+    ).format(body=textwrap.indent(textwrap.dedent(body), "    "))
+
+
+async def test_state_persists_across_a_process_restart(tmp_path: Path, anyio_backend: str) -> None:
+    db = tmp_path / "sessions.db"
+    child = _script(
+        """
+        await backend.commit("agent:u1", {"role": "coach", "turn": 7}, turns=[{"said": "hi"}, {"said": "yo"}])
+        await backend.save("global:settings", {"lang": "fr"})
+        await backend.aclose()
+        """
+    )
+    result = await anyio.run_process([sys.executable, "-c", child, str(db), anyio_backend])
+    assert result.returncode == 0, result.stderr.decode()
+
+    async with SqliteSessionBackend(db_path=db) as backend:
+        assert await backend.load("agent:u1") == {"role": "coach", "turn": 7}
+        assert await backend.load_turns("agent:u1") == [{"said": "hi"}, {"said": "yo"}]
+        assert await backend.list_keys() == ["agent:u1", "global:settings"]
+        record = await backend.load_record("agent:u1")
+        assert record is not None and record.version == 1 and record.turn_count == 2
+
+
+async def test_a_returned_save_survives_sigkill(tmp_path: Path, anyio_backend: str) -> None:
+    db = tmp_path / "sessions.db"
+    child = _script(
+        """
+        for i in range(20):
+            await backend.commit("agent:u1", {"turn": i}, turns=[{"i": i}])
+        print("ok", flush=True)
+        await anyio.sleep(60)
+        """
+    )
+    async with await anyio.open_process([sys.executable, "-c", child, str(db), anyio_backend]) as process:
+        assert process.stdout is not None
+        line = b""
+        with anyio.fail_after(30):
+            while not line.endswith(b"\n"):
+                line += await process.stdout.receive(1)
+        assert line == b"ok\n"
+        process.send_signal(signal.SIGKILL)  # no chance to close, checkpoint or flush anything
+        assert await process.wait() == -signal.SIGKILL
+
+    async with SqliteSessionBackend(db_path=db) as backend:
+        assert await backend.load("agent:u1") == {"turn": 19}
+        assert await backend.load_turns("agent:u1") == [{"i": i} for i in range(20)]
+
+
+async def test_file_is_private_to_its_owner(tmp_path: Path) -> None:
+    db = tmp_path / "sessions.db"
+    old = os.umask(0o022)
+    try:
+        async with SqliteSessionBackend(db_path=db) as backend:
+            await backend.save("k", {"secret": True})
+            for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+                if path.exists():
+                    assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    finally:
+        os.umask(old)
+
+
+async def test_wal_mode_and_schema_version_are_recorded(tmp_path: Path) -> None:
+    db = tmp_path / "sessions.db"
+    async with SqliteSessionBackend(db_path=db) as backend:
+        await backend.save("k", {})
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+    finally:
+        conn.close()
+
+
+async def test_a_file_with_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "future.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE cognitia_sessions (key TEXT PRIMARY KEY, shape_of_the_future BLOB)")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.commit()
+    conn.close()
+
+    async with SqliteSessionBackend(db_path=db) as backend:
+        for attempt in (backend.save("k", {}), backend.load("k"), backend.list_keys()):
+            with pytest.raises(StorageError, match=r"schema version 2.*newer.*upgrade cognitia-sessions"):
+                await attempt
+
+    conn = sqlite3.connect(db)
+    try:  # the file was left alone
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(cognitia_sessions)")]
+        assert columns == ["key", "shape_of_the_future"]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("where", ["missing directory", "a directory"])
+async def test_storage_failures_are_wrapped(tmp_path: Path, where: str) -> None:
+    db = tmp_path / "no" / "such" / "dir" / "s.db" if where == "missing directory" else tmp_path
+    async with SqliteSessionBackend(db_path=db) as backend:
+        with pytest.raises(StorageError) as info:
+            await backend.save("agent:k", {"x": 1})
+        assert isinstance(info.value, OSError)
+        assert info.value.__cause__ is not None
+        assert isinstance(info.value.__cause__, (sqlite3.Error, OSError))
+        assert "'agent:k'" in str(info.value) and "sqlite" in str(info.value)
+        with pytest.raises(StorageError) as info:
+            await backend.load("agent:k")
+        assert info.value.__cause__ is not None
+
+
+async def test_a_failed_open_is_retried_by_the_next_operation(tmp_path: Path) -> None:
+    folder = tmp_path / "later"
+    async with SqliteSessionBackend(db_path=folder / "s.db") as backend:
+        with pytest.raises(StorageError):
+            await backend.save("k", {"n": 1})
+        folder.mkdir()
+        await backend.save("k", {"n": 2})
+        assert await backend.load("k") == {"n": 2}
+
+
+def _every_operation(backend: SqliteSessionBackend) -> list[Callable[[], Awaitable[Any]]]:
+    return [
+        lambda: backend.save("k", {"n": 1}),
+        lambda: backend.load("k"),
+        lambda: backend.delete("k"),
+        lambda: backend.list_keys(),
+        lambda: backend.list_keys(MemoryScope.AGENT),
+        lambda: backend.load_record("k"),
+        lambda: backend.commit("k", {"n": 2}, expected_version=1, turns=[{"t": 1}]),
+        lambda: backend.load_turns("k"),
+        lambda: backend.load_turns("k", last=0),
+        lambda: backend.prune(),
+        lambda: backend.prune(dry_run=True),
+    ]
+
+
+@pytest.mark.parametrize("how", ["close", "aclose", "never used"])
+async def test_a_closed_backend_refuses_every_operation(tmp_path: Path, how: str) -> None:
+    backend = SqliteSessionBackend(db_path=tmp_path / "s.db")
+    if how != "never used":
+        await backend.save("k", {"n": 0})
+    if how == "aclose":
+        await backend.aclose()
+    else:
+        backend.close()
+    assert backend.closed
+    assert "closed" in repr(backend)
+    for operation in _every_operation(backend):
+        with anyio.fail_after(5):  # an error, never a hang
+            with pytest.raises(BackendClosedError, match="closed"):
+                await operation()
+
+
+async def test_closing_twice_is_fine(tmp_path: Path) -> None:
+    backend = SqliteSessionBackend(db_path=tmp_path / "s.db")
+    await backend.save("k", {})
+    backend.close()
+    backend.close()
+    await backend.aclose()
+    async with backend:
+        pass
+    assert backend.closed
+
+
+async def test_closing_waits_for_writes_already_submitted(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    backend = SqliteSessionBackend(db_path=db)
+    outcomes: list[str] = []
+
+    async def save(i: int) -> None:
+        try:
+            await backend.save(f"k{i:03}", {"i": i})
+            outcomes.append("saved")
+        except BackendClosedError:
+            outcomes.append("refused")
+
+    async with anyio.create_task_group() as tg:
+        for i in range(100):
+            tg.start_soon(save, i)
+        await anyio.lowlevel.checkpoint()
+        await backend.aclose()
+    async with SqliteSessionBackend(db_path=db) as again:
+        assert len(await again.list_keys()) == outcomes.count("saved")
+    assert len(outcomes) == 100
+
+
+async def test_in_memory_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    async with SqliteSessionBackend(db_path=":memory:") as backend:
+        assert await backend.load("k") is None
+        await backend.commit("agent:k", {"n": 1}, turns=[{"t": 1}])
+        assert await backend.load("agent:k") == {"n": 1}
+        assert await backend.load_turns("agent:k") == [{"t": 1}]
+        assert await backend.list_keys(MemoryScope.AGENT) == ["agent:k"]
+        assert await backend.delete("agent:k")
+        assert await backend.list_keys() == []
+    assert os.listdir(tmp_path) == []  # no file named ":memory:" was created
+
+
+PREFIX_KEYS = [
+    "a",
+    "ab",
+    "abc",
+    "abd",
+    "ac",
+    "b",
+    "agent:1",
+    "agent:10",
+    "agent:2",
+    "agent;x",
+    "agent",
+    "%wild",
+    "_under",
+    "zz\U0010ffff",
+    "zz\U0010ffffa",
+    "zz\U0010fffe",
+    "é",
+    "éa",
+    "\U0001f600 smile",
+    "\ud7ff-edge",
+    "\ud7ffz",
+    "\ue000-after",
+    "a'quote",
+    'a"dq',
+]
+
+PREFIXES = [
+    "",
+    "a",
+    "ab",
+    "abc",
+    "abcd",
+    "agent:",
+    "agent",
+    "%",
+    "_",
+    "zz\U0010ffff",
+    "zz",
+    "é",
+    "\U0001f600",
+    "\ud7ff",
+    "\ue000",
+    "a'",
+    "\U0010ffff",
+    "zzz",
+]
+
+
+async def test_prefix_listing_edge_cases(tmp_path: Path) -> None:
+    async with SqliteSessionBackend(db_path=tmp_path / "s.db") as backend:
+        for key in PREFIX_KEYS:
+            await backend.save(key, {"key": key})
+        for prefix in PREFIXES:
+            expected = sorted(k for k in PREFIX_KEYS if k.startswith(prefix))
+            assert await backend.list_keys(prefix) == expected, repr(prefix)
+        with pytest.raises(TypeError):
+            await backend.list_keys(3)  # type: ignore[arg-type]
+
+
+async def test_cancelling_concurrent_saves_leaves_each_one_whole_or_absent(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    writers, steps = 100, 5
+    async with SqliteSessionBackend(db_path=db) as backend:
+        for delay in (0, 2, 5, 20):
+            await backend.save("shared", {"n": 0})
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+
+                    async def write(i: int) -> None:
+                        for step in range(steps):
+                            for _ in range(i % 4):
+                                await anyio.lowlevel.checkpoint()
+                            turns = [{"writer": i, "step": step, "part": p} for p in range(3)]
+                            await backend.commit(f"k{i:03}", {"writer": i, "step": step}, turns=turns)
+                            await backend.commit("shared", {"n": i}, turns=[{"writer": i}])
+
+                    for i in range(writers):
+                        tg.start_soon(write, i)
+                    for _ in range(delay):
+                        await anyio.lowlevel.checkpoint()
+                    scope.cancel()
+
+            # Every commit is whole (its state and all three of its turns) or absent.
+            total = 0
+            for key in await backend.list_keys("k"):
+                record = await backend.load_record(key)
+                assert record is not None
+                turns = await backend.load_turns(key)
+                assert len(turns) == record.turn_count == 3 * record.version
+                assert turns[-1]["step"] == record.state["step"]
+                assert all(t["writer"] == record.state["writer"] for t in turns)
+                total += record.version
+            assert total < writers * steps * 4  # the cancellation did stop some writes
+            await backend.delete("shared")
+
+    # The committed picture is the same from a fresh connection, and the file is usable.
+    async with SqliteSessionBackend(db_path=db) as again:
+        for key in await again.list_keys("k"):
+            record = await again.load_record(key)
+            assert record is not None and record.turn_count == 3 * record.version
+        await again.save("after", {"ok": True})
