@@ -168,7 +168,7 @@ async def test_close_all_persists_every_changed_session(backend: SessionBackend)
     for i in range(5):
         assert await backend.load(f"k{i}") in (
             {"i": i, "closed": True},
-            {"__cognitia_session__": 1, "version": 2, "state": {"i": i, "closed": True}, "turns": []},
+            {"i": i, "closed": True, "__cognitia__": {"version": 2, "turns": []}},
         )
         assert (await manager.get(f"k{i}")).state == {"i": i, "closed": True}
 
@@ -333,7 +333,7 @@ async def test_a_failing_change_is_rolled_back(backend: SessionBackend) -> None:
     await manager.update("k", lambda s: s.state.update(n=2))
     assert await backend.load("k") in (
         {"n": 2},
-        {"__cognitia_session__": 1, "version": 3, "state": {"n": 2}, "turns": [{"i": 0}, {"i": 1}]},
+        {"n": 2, "__cognitia__": {"version": 3, "turns": [{"i": 0}, {"i": 1}]}},
     )
     assert await manager.turns("k") == [{"i": 0}, {"i": 1}]
 

@@ -2,9 +2,9 @@
 
 cognitia's own backends (and any backend declaring ``versioned_commit`` and ``turn_log``)
 get versioned commits and an append-only turn log in the storage engine. A plain
-four-method backend, such as one a user wrote from the protocol, still works: the state,
-its version and its turns are kept together in one JSON document under the key, and a
-version check guards each save from this process's point of view.
+four-method backend, such as one a user wrote from the protocol, still works: the version
+and the turns are kept inside the state under one reserved entry, and a version check
+guards each save from this process's point of view.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._json import loads
-from ..errors import VersionConflictError
+from ..errors import StateNotSerializableError, VersionConflictError
 from .backends._base import BackendBase
 from .backends._protocol import Capability, SessionBackend, StoreBackend, capabilities_of
 
-__all__ = ["ENVELOPE_MARK", "Loaded", "Store", "open_store"]
+__all__ = ["META_KEY", "Loaded", "Store", "open_store"]
 
-ENVELOPE_MARK = "__cognitia_session__"
+META_KEY = "__cognitia__"
 
 
 @dataclass(slots=True)
@@ -143,7 +143,11 @@ class NativeStore(Store):
 
 
 class EnvelopeStore(Store):
-    """Keeps ``{"__cognitia_session__": 1, "version": n, "state": {...}, "turns": [...]}`` per key."""
+    """Keeps the version and the turns inside the stored state, under ``"__cognitia__"``.
+
+    ``backend.load(key)`` still returns the session's state, with one extra entry:
+    ``{"role": "coach", "__cognitia__": {"version": 3, "turns": [...]}}``.
+    """
 
     def __init__(self, backend: SessionBackend) -> None:
         self.backend = backend
@@ -151,21 +155,23 @@ class EnvelopeStore(Store):
         self.name = str(getattr(backend, "name", type(backend).__name__))
         self.prefix_listing = Capability.PREFIX_LISTING in capabilities_of(backend)
 
-    async def _envelope(self, key: str) -> dict[str, Any] | None:
+    async def _split(self, key: str) -> tuple[dict[str, Any], int, list[dict[str, Any]]] | None:
         raw = await self._plain.load(key)
         if raw is None:
             return None
-        if raw.get(ENVELOPE_MARK) == 1:
-            return raw
-        # A state saved directly through the backend: adopt it as version 1, no turns.
-        return {ENVELOPE_MARK: 1, "version": 1, "state": raw, "turns": []}
+        raw = dict(raw)  # the backend may hand out its own dict; never modify it
+        meta = raw.pop(META_KEY, None)
+        if not isinstance(meta, dict):
+            # A state saved directly through the backend: adopt it as version 1, no turns.
+            return raw, 1, []
+        return raw, int(meta.get("version", 1)), list(meta.get("turns", []))
 
     async def read(self, key: str) -> Loaded | None:
-        envelope = await self._envelope(key)
-        if envelope is None:
+        found = await self._split(key)
+        if found is None:
             return None
-        state = envelope["state"]
-        return Loaded(state, envelope["version"], len(envelope["turns"]), 0)
+        state, version, turns = found
+        return Loaded(state, version, len(turns), 0)
 
     async def write(
         self,
@@ -176,32 +182,30 @@ class EnvelopeStore(Store):
         turns: list[str],
         truncate: int | None = None,
     ) -> int:
-        envelope = await self._envelope(key)
-        actual = None if envelope is None else envelope["version"]
+        if META_KEY in state:
+            raise StateNotSerializableError(
+                key, f"state[{META_KEY!r}]", "uses a key cognitia reserves for its metadata on this backend"
+            )
+        found = await self._split(key)
+        actual = None if found is None else found[1]
         if expected is not None and (
             (expected == 0 and actual is not None) or (expected > 0 and actual != expected)
         ):
             raise VersionConflictError(key, expected, actual)
         version = (actual or 0) + 1
-        old_turns = [] if envelope is None else envelope["turns"]
+        old_turns = [] if found is None else found[2]
         if truncate is not None:
             old_turns = old_turns[:truncate]
-        await self._plain.save(
-            key,
-            {
-                ENVELOPE_MARK: 1,
-                "version": version,
-                "state": loads(state_json),
-                "turns": old_turns + [loads(t) for t in turns],
-            },
-        )
+        stored = loads(state_json)
+        stored[META_KEY] = {"version": version, "turns": old_turns + [loads(t) for t in turns]}
+        await self._plain.save(key, stored)
         return version
 
     async def turns(self, key: str, last: int | None) -> list[dict[str, Any]]:
-        envelope = await self._envelope(key)
-        if envelope is None:
+        found = await self._split(key)
+        if found is None:
             return []
-        turns: list[dict[str, Any]] = envelope["turns"]
+        turns = found[2]
         if last is None:
             return list(turns)
         return turns[-last:] if last > 0 else []
