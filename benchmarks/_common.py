@@ -1,0 +1,111 @@
+"""Helpers shared by the benchmark scripts: logging setup, timing, the results table."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import structlog
+
+LOGGING_NOTE = (
+    "structlog: configured by this script to drop events below WARNING "
+    "(an application's choice; cognitia itself never configures structlog)"
+)
+
+
+def quiet_structlog() -> None:
+    """Drop info events, as a production application logging at WARNING would."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+def machine() -> str:
+    return (
+        f"Python {platform.python_version()} ({platform.python_implementation()}), "
+        f"{os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, "
+        f"SQLite {__import__('sqlite3').sqlite_version}"
+    )
+
+
+def header(title: str) -> None:
+    print(title)
+    print("=" * len(title))
+    print(machine())
+    print(LOGGING_NOTE)
+    print()
+
+
+@contextmanager
+def timer(out: list[float]) -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    out.append(time.perf_counter() - t0)
+
+
+def best_of(repeat: int, run: Callable[[], float]) -> float:
+    """The fastest of ``repeat`` runs: the least disturbed by the rest of the machine."""
+    return min(run() for _ in range(repeat))
+
+
+@dataclass
+class Row:
+    scenario: str
+    subject: str
+    runtime: str
+    ops: int
+    seconds: float
+    reference: str | None = None
+    """Subject name (same scenario) this row's throughput is divided by."""
+    target: float | None = None
+    """Minimum ratio against the reference."""
+
+    @property
+    def rate(self) -> float:
+        return self.ops / self.seconds
+
+
+def print_table(rows: list[Row]) -> bool:
+    """Print the rows with ratios against their references; return whether every target was met."""
+    by_name = {(r.scenario, r.subject, r.runtime): r for r in rows}
+    lines = [("scenario", "subject", "runtime", "ops", "seconds", "ops/s", "us/op", "ratio", "target", "")]
+    all_met = True
+    for row in rows:
+        ratio = target = status = ""
+        if row.reference is not None:
+            scenario, subject, runtime = row.reference.split("|")
+            ref = by_name[(scenario or row.scenario, subject, runtime or row.runtime)]
+            value = row.rate / ref.rate
+            ratio = f"{value:.2f}x {subject}" + (f"/{runtime}" if runtime else "")
+            if row.target is not None:
+                target = f">= {row.target:.2f}x"
+                met = value >= row.target
+                all_met &= met
+                status = "ok" if met else "MISSED"
+        lines.append(
+            (
+                row.scenario,
+                row.subject,
+                row.runtime,
+                str(row.ops),
+                f"{row.seconds:.3f}",
+                f"{row.rate:,.0f}",
+                f"{1e6 / row.rate:.1f}",
+                ratio,
+                target,
+                status,
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for n, line in enumerate(lines):
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+        if n == 0:
+            print("  ".join("-" * width for width in widths))
+    print()
+    print("all targets met" if all_met else "SOME TARGETS MISSED")
+    sys.stdout.flush()
+    return all_met

@@ -1,0 +1,175 @@
+"""A long conversation: 1,000 turns appended to one session on SqliteSessionBackend.
+
+    python benchmarks/bench_turn_log.py [--turns 1000] [--repeat 3]
+
+- cognitia: a ``@persisted_session`` handler called once per turn (asyncio and trio); each
+  call appends one turn row and updates the state in one transaction. Reported: turns/s,
+  and the time of the last 100 turns against the first 100 (an append must not get slower
+  as the log grows).
+- OpenAI Agents' ``SQLiteSession`` (asyncio only; file-based, its defaults): ``add_items``
+  per turn with the same user message and reply.
+- whole-state rewrite: the state holds the whole history list and is written with
+  ``backend.save`` every turn (what a plain key-value store forces), on the same backend.
+
+Each subject gets a fresh database file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+from _common import header, quiet_structlog
+
+from cognitia import Session, persisted_session
+from cognitia.session.backends import SqliteSessionBackend
+
+REPLY = "Sure - here is what I found about that topic, in a few sentences of ordinary length."
+
+
+def message(i: int) -> str:
+    return f"user message number {i}: tell me more about the previous answer, please"
+
+
+async def cognitia_run(path: Path, turns: int) -> list[float]:
+    """Seconds per turn."""
+    backend = SqliteSessionBackend(db_path=path)
+
+    @persisted_session(backend, key="session_id")
+    async def chat(text: str, *, session_id: str, session: Session) -> str:
+        session.state["turns"] = session.state.get("turns", 0) + 1
+        return REPLY
+
+    await backend.save("warm-up", {})  # opens the file and creates the schema outside the timing
+    times = []
+    for i in range(turns):
+        t0 = time.perf_counter()
+        await chat(message(i), session_id="conversation")
+        times.append(time.perf_counter() - t0)
+    assert len(await backend.load_turns("conversation")) == turns
+    await backend.aclose()
+    return times
+
+
+async def rewrite_run(path: Path, turns: int) -> list[float]:
+    backend = SqliteSessionBackend(db_path=path)
+    state: dict[str, Any] = {"history": []}
+    await backend.save("warm-up", {})
+    times = []
+    for i in range(turns):
+        t0 = time.perf_counter()
+        state["history"].append({"role": "user", "content": message(i)})
+        state["history"].append({"role": "assistant", "content": REPLY})
+        await backend.save("conversation", state)
+        times.append(time.perf_counter() - t0)
+    await backend.aclose()
+    return times
+
+
+async def agents_run(path: Path, turns: int) -> list[float]:
+    from agents.memory import SQLiteSession
+
+    session = SQLiteSession("conversation", db_path=path)
+    times = []
+    for i in range(turns):
+        t0 = time.perf_counter()
+        await session.add_items(
+            [{"role": "user", "content": message(i)}, {"role": "assistant", "content": REPLY}]
+        )
+        times.append(time.perf_counter() - t0)
+    session.close()
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--turns", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=3, help="best of this many runs per figure")
+    args = parser.parse_args()
+    quiet_structlog()
+    header("bench_turn_log: appending turns to one session")
+    try:
+        import agents.memory  # noqa: F401
+
+        have_agents = True
+    except ImportError:
+        have_agents = False
+        print("openai-agents is not installed: its row is skipped (pip install openai-agents)\n")
+    n = args.turns
+    tail = min(100, n // 2)
+    print(f"{n} turns to one session, best of {args.repeat} runs (runs interleaved), a fresh file per run\n")
+
+    subjects: dict[str, tuple[Any, str]] = {
+        "cognitia @persisted_session": (cognitia_run, "asyncio"),
+        "cognitia @persisted_session ": (cognitia_run, "trio"),
+        "whole-state rewrite (backend.save)": (rewrite_run, "asyncio"),
+    }
+    if have_agents:
+        subjects["openai-agents SQLiteSession.add_items"] = (agents_run, "asyncio")
+    runs: dict[str, list[list[float]]] = {name: [] for name in subjects}
+    with tempfile.TemporaryDirectory(prefix="cognitia-bench-") as tmp:
+        for r in range(args.repeat):
+            for s, (name, (fn, runtime)) in enumerate(subjects.items()):
+                runs[name].append(anyio.run(fn, Path(tmp) / f"run-{r}-{s}.db", n, backend=runtime))
+
+    def best(name: str) -> list[float]:
+        return min(runs[name], key=sum)
+
+    cognitia_rate = min(n / sum(best(name)) for name in list(subjects)[:2])
+    lines = [
+        (
+            "subject",
+            "runtime",
+            "turns/s",
+            f"first {tail} (s)",
+            f"last {tail} (s)",
+            "last/first",
+            "cognitia vs this",
+            "target",
+            "",
+        )
+    ]
+    all_met = True
+    for name, (_, runtime) in subjects.items():
+        times = best(name)
+        first, last = sum(times[:tail]), sum(times[-tail:])
+        growth = last / first
+        rate = n / sum(times)
+        is_cognitia = name.startswith("cognitia")
+        if is_cognitia:
+            target, met, versus = "last/first <= 1.30", growth <= 1.3, ""
+        else:
+            ratio = cognitia_rate / rate
+            target, met, versus = ">= 2.00x", ratio >= 2.0, f"{ratio:.2f}x"
+        all_met &= met
+        lines.append(
+            (
+                name.strip(),
+                runtime,
+                f"{rate:,.0f}",
+                f"{first:.4f}",
+                f"{last:.4f}",
+                f"{growth:.2f}",
+                versus,
+                target,
+                "ok" if met else "MISSED",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for i, line in enumerate(lines):
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+        if i == 0:
+            print("  ".join("-" * width for width in widths))
+    print()
+    print("'cognitia vs this' = the slower of cognitia's two runtimes, in turns/s, divided by this subject's")
+    print("all targets met" if all_met else "SOME TARGETS MISSED")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
