@@ -26,7 +26,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             created_at REAL NOT NULL,
             updated_at REAL NOT NULL,
             expires_at REAL
-        ) WITHOUT ROWID""",
+        )""",
         """CREATE INDEX IF NOT EXISTS cognitia_sessions_expiry
             ON cognitia_sessions (expires_at) WHERE expires_at IS NOT NULL""",
         """CREATE TABLE IF NOT EXISTS cognitia_turns (
@@ -34,7 +34,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             seq INTEGER NOT NULL,
             turn TEXT NOT NULL,
             PRIMARY KEY (key, seq)
-        ) WITHOUT ROWID""",
+        )""",
     ),
 }
 
@@ -54,19 +54,25 @@ _SELECT_TURNS_ALL = (
 )
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
-# One-statement fast paths for the common commits (a new key; a live key, at the expected
-# version if one is given). Each changes nothing when its condition does not hold, and the
-# general path in _commit then decides, so the outcome is the same either way.
+# One-statement fast paths for the common commits. Each changes nothing when its condition
+# does not hold (an expired row, another version), and the general path in _commit then
+# decides, so the outcome is the same either way.
 _FAST_COMMITS = sqlite3.sqlite_version_info >= (3, 35, 0)  # RETURNING
+_UPSERT_ALIVE = (
+    "INSERT INTO cognitia_sessions (key, state, version, turn_count, created_at, updated_at, expires_at) "
+    "VALUES (?1, ?2, 1, ?3, ?4, ?4, ?5) ON CONFLICT (key) DO UPDATE SET state = excluded.state, "
+    "version = version + 1, turn_count = turn_count + ?3, updated_at = ?4, expires_at = ?5 "
+    "WHERE expires_at IS NULL OR expires_at > ?4 RETURNING version, turn_count"
+)
 _INSERT_NEW = (
     "INSERT INTO cognitia_sessions (key, state, version, turn_count, created_at, updated_at, expires_at) "
-    "VALUES (?, ?, 1, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING RETURNING version"
+    "VALUES (?1, ?2, 1, ?3, ?4, ?4, ?5) ON CONFLICT (key) DO NOTHING RETURNING version, turn_count"
 )
-_UPDATE_ALIVE = (
-    "UPDATE cognitia_sessions SET state = ?, version = version + 1, turn_count = turn_count + ?, "
-    f"updated_at = ?, expires_at = ? WHERE key = ? AND {_ALIVE} RETURNING version, turn_count"
+_UPDATE_AT_VERSION = (
+    "UPDATE cognitia_sessions SET state = ?2, version = version + 1, turn_count = turn_count + ?3, "
+    "updated_at = ?4, expires_at = ?5 WHERE key = ?1 AND (expires_at IS NULL OR expires_at > ?4) "
+    "AND version = ?6 RETURNING version, turn_count"
 )
-_UPDATE_ALIVE_AT_VERSION = _UPDATE_ALIVE.replace(" RETURNING", " AND version = ? RETURNING")
 _INSERT_TURN = "INSERT INTO cognitia_turns (key, seq, turn) VALUES (?, ?, ?)"
 
 
@@ -249,25 +255,55 @@ def _noop(conn: sqlite3.Connection) -> None:
     return None
 
 
+class _Transaction:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` unless the connection is already in a transaction.
+
+    Lets a job run on its own (its own transaction) or inside a batch (the batch's).
+    """
+
+    __slots__ = ("conn", "own")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.own = False
+
+    def __enter__(self) -> None:
+        if not self.conn.in_transaction:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.own = True
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if self.own:
+            self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
 def _run_batch(conn: sqlite3.Connection, jobs: list[Job]) -> None:
-    """Run queued writes in one transaction; with several, each in a savepoint of its own."""
-    single = len(jobs) == 1
+    """Run queued writes: one alone as is, several in one shared transaction.
+
+    Inside a batch a job either completes or raises VersionConflictError having written
+    nothing (versions are checked before any write). Any other failure rolls the batch back
+    and each job is re-run on its own, so one bad write never fails its neighbours.
+    """
+    if len(jobs) == 1:
+        jobs[0].run(conn)
+        return
     conn.execute("BEGIN IMMEDIATE")
     try:
         for job in jobs:
-            if single:
-                job.run(conn)
-                continue
-            conn.execute("SAVEPOINT job")
             job.run(conn)
-            if job.error is not None:
-                conn.execute("ROLLBACK TO job")
-            conn.execute("RELEASE job")
-        conn.execute("ROLLBACK" if single and jobs[0].error is not None else "COMMIT")
+            if job.error is not None and not isinstance(job.error, VersionConflictError):
+                break
+        else:
+            conn.execute("COMMIT")
+            return
+        conn.execute("ROLLBACK")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+    for job in jobs:
+        job.result = job.error = None
+        job.run(conn)
 
 
 def _load(conn: sqlite3.Connection, key: str, now: float) -> RawRecord | None:
@@ -285,9 +321,54 @@ def _commit(
     expires_at: float | None,
 ) -> int:
     if _FAST_COMMITS and truncate is None:
-        fast = _commit_fast(conn, key, state, expected_version, turns, now, expires_at)
-        if fast is not None:
-            return fast
+        if not turns:
+            # One statement: atomic on its own, no explicit transaction needed.
+            fast = _commit_fast(conn, key, state, expected_version, 0, now, expires_at)
+            if fast is not None:
+                return fast[0]
+        else:
+            with _Transaction(conn):
+                fast = _commit_fast(conn, key, state, expected_version, len(turns), now, expires_at)
+                if fast is not None:
+                    version, turn_count = fast
+                    first = turn_count - len(turns)
+                    conn.executemany(_INSERT_TURN, [(key, first + i, turn) for i, turn in enumerate(turns)])
+                    return version
+    with _Transaction(conn):
+        return _commit_general(conn, key, state, expected_version, turns, truncate, now, expires_at)
+
+
+def _commit_fast(
+    conn: sqlite3.Connection,
+    key: str,
+    state: str,
+    expected_version: int | None,
+    added: int,
+    now: float,
+    expires_at: float | None,
+) -> tuple[int, int] | None:
+    """Write the session row in one statement when the key is new or live (at the expected
+    version); return (version, turn_count), or ``None`` having written nothing."""
+    if expected_version is None:
+        rows = conn.execute(_UPSERT_ALIVE, (key, state, added, now, expires_at)).fetchall()
+    elif expected_version == 0:
+        rows = conn.execute(_INSERT_NEW, (key, state, added, now, expires_at)).fetchall()
+    else:
+        rows = conn.execute(_UPDATE_AT_VERSION, (key, state, added, now, expires_at, expected_version)).fetchall()
+    return (int(rows[0][0]), int(rows[0][1])) if rows else None
+
+
+def _commit_general(
+    conn: sqlite3.Connection,
+    key: str,
+    state: str,
+    expected_version: int | None,
+    turns: list[str],
+    truncate: int | None,
+    now: float,
+    expires_at: float | None,
+) -> int:
+    """Every case, in a transaction: read the row, check the version, then write."""
     row = conn.execute(
         "SELECT version, turn_count, expires_at FROM cognitia_sessions WHERE key = ?", (key,)
     ).fetchone()
@@ -321,41 +402,6 @@ def _commit(
     return version
 
 
-def _commit_fast(
-    conn: sqlite3.Connection,
-    key: str,
-    state: str,
-    expected_version: int | None,
-    turns: list[str],
-    now: float,
-    expires_at: float | None,
-) -> int | None:
-    """:func:`_commit` in one statement when the key is new or live; ``None`` to take the general path.
-
-    Saves the read that the general path does first. ``fetchall`` runs each statement to
-    completion, so nothing is left in progress when the transaction commits.
-    """
-    if expected_version is None or expected_version == 0:
-        if conn.execute(_INSERT_NEW, (key, state, len(turns), now, now, expires_at)).fetchall():
-            if turns:
-                conn.executemany(_INSERT_TURN, [(key, i, turn) for i, turn in enumerate(turns)])
-            return 1
-        if expected_version == 0:
-            return None  # the key exists: a conflict, unless its session expired
-        rows = conn.execute(_UPDATE_ALIVE, (state, len(turns), now, expires_at, key, now)).fetchall()
-    else:
-        rows = conn.execute(
-            _UPDATE_ALIVE_AT_VERSION, (state, len(turns), now, expires_at, key, now, expected_version)
-        ).fetchall()
-    if not rows:
-        return None
-    version, turn_count = rows[0]
-    if turns:
-        first_seq = turn_count - len(turns)
-        conn.executemany(_INSERT_TURN, [(key, first_seq + i, turn) for i, turn in enumerate(turns)])
-    return int(version)
-
-
 def _load_turns(conn: sqlite3.Connection, key: str, last: int | None, now: float) -> list[str]:
     if last is None:
         rows = conn.execute(_SELECT_TURNS_ALL, (key, now)).fetchall()
@@ -365,12 +411,13 @@ def _load_turns(conn: sqlite3.Connection, key: str, last: int | None, now: float
 
 
 def _delete(conn: sqlite3.Connection, key: str, now: float) -> bool:
-    row = conn.execute("SELECT expires_at FROM cognitia_sessions WHERE key = ?", (key,)).fetchone()
-    if row is None:
-        return False
-    conn.execute("DELETE FROM cognitia_turns WHERE key = ?", (key,))
-    conn.execute("DELETE FROM cognitia_sessions WHERE key = ?", (key,))
-    return row[0] is None or row[0] > now
+    with _Transaction(conn):
+        row = conn.execute("SELECT expires_at FROM cognitia_sessions WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return False
+        conn.execute("DELETE FROM cognitia_turns WHERE key = ?", (key,))
+        conn.execute("DELETE FROM cognitia_sessions WHERE key = ?", (key,))
+        return row[0] is None or row[0] > now
 
 
 def _list_keys(conn: sqlite3.Connection, prefix: str, now: float) -> list[str]:
@@ -388,15 +435,16 @@ def _list_keys(conn: sqlite3.Connection, prefix: str, now: float) -> list[str]:
 
 
 def _prune(conn: sqlite3.Connection, now: float, dry_run: bool) -> list[str]:
-    keys = [
-        row[0]
-        for row in conn.execute(
-            "SELECT key FROM cognitia_sessions WHERE expires_at IS NOT NULL AND expires_at <= ? ORDER BY key",
-            (now,),
-        )
-    ]
-    if not dry_run:
-        for key in keys:
-            conn.execute("DELETE FROM cognitia_turns WHERE key = ?", (key,))
-            conn.execute("DELETE FROM cognitia_sessions WHERE key = ?", (key,))
-    return keys
+    with _Transaction(conn):
+        keys = [
+            row[0]
+            for row in conn.execute(
+                "SELECT key FROM cognitia_sessions WHERE expires_at IS NOT NULL AND expires_at <= ? ORDER BY key",
+                (now,),
+            )
+        ]
+        if not dry_run:
+            for key in keys:
+                conn.execute("DELETE FROM cognitia_turns WHERE key = ?", (key,))
+                conn.execute("DELETE FROM cognitia_sessions WHERE key = ?", (key,))
+        return keys
