@@ -10,6 +10,13 @@ __all__ = ["Session", "Turns"]
 
 TurnLoader = Callable[[str, "int | None"], Awaitable[list[dict[str, Any]]]]
 
+MAX_CACHED_TURNS = 1_000
+"""How many of the newest stored turns a live session keeps in memory; older ones are re-read on demand."""
+
+
+_READ_ATTEMPTS = 5
+"""A tail read redone this often if saves keep landing while it runs; after that it is served as read."""
+
 
 class Turns:
     """A session's append-only turn log, as seen from a live session.
@@ -20,7 +27,9 @@ class Turns:
     so a live conversation costs one append per turn, never a reload.
     """
 
-    __slots__ = ("_key", "_loader", "_stored", "_backing", "_known", "_complete", "_pending", "_truncate")
+    __slots__ = (
+        "_key", "_loader", "_stored", "_backing", "_known", "_complete", "_pending", "_truncate", "_generation"
+    )
 
     def __init__(self, key: str, stored: int, loader: TurnLoader | None) -> None:
         self._key = key
@@ -34,6 +43,8 @@ class Turns:
         self._pending: list[dict[str, Any]] = []
         self._truncate: int | None = None
         """Stored turns to keep at the next save, after :meth:`pop` or :meth:`clear`."""
+        self._generation = 0
+        """Bumped whenever the stored part changes, so a read that raced a save is redone."""
 
     def __len__(self) -> int:
         return self._stored + len(self._pending)
@@ -62,6 +73,7 @@ class Turns:
         turn = self._known[-1]
         self._known = self._known[:-1]
         self._stored -= 1
+        self._generation += 1
         self._truncate = self._stored
         return turn
 
@@ -72,6 +84,7 @@ class Turns:
         self._stored = 0
         self._complete = True
         self._truncate = 0
+        self._generation += 1
 
     @property
     def pending(self) -> list[dict[str, Any]]:
@@ -84,20 +97,29 @@ class Turns:
             return []
         in_memory = len(self._known) + len(self._pending)
         if n > in_memory and not self._complete and self._loader is not None:
-            wanted = n - len(self._pending)
-            # Storage still holds the turns popped since the last save: read past them.
-            popped = self._backing - self._stored
-            loaded = await self._loader(self._key, wanted + popped)
-            self._known = loaded[: len(loaded) - popped]
-            self._complete = len(self._known) >= self._stored
+            for _ in range(_READ_ATTEMPTS):
+                generation = self._generation
+                wanted = n - len(self._pending)
+                # Storage still holds the turns popped since the last save: read past them.
+                popped = self._backing - self._stored
+                loaded = await self._loader(self._key, wanted + popped)
+                if generation == self._generation:
+                    self._known = loaded[: len(loaded) - popped]
+                    self._complete = len(self._known) >= self._stored
+                    break
         combined = self._known + self._pending
         return combined[-n:]
 
     async def all(self) -> list[dict[str, Any]]:
         """Every turn, oldest first (loaded once, then kept in memory)."""
         if not self._complete and self._loader is not None:
-            self._known = (await self._loader(self._key, None))[: self._stored]
-            self._complete = True
+            for _ in range(_READ_ATTEMPTS):
+                generation = self._generation
+                loaded = await self._loader(self._key, None)
+                if generation == self._generation:
+                    self._known = loaded[: self._stored]
+                    self._complete = True
+                    break
         return self._known + self._pending
 
     # -- used by the manager ----------------------------------------------------------------
@@ -108,10 +130,15 @@ class Turns:
     def _committed(self, count: int) -> None:
         """The first ``count`` pending turns are now stored."""
         done, self._pending = self._pending[:count], self._pending[count:]
-        self._known.extend(done)
+        known = self._known + done
+        if len(known) > MAX_CACHED_TURNS:
+            known = known[-MAX_CACHED_TURNS:]
+            self._complete = False
+        self._known = known
         self._stored += count
         self._backing = self._stored
         self._truncate = None
+        self._generation += 1
 
 
 class Session:
