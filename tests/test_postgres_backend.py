@@ -1,0 +1,405 @@
+"""PostgresSessionBackend against a real server (``COGNITIA_TEST_POSTGRES_DSN``).
+
+Every test gets a schema of its own, created by the backend and dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+from cognitia.errors import (
+    BackendClosedError,
+    MissingDependencyError,
+    StateNotSerializableError,
+    StorageError,
+    VersionConflictError,
+)
+from cognitia.testing import ConformanceRule, conformance_rules
+
+try:
+    from cognitia.session.backends import PostgresSessionBackend
+except MissingDependencyError:  # the fixtures below skip (or, in CI, fail) every test that needs it
+    pass
+
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+
+RULES = conformance_rules()
+
+Schemas = Callable[[], str]
+
+
+def _sql(dsn: str, statement: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Run one statement on a connection of the test's own (not the backend's)."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(statement, args or None)
+        return cur.fetchall() if cur.description else []
+
+
+@pytest.fixture
+def driver() -> None:
+    """For tests that need psycopg but no server."""
+    from _servers import require_driver
+
+    require_driver("psycopg", "postgres", "PostgreSQL")
+
+
+@pytest.fixture
+def schemas(postgres_dsn: str) -> Iterator[Schemas]:
+    """Hands out fresh schema names (not yet created) and drops them after the test."""
+    from psycopg import sql
+
+    names: list[str] = []
+
+    def new() -> str:
+        names.append(f"cognitia_test_{uuid.uuid4().hex[:12]}")
+        return names[-1]
+
+    yield new
+    for name in names:
+        _sql(
+            postgres_dsn,
+            sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)).as_string(None),
+        )
+
+
+@pytest.fixture
+def schema(schemas: Schemas) -> str:
+    return schemas()
+
+
+@pytest.mark.parametrize("rule", RULES, ids=str)
+async def test_conformance(rule: ConformanceRule, postgres_dsn: str, schema: str) -> None:
+    assert await rule.check(lambda: PostgresSessionBackend(postgres_dsn, schema=schema))
+
+
+@pytest.mark.parametrize("readers", [0, 3])
+async def test_reads_through_the_writer_or_several_readers(
+    postgres_dsn: str, schema: str, readers: int
+) -> None:
+    loaded: dict[int, Any] = {}
+    async with PostgresSessionBackend(postgres_dsn, schema=schema, readers=readers) as backend:
+
+        async def commit(i: int) -> None:
+            await backend.commit(f"agent:{i}", {"i": i}, turns=[{"t": i}])
+
+        async def load(i: int) -> None:
+            loaded[i] = (await backend.load(f"agent:{i}"), await backend.load_turns(f"agent:{i}", last=1))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(40):
+                tg.start_soon(commit, i)
+        async with anyio.create_task_group() as tg:
+            for i in range(40):
+                tg.start_soon(load, i)
+    assert loaded == {i: ({"i": i}, [{"t": i}]) for i in range(40)}
+
+
+# -- schema management ---------------------------------------------------------------------------
+
+
+async def test_the_schema_is_created_and_its_version_recorded(postgres_dsn: str, schema: str) -> None:
+    async with PostgresSessionBackend(postgres_dsn, schema=schema) as backend:
+        await backend.save("agent:a", {})
+    tables = _sql(
+        postgres_dsn,
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = %s ORDER BY 1",
+        schema,
+    )
+    assert tables == [("cognitia_schema_version",), ("cognitia_sessions",), ("cognitia_turns",)]
+    assert _sql(postgres_dsn, f'SELECT version FROM "{schema}".cognitia_schema_version') == [(1,)]
+
+
+async def test_a_newer_schema_is_refused(postgres_dsn: str, schema: str) -> None:
+    async with PostgresSessionBackend(postgres_dsn, schema=schema) as backend:
+        await backend.save("agent:a", {})
+    _sql(postgres_dsn, f'INSERT INTO "{schema}".cognitia_schema_version (version) VALUES (99)')
+    async with PostgresSessionBackend(postgres_dsn, schema=schema) as newer:
+        with pytest.raises(StorageError, match="schema version 99, newer than this release"):
+            await newer.load("agent:a")
+
+
+async def test_backends_starting_together_migrate_once(postgres_dsn: str, schema: str) -> None:
+    backends = [PostgresSessionBackend(postgres_dsn, schema=schema) for _ in range(8)]
+    try:
+        async with anyio.create_task_group() as tg:
+            for i, backend in enumerate(backends):
+                tg.start_soon(backend.save, f"agent:{i}", {"i": i})
+        assert _sql(postgres_dsn, f'SELECT version FROM "{schema}".cognitia_schema_version') == [(1,)]
+        assert await backends[0].list_keys() == [f"agent:{i}" for i in range(8)]
+    finally:
+        for backend in backends:
+            await backend.aclose()
+
+
+async def test_schemas_and_table_prefixes_keep_stores_apart(postgres_dsn: str, schemas: Schemas) -> None:
+    first, odd = schemas(), schemas() + ' "odd"; name'
+    stores = [
+        PostgresSessionBackend(postgres_dsn, schema=first, table_prefix="tenant_a_"),
+        PostgresSessionBackend(postgres_dsn, schema=first, table_prefix="tenant_b_"),
+        PostgresSessionBackend(postgres_dsn, schema=odd, table_prefix='x"y '),
+    ]
+    try:
+        for i, store in enumerate(stores):
+            await store.commit("agent:same", {"store": i}, turns=[{"store": i}])
+        for i, store in enumerate(stores):
+            assert await store.load("agent:same") == {"store": i}
+            assert await store.load_turns("agent:same") == [{"store": i}]
+            assert await store.list_keys() == ["agent:same"]
+        assert await stores[0].delete("agent:same")
+        assert await stores[1].load("agent:same") == {"store": 1}
+        assert await stores[2].load("agent:same") == {"store": 2}
+        tables = _sql(
+            postgres_dsn,
+            "SELECT table_schema, table_name FROM information_schema.tables "
+            "WHERE table_schema IN (%s, %s) ORDER BY 1, 2",
+            first,
+            odd,
+        )
+        assert tables == sorted(
+            [(first, f"tenant_{t}_{n}") for t in "ab" for n in ("schema_version", "sessions", "turns")]
+            + [(odd, f'x"y {n}') for n in ("schema_version", "sessions", "turns")]
+        )
+    finally:
+        _sql(postgres_dsn, 'DROP SCHEMA IF EXISTS "{}" CASCADE'.format(odd.replace('"', '""')))
+        for store in stores:
+            await store.aclose()
+
+
+def test_bad_names_and_options_are_refused_up_front(driver: None) -> None:
+    dsn = "postgresql://u@localhost/db"
+    with pytest.raises(ValueError, match="too long"):
+        PostgresSessionBackend(dsn, table_prefix="p" * 60)
+    with pytest.raises(ValueError, match="schema"):
+        PostgresSessionBackend(dsn, schema="")
+    with pytest.raises(ValueError, match="readers"):
+        PostgresSessionBackend(dsn, readers=-1)
+    with pytest.raises(ValueError, match="statement_timeout"):
+        PostgresSessionBackend(dsn, statement_timeout=0)
+    with pytest.raises(ValueError, match="ttl"):
+        PostgresSessionBackend(dsn, ttl=0)
+    with pytest.raises(ValueError, match="dsn is not a valid") as caught:
+        PostgresSessionBackend("host=db password=s3cret nonsense")
+    assert "s3cret" not in str(caught.value)
+
+
+def test_repr_names_the_server_but_never_the_password(driver: None) -> None:
+    backend = PostgresSessionBackend("postgresql://app:s3cret@db.internal:6543/sessions", schema="tenant")
+    text = repr(backend)
+    assert "s3cret" not in text
+    assert "db.internal:6543/sessions" in text and "tenant" in text
+
+
+# -- what is stored ------------------------------------------------------------------------------
+
+
+async def test_state_and_turns_are_jsonb_queryable_in_sql(postgres_dsn: str, schema: str) -> None:
+    async with PostgresSessionBackend(postgres_dsn, schema=schema) as backend:
+        await backend.commit(
+            "agent:q", {"role": "coach", "turn": 7}, turns=[{"role": "user", "content": "hi"}]
+        )
+    rows = _sql(
+        postgres_dsn,
+        "SELECT pg_typeof(state)::text, state->>'role', (state->>'turn')::int "
+        f'FROM "{schema}".cognitia_sessions WHERE key = %s',
+        "agent:q",
+    )
+    assert rows == [("jsonb", "coach", 7)]
+    turns = _sql(
+        postgres_dsn,
+        f"SELECT seq, turn->>'content' FROM \"{schema}\".cognitia_turns WHERE key = %s",
+        "agent:q",
+    )
+    assert turns == [(0, "hi")]
+
+
+async def test_a_state_jsonb_cannot_hold_fails_alone(postgres_dsn: str, schema: str) -> None:
+    async with PostgresSessionBackend(postgres_dsn, schema=schema) as backend:
+        with pytest.raises(StateNotSerializableError, match="U\\+0000"):
+            await backend.save("agent:nul", {"text": "a\x00b"})
+        # Queued together, the bad write fails and the others in its transaction still land.
+        errors: list[BaseException] = []
+
+        async def save(i: int) -> None:
+            try:
+                await backend.save(f"agent:{i}", {"text": "a\x00b" if i == 5 else str(i)})
+            except StateNotSerializableError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(save, i)
+        assert len(errors) == 1
+        assert await backend.list_keys() == sorted(f"agent:{i}" for i in range(20) if i != 5)
+
+
+async def test_conflicts_between_two_backend_objects(postgres_dsn: str, schema: str) -> None:
+    one = PostgresSessionBackend(postgres_dsn, schema=schema)
+    two = PostgresSessionBackend(postgres_dsn, schema=schema)
+    async with one, two:
+        await one.commit("agent:shared", {"n": 0})
+        results: list[object] = []
+
+        async def attempt(backend: PostgresSessionBackend, n: int) -> None:
+            try:
+                results.append(
+                    await backend.commit("agent:shared", {"n": n}, expected_version=1, turns=[{"n": n}])
+                )
+            except VersionConflictError as exc:
+                results.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for n in range(6):
+                tg.start_soon(attempt, (one, two)[n % 2], n)
+        assert results.count(2) == 1
+        conflicts = [r for r in results if isinstance(r, VersionConflictError)]
+        assert len(conflicts) == 5 and {c.actual for c in conflicts} == {2}
+        record = await two.load_record("agent:shared")
+        assert record is not None and record.version == 2 and record.turn_count == 1
+
+
+# -- expiry --------------------------------------------------------------------------------------
+
+
+async def test_expired_sessions_are_invisible_and_pruned(postgres_dsn: str, schema: str) -> None:
+    now = [1000.0]
+    async with PostgresSessionBackend(postgres_dsn, schema=schema, ttl=10, clock=lambda: now[0]) as backend:
+        await backend.commit("agent:a", {"n": 1}, turns=[{"i": 0}, {"i": 1}])
+        await backend.save("agent:b", {"n": 2})
+        now[0] = 1008.0
+        await backend.save("agent:c", {"n": 3})
+        now[0] = 1012.0
+        assert await backend.load("agent:a") is None
+        assert await backend.load_turns("agent:a") == []
+        assert await backend.list_keys() == ["agent:c"]
+        record = await backend.load_record("agent:c")
+        assert record is not None and record.expires_at == 1018.0
+        assert await backend.delete("agent:b") is False  # expired: gone already, as far as callers know
+
+        assert await backend.prune(dry_run=True) == ["agent:a"]
+        stored = f'SELECT key FROM "{schema}".cognitia_sessions ORDER BY key'
+        assert _sql(postgres_dsn, stored) == [("agent:a",), ("agent:c",)]
+        assert await backend.prune() == ["agent:a"]
+        assert _sql(postgres_dsn, stored) == [("agent:c",)]
+        assert _sql(postgres_dsn, f'SELECT count(*) FROM "{schema}".cognitia_turns') == [(0,)]
+        assert await backend.prune() == []
+
+
+async def test_an_expired_session_is_replaced_by_a_new_one(postgres_dsn: str, schema: str) -> None:
+    now = [0.0]
+    async with PostgresSessionBackend(postgres_dsn, schema=schema, ttl=5, clock=lambda: now[0]) as backend:
+        await backend.commit("agent:x", {"old": True}, turns=[{"i": 0}, {"i": 1}, {"i": 2}])
+        now[0] = 10.0
+        with pytest.raises(VersionConflictError) as caught:
+            await backend.commit("agent:x", {}, expected_version=1)
+        assert caught.value.actual is None
+        await backend.commit("agent:x", {"new": True}, expected_version=0, turns=[{"i": "new"}])
+        assert await backend.load("agent:x") == {"new": True}
+        assert await backend.load_turns("agent:x") == [{"i": "new"}]
+        assert _sql(postgres_dsn, f'SELECT count(*) FROM "{schema}".cognitia_turns') == [(1,)]
+
+
+# -- connections ---------------------------------------------------------------------------------
+
+
+async def test_a_killed_connection_fails_one_operation_then_is_replaced(
+    postgres_dsn: str, schema: str
+) -> None:
+    import psycopg
+
+    app = f"cognitia-test-{uuid.uuid4().hex[:8]}"
+    separator = "&" if "?" in postgres_dsn else "?"
+    async with PostgresSessionBackend(
+        f"{postgres_dsn}{separator}application_name={app}", schema=schema
+    ) as backend:
+        await backend.save("agent:k", {"n": 1})
+        assert await backend.load("agent:k") == {"n": 1}
+        killed = _sql(
+            postgres_dsn,
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE application_name = %s",
+            app,
+        )
+        assert killed == [(True,), (True,)]  # the writer's and the reader's connections
+        with pytest.raises(StorageError) as caught:
+            await backend.save("agent:k", {"n": 2})
+        assert isinstance(caught.value.__cause__, psycopg.OperationalError)
+        with pytest.raises(StorageError):
+            await backend.load("agent:k")
+        assert await backend.load("agent:k") == {"n": 1}  # the failed save wrote nothing
+        assert await backend.commit("agent:k", {"n": 3}, expected_version=1) == 2
+        assert await backend.load("agent:k") == {"n": 3}
+        pids = _sql(postgres_dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", app)
+        assert pids == [(2,)]
+
+
+async def test_statement_timeout_cancels_a_blocked_write(postgres_dsn: str, schema: str) -> None:
+    import psycopg
+
+    async with PostgresSessionBackend(postgres_dsn, schema=schema, statement_timeout=0.3) as backend:
+        await backend.save("agent:locked", {"n": 1})
+        with psycopg.connect(postgres_dsn) as blocker:  # holds the row lock until the block ends
+            blocker.execute(
+                f'SELECT 1 FROM "{schema}".cognitia_sessions WHERE key = %s FOR UPDATE', ("agent:locked",)
+            )
+            with anyio.fail_after(10):
+                with pytest.raises(StorageError) as caught:
+                    await backend.save("agent:locked", {"n": 2})
+            assert isinstance(caught.value.__cause__, psycopg.errors.QueryCanceled)
+            blocker.rollback()
+        assert await backend.commit("agent:locked", {"n": 3}, expected_version=1) == 2
+
+
+async def test_an_unreachable_server_is_a_storage_error(driver: None) -> None:
+    # Port 1 on the loopback interface refuses connections at once.
+    async with PostgresSessionBackend("postgresql://nobody@127.0.0.1:1/none", connect_timeout=2) as backend:
+        with anyio.fail_after(10):
+            with pytest.raises(StorageError, match="postgres backend failed to save"):
+                await backend.save("agent:a", {})
+            with pytest.raises(StorageError):  # retried, not remembered
+                await backend.load("agent:a")
+
+
+async def test_a_closed_backend_refuses_everything(postgres_dsn: str, schema: str) -> None:
+    backend = PostgresSessionBackend(postgres_dsn, schema=schema)
+    await backend.save("agent:a", {})
+    await backend.aclose()
+    await backend.aclose()
+    backend.close()
+    assert backend.closed and "closed" in repr(backend)
+    with pytest.raises(BackendClosedError):
+        await backend.save("agent:a", {})
+    with pytest.raises(BackendClosedError):
+        await backend.load("agent:a")
+    with pytest.raises(BackendClosedError):
+        await backend.list_keys()
+    with pytest.raises(BackendClosedError):
+        await backend.prune()
+
+    synchronous = PostgresSessionBackend(postgres_dsn, schema=schema)
+    assert await synchronous.load("agent:a") == {}
+    synchronous.close()
+    with pytest.raises(BackendClosedError):
+        await synchronous.delete("agent:a")
+
+
+def test_a_missing_driver_names_the_extra_to_install() -> None:
+    code = (
+        "import sys; sys.modules['psycopg'] = None\n"
+        "from cognitia.errors import MissingDependencyError\n"
+        "try:\n"
+        "    from cognitia.session.backends import PostgresSessionBackend\n"
+        "except MissingDependencyError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "PostgresSessionBackend needs 'psycopg'" in result.stdout
+    assert "pip install 'cognitia-sessions[postgres]'" in result.stdout
+    assert issubclass(MissingDependencyError, ImportError)
