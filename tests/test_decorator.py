@@ -585,3 +585,19 @@ async def test_the_turn_log() -> None:
     await inspect_log("clear", session_id="k")
     assert seen["after clear"] == []
     assert [t["output"] for t in await backend.load_turns("k")] == ["clear"]
+
+
+async def test_turns_converted_by_the_encoder_read_back_the_same_live_and_stored(anyio_backend: str) -> None:
+    import datetime
+
+    backend = InMemorySessionBackend()
+
+    @persisted_session(backend, key="session_id", encoder=lambda v: v.isoformat())
+    async def stamp(when: datetime.datetime, *, session_id: str, session: Session) -> datetime.datetime:
+        return when
+
+    moment = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    await stamp(moment, session_id="agent:stamp")
+    live = await stamp.manager.turns("agent:stamp")  # type: ignore[attr-defined]
+    stored = await backend.load_turns("agent:stamp")
+    assert live[0]["output"] == stored[0]["output"] == "2026-01-02T03:04:05"

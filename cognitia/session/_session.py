@@ -127,10 +127,10 @@ class Turns:
     def _take_pending(self) -> list[dict[str, Any]]:
         return self._pending
 
-    def _committed(self, count: int) -> None:
-        """The first ``count`` pending turns are now stored."""
+    def _committed(self, count: int, stored: list[dict[str, Any]] | None = None) -> None:
+        """The first ``count`` pending turns are now stored (as ``stored``, when they were converted)."""
         done, self._pending = self._pending[:count], self._pending[count:]
-        known = self._known + done
+        known = self._known + (done if stored is None else stored)
         if len(known) > MAX_CACHED_TURNS:
             known = known[-MAX_CACHED_TURNS:]
             self._complete = False

@@ -17,7 +17,7 @@ from typing import Any, TypeVar, overload
 import anyio
 import structlog
 
-from .._json import check_key, dumps
+from .._json import check_key, dumps, loads
 from ..errors import BackendClosedError, SessionNotFound, VersionConflictError
 from ._events import EVENTS, EventName, Hook, HookRegistry, SessionEvent, Subscription
 from ._session import Session, Turns
@@ -547,7 +547,8 @@ class InMemorySessionManager:
                 raise
             else:
                 session.version = version
-                session.turns._committed(count)
+                # With a converter, memory must hold what storage holds, not the original objects.
+                session.turns._committed(count, None if default is None else [loads(t) for t in turns_json])
                 session._saved_json = state_json
                 session.last_active = self._clock()
         if scope.cancelled_caught:

@@ -1,0 +1,195 @@
+"""Turns per second of a long ADK session: cognitia's session service vs ADK's own.
+
+Each turn is one user message through ADK's ``Runner`` with a scripted model that calls a
+tool, so 4 events per turn. The Runner reads the session with
+``GetSessionConfig(num_recent_events=window)`` (what a long-lived app sets, so a turn
+does not reload the whole history) and appends every event. The services compared, in
+the same run and on the same kind of storage:
+
+- ``cognitia sqlite``: CognitiaSessionService on SqliteSessionBackend (a file);
+- ``adk database``: ADK's DatabaseSessionService on ``sqlite+aiosqlite:///file``;
+- ``adk sqlite``: ADK's SqliteSessionService on a file;
+- ``cognitia memory`` and ``adk memory``: the in-memory ones, for reference.
+
+"service" time counts only the calls into the session service; "turn" time is the whole
+Runner turn. Growth compares the per-turn cost at both ends of a session: after the 500
+turns, 50 more turns alternate between the long session and a fresh one, and growth is the
+median service time on the long one over the fresh one (1.0: a flat per-turn cost).
+Alternating, like interleaving the services turn by turn, makes a busy machine slow both
+sides alike. structlog is filtered to warnings.
+
+    python benchmarks/bench_adk.py [--turns 500] [--window 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncGenerator, Awaitable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+from cognitia_adk import CognitiaSessionService
+from google.adk.agents import Agent
+from google.adk.agents.run_config import RunConfig
+from google.adk.events import Event
+from google.adk.models.base_llm import BaseLlm
+from google.adk.models.llm_request import LlmRequest
+from google.adk.models.llm_response import LlmResponse
+from google.adk.runners import Runner
+from google.adk.sessions import BaseSessionService, DatabaseSessionService, InMemorySessionService, Session
+from google.adk.sessions.base_session_service import GetSessionConfig, ListSessionsResponse
+from google.adk.sessions.sqlite_session_service import SqliteSessionService
+from google.adk.tools.tool_context import ToolContext
+from google.genai import types
+
+from cognitia.session.backends import InMemorySessionBackend, SqliteSessionBackend
+
+# cognitia logs every save at info level; printing thousands of lines would dominate.
+structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+logging.getLogger("google_adk").setLevel(logging.ERROR)
+
+T = TypeVar("T")
+APP, USER, SESSION = "bench", "ann", "long"
+
+
+class ScriptedLlm(BaseLlm):
+    model: str = "scripted"
+
+    async def generate_content_async(
+        self, llm_request: LlmRequest, stream: bool = False
+    ) -> AsyncGenerator[LlmResponse, None]:
+        last = llm_request.contents[-1].parts or []
+        if any(part.function_response for part in last):
+            parts = [types.Part(text="You rolled a 4.")]
+        else:
+            parts = [types.Part(function_call=types.FunctionCall(name="roll_die", args={"sides": 6}))]
+        usage = types.GenerateContentResponseUsageMetadata(prompt_token_count=1, candidates_token_count=1)
+        yield LlmResponse(content=types.Content(role="model", parts=parts), usage_metadata=usage)
+
+
+def roll_die(sides: int, tool_context: ToolContext) -> dict[str, int]:
+    """Roll a die."""
+    tool_context.state["last_roll"] = 4
+    tool_context.state["user:rolls"] = tool_context.state.get("user:rolls", 0) + 1
+    return {"result": 4}
+
+
+agent = Agent(name="dice", model=ScriptedLlm(), instruction="Roll dice.", tools=[roll_die])
+
+
+class Timed(BaseSessionService):
+    """Forwards to a session service and adds up the time spent in it."""
+
+    def __init__(self, inner: BaseSessionService) -> None:
+        self.inner = inner
+        self.elapsed = 0.0
+
+    async def _timed(self, call: Awaitable[T]) -> T:
+        started = time.perf_counter()
+        try:
+            return await call
+        finally:
+            self.elapsed += time.perf_counter() - started
+
+    async def create_session(self, **kwargs: Any) -> Session:
+        return await self._timed(self.inner.create_session(**kwargs))
+
+    async def get_session(self, **kwargs: Any) -> Session | None:
+        return await self._timed(self.inner.get_session(**kwargs))
+
+    async def list_sessions(self, **kwargs: Any) -> ListSessionsResponse:
+        return await self._timed(self.inner.list_sessions(**kwargs))
+
+    async def delete_session(self, **kwargs: Any) -> None:
+        await self._timed(self.inner.delete_session(**kwargs))
+
+    async def append_event(self, session: Session, event: Event) -> Event:
+        return await self._timed(self.inner.append_event(session, event))
+
+
+class Case:
+    def __init__(self, name: str, service: BaseSessionService, window: int) -> None:
+        self.name = name
+        self.service = Timed(service)
+        self.runner = Runner(agent=agent, app_name=APP, session_service=self.service)
+        self.config = RunConfig(get_session_config=GetSessionConfig(num_recent_events=window))
+        self.service_times: list[float] = []
+        self.turn_times: list[float] = []
+        self.late: list[float] = []
+        self.early: list[float] = []
+
+    async def turn(self, session_id: str, n: int) -> tuple[float, float]:
+        message = types.Content(role="user", parts=[types.Part(text=f"roll {n}")])
+        spent, started = self.service.elapsed, time.perf_counter()
+        async for _ in self.runner.run_async(
+            user_id=USER, session_id=session_id, new_message=message, run_config=self.config
+        ):
+            pass
+        return self.service.elapsed - spent, time.perf_counter() - started
+
+    def rates(self) -> tuple[float, float, float]:
+        growth = statistics.median(self.late) / statistics.median(self.early)
+        return (
+            len(self.service_times) / sum(self.service_times),
+            len(self.turn_times) / sum(self.turn_times),
+            growth,
+        )
+
+
+async def main(turns: int, window: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        backend = SqliteSessionBackend(Path(tmp) / "cognitia.db")
+        database = DatabaseSessionService(f"sqlite+aiosqlite:///{tmp}/adk-database.db")
+        cases = [
+            Case("cognitia sqlite", CognitiaSessionService(backend), window),
+            Case("adk database", database, window),
+            Case("adk sqlite", SqliteSessionService(f"{tmp}/adk-sqlite.db"), window),
+            Case("cognitia memory", CognitiaSessionService(InMemorySessionBackend()), window),
+            Case("adk memory", InMemorySessionService(), window),
+        ]
+        for case in cases:
+            for session_id in ("warm-up", SESSION, "fresh"):
+                await case.service.create_session(app_name=APP, user_id=USER, session_id=session_id)
+            for n in range(20):
+                await case.turn("warm-up", n)
+        for n in range(turns):
+            for case in cases:
+                service_time, turn_time = await case.turn(SESSION, n)
+                case.service_times.append(service_time)
+                case.turn_times.append(turn_time)
+        for n in range(50):
+            for case in cases:
+                case.late.append((await case.turn(SESSION, turns + n))[0])
+                case.early.append((await case.turn("fresh", n))[0])
+        for case in cases:
+            full = await case.service.get_session(app_name=APP, user_id=USER, session_id=SESSION)
+            assert full is not None and len(full.events) == 4 * (turns + 50), "every event must be stored"
+        await backend.aclose()
+        await database.close()
+
+    print(f"{turns}-turn ADK session (4 events per turn), Runner with num_recent_events={window}")
+    print(f"{'service':<16} {'service turns/s':>16} {'turns/s':>9} {f'growth at turn {turns}':>19}")
+    rates = {case.name: case.rates() for case in cases}
+    for name, (service_rate, turn_rate, growth) in rates.items():
+        print(f"{name:<16} {service_rate:>16.0f} {turn_rate:>9.0f} {growth:>19.2f}")
+    ours = rates["cognitia sqlite"]
+    for builtin in ("adk database", "adk sqlite"):
+        theirs = rates[builtin]
+        print(
+            f"cognitia sqlite / {builtin}: service {ours[0] / theirs[0]:.2f}x, "
+            f"end to end {ours[1] / theirs[1]:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--turns", type=int, default=500)
+    parser.add_argument("--window", type=int, default=20, help="events the Runner reads per turn")
+    args = parser.parse_args()
+    asyncio.run(main(args.turns, args.window))

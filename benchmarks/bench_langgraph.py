@@ -1,0 +1,179 @@
+"""LangGraph checkpointing: cognitia's saver on SQLite against LangGraph's own AsyncSqliteSaver.
+
+Two measurements, both savers in the same run, each on a fresh database file:
+
+* graph: a conversation of ``--steps`` turns, one ``graph.ainvoke`` per turn, each appending a
+  user message and a reply to the thread's messages (LangGraph reads the latest checkpoint,
+  then saves the input and loop checkpoints and the node's writes).
+* direct: the saver alone, per step ``aput`` + ``aput_writes`` + ``aget_tuple`` (latest), once
+  with a growing message list (what the graph stores) and once with a constant-size value
+  (the storage cost alone, without the growing payload).
+
+For each: turns per second, and the growth of the per-turn cost (mean of the last 50 turns
+over the mean of the first 50; 1.0 is flat). Ratios are cognitia over AsyncSqliteSaver.
+
+    python benchmarks/bench_langgraph.py [--steps 500]
+
+Needs: cognitia-langgraph, langgraph, langgraph-checkpoint-sqlite (and aiosqlite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from cognitia_langgraph import CognitiaSaver
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from langgraph.graph import START, MessagesState, StateGraph
+
+from cognitia.session.backends import SqliteSessionBackend
+
+WINDOW = 50
+
+
+@asynccontextmanager
+async def cognitia_saver(path: Path) -> AsyncIterator[BaseCheckpointSaver[Any]]:
+    async with SqliteSessionBackend(db_path=path) as backend:  # synchronous=NORMAL, the default
+        yield CognitiaSaver(backend)
+
+
+@asynccontextmanager
+async def cognitia_saver_full(path: Path) -> AsyncIterator[BaseCheckpointSaver[Any]]:
+    # AsyncSqliteSaver runs with SQLite's default synchronous=FULL (an fsync per commit):
+    # this row compares at the same durability.
+    async with SqliteSessionBackend(db_path=path, synchronous="FULL") as backend:
+        yield CognitiaSaver(backend)
+
+
+@asynccontextmanager
+async def langgraph_saver(path: Path) -> AsyncIterator[BaseCheckpointSaver[Any]]:
+    async with AsyncSqliteSaver.from_conn_string(str(path)) as saver:
+        yield saver
+
+
+BASELINE = "AsyncSqliteSaver"
+SAVERS: dict[str, Callable[[Path], Any]] = {
+    "cognitia": cognitia_saver,
+    "cognitia (FULL)": cognitia_saver_full,
+    BASELINE: langgraph_saver,
+}
+
+
+def conversation_graph(saver: BaseCheckpointSaver[Any]) -> Any:
+    """One node that answers the newest message: each invocation adds two messages."""
+
+    def reply(state: MessagesState) -> dict[str, list[BaseMessage]]:
+        return {"messages": [AIMessage(content=f"reply to {state['messages'][-1].content}")]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("reply", reply)
+    builder.add_edge(START, "reply")
+    return builder.compile(checkpointer=saver)
+
+
+async def timed(steps: int, step: Callable[[int], Awaitable[None]]) -> list[float]:
+    durations = []
+    for i in range(steps):
+        started = time.perf_counter()
+        await step(i)
+        durations.append(time.perf_counter() - started)
+    return durations
+
+
+async def run_graph(saver: BaseCheckpointSaver[Any], steps: int) -> list[float]:
+    graph = conversation_graph(saver)
+    config: RunnableConfig = {"configurable": {"thread_id": "bench-graph"}}
+
+    async def step(i: int) -> None:
+        await graph.ainvoke({"messages": [HumanMessage(content=f"message {i}")]}, config)
+
+    return await timed(steps, step)
+
+
+async def run_direct(saver: BaseCheckpointSaver[Any], steps: int, *, growing: bool) -> list[float]:
+    config: RunnableConfig = {"configurable": {"thread_id": f"bench-direct-{growing}", "checkpoint_ns": ""}}
+    messages: list[BaseMessage] = []
+    version: Any = None
+
+    async def step(i: int) -> None:
+        nonlocal config, version
+        messages.extend([HumanMessage(content=f"message {i}"), AIMessage(content=f"reply to message {i}")])
+        checkpoint = empty_checkpoint()
+        version = saver.get_next_version(version, None)
+        value = list(messages) if growing else messages[-2:]
+        checkpoint["channel_values"] = {"messages": value}
+        checkpoint["channel_versions"] = {"messages": version}
+        config = await saver.aput(
+            config, checkpoint, {"source": "loop", "step": i, "parents": {}}, {"messages": version}
+        )
+        await saver.aput_writes(config, [("messages", messages[-1:])], f"task-{i}", "~__pregel_pull, reply")
+        latest = await saver.aget_tuple({"configurable": {"thread_id": config["configurable"]["thread_id"]}})
+        assert latest is not None and latest.checkpoint["id"] == checkpoint["id"]
+
+    return await timed(steps, step)
+
+
+def summarize(durations: list[float]) -> tuple[float, float, float]:
+    """Turns per second, the median turn in ms, and the growth of the per-turn cost.
+
+    Growth compares medians (last WINDOW turns over first WINDOW) so that a single slow
+    fsync on a shared disk does not decide it.
+    """
+    window = min(WINDOW, len(durations) // 2) or 1
+    first = statistics.median(durations[:window])
+    last = statistics.median(durations[-window:])
+    return len(durations) / sum(durations), statistics.median(durations) * 1000, last / first
+
+
+async def bench(steps: int) -> None:
+    scenarios: dict[str, Callable[[BaseCheckpointSaver[Any]], Awaitable[list[float]]]] = {
+        "graph (ainvoke per turn)": lambda saver: run_graph(saver, steps),
+        "direct, growing messages": lambda saver: run_direct(saver, steps, growing=True),
+        "direct, constant payload": lambda saver: run_direct(saver, steps, growing=False),
+    }
+    print(f"{steps} turns per scenario; growth = median of last {WINDOW} turns / median of first {WINDOW}\n")
+    print(f"{'scenario':28} {'saver':18} {'turns/s':>9} {'p50 ms':>8} {'growth':>7}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, scenario in scenarios.items():
+            results: dict[str, tuple[float, float, float]] = {}
+            for name, factory in SAVERS.items():
+                async with factory(Path(tmp) / f"{len(results)}-{time.monotonic_ns()}.db") as saver:
+                    results[name] = summarize(await scenario(saver))
+                rate, p50, growth = results[name]
+                print(f"{label:28} {name:18} {rate:9.1f} {p50:8.2f} {growth:7.2f}")
+            base = results[BASELINE]
+            for name, (rate, p50, growth) in results.items():
+                if name != BASELINE:
+                    print(
+                        f"{'':28} {name + ' / base':18} {rate / base[0]:8.2f}x {base[1] / p50:7.2f}x"
+                        f" {growth:.2f} vs {base[2]:.2f}"
+                    )
+            print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=500, help="turns per scenario (default 500)")
+    args = parser.parse_args()
+    # cognitia logs each save at info level; this measures storage, not console output.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    # AsyncSqliteSaver (aiosqlite) and LangGraph's async loop are asyncio-only.
+    anyio.run(bench, args.steps, backend="asyncio")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""The ``cognitia`` command: look at, export, import and clean up stored sessions.
+
+It works on a SQLite file (``--db``, default ``sessions.db``), or on a server when the
+extra is installed (``--postgres DSN``, ``--redis URL``)::
+
+    cognitia ls agent:                  keys with version, turn count, last save, size
+    cognitia show agent:user:42         the state as pretty JSON
+    cognitia turns agent:user:42 --last 5
+    cognitia rm agent:user:42
+    cognitia prune --dry-run            sessions past the backend's TTL
+    cognitia export agent: > agents.jsonl
+    cognitia import agents.jsonl
+
+Also runnable as ``python -m cognitia``. Exit status: 0 on success, 1 when the command
+failed (a missing key, a storage error), 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, TextIO
+
+import anyio
+
+from ._json import check_key
+from .errors import CognitiaError, SessionNotFound, VersionConflictError
+from .session.backends import MemoryScope
+from .session.backends._base import BackendBase
+
+__all__ = ["main"]
+
+_PROG = "cognitia"
+
+
+class _CommandError(Exception):
+    """A failure to report on stderr with exit status 1 (no traceback: it is not a bug)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Exported:
+    """One line of an export file."""
+
+    key: str
+    state: dict[str, Any]
+    version: int
+    turns: list[dict[str, Any]]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``) and return the exit status.
+
+    >>> main(["--db", "sessions.db", "ls", "agent:"])  # doctest: +SKIP
+    0
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "import":
+            # Read and check the whole file before touching storage: a bad line imports nothing.
+            args.sessions = _read_import_file(args.file)
+        backend = _open_backend(args)
+        anyio.run(_run, backend, args)
+    except (_CommandError, CognitiaError) as exc:
+        print(f"{_PROG}: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # `cognitia export | head` closed the pipe early; that is not an error of ours.
+        _silence_stdout()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+# -- arguments ----------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Inspect and manage cognitia sessions stored in SQLite, PostgreSQL or Redis.",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--db",
+        metavar="PATH",
+        default=None,
+        help="SQLite database file (default: sessions.db)",
+    )
+    where.add_argument("--postgres", metavar="DSN", help="PostgreSQL connection string (extra [postgres])")
+    where.add_argument(
+        "--redis", metavar="URL", help="Redis URL, e.g. redis://localhost:6379/0 (extra [redis])"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ls = commands.add_parser("ls", help="list sessions with version, turn count, last save and size")
+    ls.add_argument("prefix", nargs="?", default="", help="only keys starting with PREFIX")
+    ls.add_argument(
+        "--scope",
+        choices=[scope.value for scope in MemoryScope],
+        help="only keys of one MemoryScope (same as PREFIX 'SCOPE:')",
+    )
+    ls.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+
+    show = commands.add_parser("show", help="print a session's state as pretty JSON")
+    show.add_argument("key")
+
+    turns = commands.add_parser("turns", help="print a session's turns, one JSON object per line")
+    turns.add_argument("key")
+    turns.add_argument("--last", type=_non_negative, metavar="N", help="only the newest N turns")
+
+    rm = commands.add_parser("rm", help="delete a session and its turns")
+    rm.add_argument("key")
+
+    prune = commands.add_parser("prune", help="delete sessions past their TTL and print their keys")
+    prune.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+
+    export = commands.add_parser("export", help="write sessions as JSON lines to stdout")
+    export.add_argument("prefix", nargs="?", default="", help="only keys starting with PREFIX")
+
+    import_ = commands.add_parser("import", help="read sessions from a JSON lines file written by export")
+    import_.add_argument("file", help="the file to read, or - for stdin")
+    import_.add_argument(
+        "--replace",
+        action="store_true",
+        help="overwrite sessions that already exist (default: refuse, and import nothing)",
+    )
+    return parser
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _open_backend(args: argparse.Namespace) -> BackendBase:
+    if args.postgres is not None:
+        from .session.backends import PostgresSessionBackend
+
+        postgres: BackendBase = PostgresSessionBackend(args.postgres)
+        return postgres
+    if args.redis is not None:
+        from .session.backends import RedisSessionBackend
+
+        redis: BackendBase = RedisSessionBackend(args.redis)
+        return redis
+    from .session.backends import SqliteSessionBackend
+
+    path = Path(args.db or os.environ.get("COGNITIA_DB") or "sessions.db")
+    # Reading commands must not leave an empty database behind after a typo in the path.
+    if args.command != "import" and not path.exists():
+        raise _CommandError(f"no database at {path} (use --db PATH)")
+    return SqliteSessionBackend(db_path=path)
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+async def _run(backend: BackendBase, args: argparse.Namespace) -> None:
+    async with backend:
+        await _COMMANDS[args.command](backend, args, sys.stdout)
+
+
+async def _ls(backend: BackendBase, args: argparse.Namespace, out: TextIO) -> None:
+    prefix = MemoryScope(args.scope).prefix + args.prefix if args.scope else args.prefix
+    rows: list[dict[str, Any]] = []
+    for key in await backend.list_keys(prefix):
+        record = await backend.load_record(key)
+        if record is None:  # deleted or expired since it was listed
+            continue
+        rows.append(
+            {
+                "key": key,
+                "version": record.version,
+                "turns": record.turn_count,
+                "updated_at": _iso(record.updated_at),
+                "bytes": record.size,
+            }
+        )
+    if args.json:
+        for row in rows:
+            _print_json_line(row, out)
+        return
+    columns = ["key", "version", "turns", "updated_at", "bytes"]
+    table = [[name.upper() for name in columns]] + [[str(row[name]) for name in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for line in table:
+        # The key is left-aligned, the rest right-aligned so numbers compare at a glance.
+        cells = [line[0].ljust(widths[0])] + [line[i].rjust(widths[i]) for i in range(1, len(columns))]
+        print("  ".join(cells).rstrip(), file=out)
+
+
+async def _show(backend: BackendBase, args: argparse.Namespace, out: TextIO) -> None:
+    record = await backend.load_record(check_key(args.key))
+    if record is None:
+        raise SessionNotFound(args.key)
+    print(json.dumps(record.state, indent=2, ensure_ascii=False), file=out)
+
+
+async def _turns(backend: BackendBase, args: argparse.Namespace, out: TextIO) -> None:
+    key = check_key(args.key)
+    # A session with an empty turn log is not an error; a session that does not exist is.
+    if await backend.load_record(key) is None:
+        raise SessionNotFound(key)
+    for turn in await backend.load_turns(key, last=args.last):
+        _print_json_line(turn, out)
+
+
+async def _rm(backend: BackendBase, args: argparse.Namespace, out: TextIO) -> None:
+    if not await backend.delete(check_key(args.key)):
+        raise SessionNotFound(args.key)
+
+
+async def _prune(backend: BackendBase, args: argparse.Namespace, out: TextIO) -> None:
+    for key in await backend.prune(dry_run=args.dry_run):
+        print(key, file=out)
+
+
+async def _export(backend: BackendBase, args: argparse.Namespace, out: TextIO) -> None:
+    for key in await backend.list_keys(args.prefix):
+        record = await backend.load_record(key)
+        if record is None:
+            continue
+        turns = await backend.load_turns(key)
+        _print_json_line({"key": key, "state": record.state, "version": record.version, "turns": turns}, out)
+
+
+async def _import(backend: BackendBase, args: argparse.Namespace, out: TextIO) -> None:
+    sessions: list[_Exported] = args.sessions
+    if not args.replace:
+        existing = [s.key for s in sessions if await backend.load_record(s.key) is not None]
+        if existing:
+            shown = ", ".join(repr(k) for k in existing[:5]) + (" ..." if len(existing) > 5 else "")
+            raise _CommandError(
+                f"{len(existing)} session(s) already exist: {shown}; nothing was imported (use --replace)"
+            )
+    for session in sessions:
+        try:
+            await backend.commit(
+                session.key,
+                session.state,
+                expected_version=None if args.replace else 0,
+                turns=session.turns,
+                truncate=0,
+            )
+        except VersionConflictError:
+            raise _CommandError(
+                f"session {session.key!r} was created by another writer during the import (use --replace)"
+            ) from None
+    print(f"imported {len(sessions)} session(s)", file=sys.stderr)
+
+
+def _read_import_file(file: str) -> list[_Exported]:
+    if file == "-":
+        return list(_read_export(sys.stdin, "<stdin>"))
+    try:
+        with open(file, encoding="utf-8") as handle:
+            return list(_read_export(handle, file))
+    except OSError as exc:
+        raise _CommandError(f"cannot read {file}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise _CommandError(f"{file} is not UTF-8 text: {exc}") from None
+
+
+def _read_export(lines: IO[str], name: str) -> Iterator[_Exported]:
+    seen: set[str] = set()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{name}, line {number}"
+        try:
+            item = json.loads(line)
+        except ValueError as exc:
+            raise _CommandError(f"{where}: not JSON ({exc})") from None
+        if not isinstance(item, dict):
+            raise _CommandError(f"{where}: expected a JSON object, got {type(item).__name__}")
+        key, state = item.get("key"), item.get("state")
+        version, turns = item.get("version", 0), item.get("turns", [])
+        if not isinstance(key, str):
+            raise _CommandError(f"{where}: 'key' must be a string")
+        check_key(key)
+        if not isinstance(state, dict):
+            raise _CommandError(f"{where}: 'state' of {key!r} must be an object")
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise _CommandError(f"{where}: 'turns' of {key!r} must be a list of objects")
+        if type(version) is not int:
+            raise _CommandError(f"{where}: 'version' of {key!r} must be an integer")
+        if key in seen:
+            raise _CommandError(f"{where}: session {key!r} appears twice")
+        seen.add(key)
+        yield _Exported(key, state, version, turns)
+
+
+_COMMANDS: dict[str, Callable[[BackendBase, argparse.Namespace, TextIO], Awaitable[None]]] = {
+    "ls": _ls,
+    "show": _show,
+    "turns": _turns,
+    "rm": _rm,
+    "prune": _prune,
+    "export": _export,
+    "import": _import,
+}
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def _iso(timestamp: float) -> str:
+    moment = datetime.fromtimestamp(timestamp, tz=UTC)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _print_json_line(value: Any, out: TextIO) -> None:
+    print(json.dumps(value, ensure_ascii=False, separators=(",", ":")), file=out)
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout at exit and would report the broken pipe a second time.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

@@ -1,0 +1,310 @@
+from __future__ import annotations
+
+import copy
+from typing import Any
+from urllib.parse import quote
+
+from google.adk.errors import StaleSessionError
+from google.adk.errors.already_exists_error import AlreadyExistsError
+from google.adk.errors.session_not_found_error import SessionNotFoundError
+from google.adk.events.event import Event
+from google.adk.platform import time as platform_time
+from google.adk.platform import uuid as platform_uuid
+from google.adk.sessions import Session as AdkSession
+from google.adk.sessions import State
+from google.adk.sessions.base_session_service import (
+    BaseSessionService,
+    GetSessionConfig,
+    ListSessionsResponse,
+)
+from pydantic_core import to_jsonable_python
+
+from cognitia import InMemorySessionManager, Session, SessionNotFound
+from cognitia.session.backends import SessionBackend
+
+__all__ = ["CognitiaSessionService"]
+
+Turn = dict[str, Any]
+
+
+class CognitiaSessionService(BaseSessionService):
+    """A Google ADK session service that stores sessions in cognitia.
+
+    Keys (each part percent-encoded, so ids may contain ``:``)::
+
+        {prefix}session:{app}:{user}:{session_id}   one per ADK session
+        {prefix}app:{app}                           the app's "app:" state
+        {prefix}user:{app}:{user}                   the user's "user:" state
+
+    A session's cognitia state holds its ids, its own state (keys without a prefix) and
+    its last update time; each event is one turn of its turn log, the event's
+    ``model_dump(mode="json", exclude_none=True)``. Appending an event appends one turn,
+    so its cost does not grow with the session, and ``num_recent_events`` reads only
+    the tail of the log. ``app:`` and ``user:`` keys go to their own cognitia keys,
+    shared by every session of the app or of the user; ``temp:`` keys are never stored,
+    as in ADK's own services.
+
+    Writes are versioned: a session object carries the version it was read at, and
+    appending through a copy that another writer has since advanced raises ADK's
+    ``StaleSessionError``. Every write goes through the
+    :class:`~cognitia.InMemorySessionManager`, so its hooks and structlog events fire
+    for every event.
+
+    >>> from cognitia.session.backends import SqliteSessionBackend
+    >>> service = CognitiaSessionService(SqliteSessionBackend("adk.db"))
+    >>> # runner = Runner(agent=agent, app_name="dice", session_service=service)
+
+    Args:
+        backend_or_manager: an :class:`~cognitia.InMemorySessionManager`, or a backend
+            to wrap in a new one.
+        prefix: prepended to every key this service writes.
+    """
+
+    def __init__(
+        self,
+        backend_or_manager: InMemorySessionManager | SessionBackend,
+        *,
+        prefix: str = "adk:",
+    ) -> None:
+        self.manager = (
+            backend_or_manager
+            if isinstance(backend_or_manager, InMemorySessionManager)
+            else InMemorySessionManager(backend_or_manager)
+        )
+        self.prefix = prefix
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def session_key(self, app_name: str, user_id: str, session_id: str) -> str:
+        """The cognitia key of one ADK session."""
+        return f"{self._sessions_prefix(app_name, user_id)}{_part(session_id)}"
+
+    def app_key(self, app_name: str) -> str:
+        """The cognitia key holding an app's ``app:`` state."""
+        return f"{self.prefix}app:{_part(app_name)}"
+
+    def user_key(self, app_name: str, user_id: str) -> str:
+        """The cognitia key holding a user's ``user:`` state within an app."""
+        return f"{self.prefix}user:{_part(app_name)}:{_part(user_id)}"
+
+    def _sessions_prefix(self, app_name: str, user_id: str | None = None) -> str:
+        prefix = f"{self.prefix}session:{_part(app_name)}:"
+        return prefix if user_id is None else f"{prefix}{_part(user_id)}:"
+
+    # -- BaseSessionService -----------------------------------------------------------------
+
+    async def create_session(
+        self,
+        *,
+        app_name: str,
+        user_id: str,
+        state: dict[str, Any] | None = None,
+        session_id: str | None = None,
+    ) -> AdkSession:
+        """Create and store a session; ``AlreadyExistsError`` if the id is taken."""
+        session_id = (session_id.strip() if session_id else None) or platform_uuid.new_uuid()
+        app_delta, user_delta, own_state = _split(state or {})
+        now = platform_time.get_time()
+        record = {
+            "app_name": app_name,
+            "user_id": user_id,
+            "id": session_id,
+            "state": own_state,
+            "updated": now,
+        }
+
+        def create(stored: Session) -> None:
+            if stored.version:
+                raise AlreadyExistsError(f"Session with id {session_id} already exists.")
+            stored.state = record
+
+        stored = await self.manager.update(self.session_key(app_name, user_id, session_id), create)
+        await self._merge(self.app_key(app_name), app_delta)
+        await self._merge(self.user_key(app_name, user_id), user_delta)
+        return await self._to_adk(stored, events=[])
+
+    async def get_session(
+        self,
+        *,
+        app_name: str,
+        user_id: str,
+        session_id: str,
+        config: GetSessionConfig | None = None,
+    ) -> AdkSession | None:
+        """The session with its events (filtered by ``config``), or ``None``."""
+        key = self.session_key(app_name, user_id, session_id)
+        try:
+            stored = await self.manager.get(key)
+        except SessionNotFound:
+            return None
+        turns = await self._event_turns(key, config)
+        return await self._to_adk(stored, events=[Event.model_validate(turn) for turn in turns])
+
+    async def list_sessions(self, *, app_name: str, user_id: str | None = None) -> ListSessionsResponse:
+        """The app's sessions (of ``user_id`` if given) without events, oldest update first."""
+        sessions = []
+        for key in await self.manager.list_keys(self._sessions_prefix(app_name, user_id)):
+            try:
+                stored = await self.manager.get(key)
+            except SessionNotFound:  # deleted since it was listed
+                continue
+            sessions.append(await self._to_adk(stored, events=[]))
+        sessions.sort(key=lambda s: (s.last_update_time, s.user_id, s.id))
+        return ListSessionsResponse(sessions=sessions)
+
+    async def delete_session(self, *, app_name: str, user_id: str, session_id: str) -> None:
+        """Delete the session and its events (app and user state stay)."""
+        await self.manager.delete(self.session_key(app_name, user_id, session_id))
+
+    async def get_user_state(self, *, app_name: str, user_id: str) -> dict[str, Any]:
+        """The user's state in the app, keys without the ``user:`` prefix."""
+        return await self._scoped_state(self.user_key(app_name, user_id))
+
+    async def append_event(self, session: AdkSession, event: Event) -> Event:
+        """Store the event as one turn and apply its state delta; returns the event.
+
+        Raises ``SessionNotFoundError`` if the session is not stored, and
+        ``StaleSessionError`` if ``session`` is older than the stored one.
+        """
+        if event.partial:
+            return event
+        self._apply_temp_state(session, event)
+        event = self._trim_temp_delta_state(event)
+        app_delta, user_delta, own_delta = _split(event.actions.state_delta if event.actions else {})
+        turn = event.model_dump(mode="json", exclude_none=True)
+        seen = _marker(session)
+
+        def append(stored: Session) -> None:
+            if not stored.version:
+                raise SessionNotFoundError(f"Session {session.id} not found.")
+            # A session object made by hand has no version: then ADK's own rule applies,
+            # storage must not have been updated after the copy was.
+            stale = (
+                seen != stored.version
+                if seen is not None
+                else stored.state["updated"] > session.last_update_time
+            )
+            if stale:
+                raise StaleSessionError(
+                    f"Session {session.id} was changed in storage since this copy was read; get it again."
+                )
+            # A new dict, not an in-place update: a failed save must not leave the live copy changed.
+            stored.state = {
+                **stored.state,
+                "state": {**stored.state["state"], **own_delta},
+                "updated": event.timestamp,
+            }
+            stored.turns.append(turn)
+
+        stored = await self.manager.update(
+            self.session_key(session.app_name, session.user_id, session.id), append
+        )
+        session.last_update_time = event.timestamp
+        _set_marker(session, stored.version)
+        await self._merge(self.app_key(session.app_name), app_delta)
+        await self._merge(self.user_key(session.app_name, session.user_id), user_delta)
+        return self._commit_event_to_session(session, event)
+
+    # -- internals --------------------------------------------------------------------------
+
+    async def _event_turns(self, key: str, config: GetSessionConfig | None) -> list[Turn]:
+        """The stored events ``config`` asks for, reading only the tail of the log where it can."""
+        recent = config.num_recent_events if config else None
+        after = config.after_timestamp if config else None
+        if recent == 0:
+            return []
+        if after is None:
+            return await self.manager.turns(key, last=recent)
+        # As InMemorySessionService does: walk back from the newest event and stop at the
+        # first one older than after_timestamp. Read windows that grow until one holds it.
+        window = recent if recent is not None else 64
+        while True:
+            turns = await self.manager.turns(key, last=window)
+            start = len(turns)
+            while start > 0 and turns[start - 1]["timestamp"] >= after:
+                start -= 1
+            if start > 0 or recent is not None or len(turns) < window:
+                return turns[start:]
+            window *= 4
+
+    async def _to_adk(self, stored: Session, *, events: list[Event]) -> AdkSession:
+        record = stored.state
+        app_name, user_id = record["app_name"], record["user_id"]
+        state = copy.deepcopy(record["state"])
+        for key, value in (await self._scoped_state(self.app_key(app_name))).items():
+            state[State.APP_PREFIX + key] = value
+        for key, value in (await self._scoped_state(self.user_key(app_name, user_id))).items():
+            state[State.USER_PREFIX + key] = value
+        session = AdkSession(
+            id=record["id"],
+            app_name=app_name,
+            user_id=user_id,
+            state=state,
+            events=events,
+            last_update_time=record["updated"],
+        )
+        _set_marker(session, stored.version)
+        return session
+
+    async def _scoped_state(self, key: str) -> dict[str, Any]:
+        try:
+            stored = await self.manager.get(key)
+        except SessionNotFound:
+            return {}
+        return copy.deepcopy(stored.state)
+
+    async def _merge(self, key: str, delta: dict[str, Any]) -> None:
+        """``dict.update`` the app or user state under ``key``, re-applied on a conflict."""
+        if not delta:
+            return
+
+        def merge(stored: Session) -> None:
+            stored.state = {**stored.state, **delta}
+
+        await self.manager.update(key, merge)
+
+
+def _part(value: str) -> str:
+    # Percent-encoding ":" keeps "app:a:b" and "app:a" from sharing a key prefix.
+    return quote(value, safe="")
+
+
+def _split(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """``state`` as (app, user, session) parts, prefixes removed and ``temp:`` keys dropped.
+
+    Values are converted the way ADK's database services convert them (datetimes to
+    ISO strings, models to dicts), so the state reads back as the event recorded it.
+    """
+    app: dict[str, Any] = {}
+    user: dict[str, Any] = {}
+    own: dict[str, Any] = {}
+    for key, value in state.items():
+        if key.startswith(State.APP_PREFIX):
+            app[key.removeprefix(State.APP_PREFIX)] = value
+        elif key.startswith(State.USER_PREFIX):
+            user[key.removeprefix(State.USER_PREFIX)] = value
+        elif not key.startswith(State.TEMP_PREFIX):
+            own[key] = value
+    return _jsonable(app), _jsonable(user), _jsonable(own)
+
+
+def _jsonable(part: dict[str, Any]) -> dict[str, Any]:
+    if not part:
+        return part
+    try:
+        converted: dict[str, Any] = to_jsonable_python(part)
+    except Exception:
+        # Left as is: cognitia then refuses it with an error naming the offending path.
+        return part
+    return converted
+
+
+def _marker(session: AdkSession) -> int | None:
+    """The stored version this ADK session object was read or last written at."""
+    marker = getattr(session, "_storage_update_marker", None)
+    return int(marker) if isinstance(marker, str) and marker.isdigit() else None
+
+
+def _set_marker(session: AdkSession, version: int) -> None:
+    # ADK's own slot for a storage revision (its database service keeps one there too).
+    session._storage_update_marker = str(version)

@@ -1,0 +1,343 @@
+"""CognitiaSessionService driven by ADK's Runner with a scripted model."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import cognitia_adk
+import pytest
+from cognitia_adk import CognitiaSessionService
+from google.adk.agents import Agent
+from google.adk.errors import StaleSessionError
+from google.adk.errors.already_exists_error import AlreadyExistsError
+from google.adk.errors.session_not_found_error import SessionNotFoundError
+from google.adk.events import Event
+from google.adk.runners import Runner
+from google.adk.sessions import BaseSessionService, InMemorySessionService
+from google.adk.sessions import Session as AdkSession
+from google.adk.sessions.base_session_service import GetSessionConfig
+from google.genai import types
+
+from cognitia import InMemorySessionManager, SessionEvent
+from cognitia.session.backends import BackendBase, SqliteSessionBackend
+
+pytestmark = pytest.mark.anyio
+
+APP = "dice"
+
+
+async def ask(runner: Runner, user_id: str, session_id: str, text: str) -> str:
+    """One user message through the Runner; the agent's final text."""
+    message = types.Content(role="user", parts=[types.Part(text=text)])
+    answer = ""
+    async for event in runner.run_async(user_id=user_id, session_id=session_id, new_message=message):
+        if event.content and event.content.parts and event.content.parts[0].text:
+            answer = event.content.parts[0].text
+    return answer
+
+
+def user_texts(session: AdkSession) -> list[str]:
+    return [
+        part.text
+        for event in session.events
+        if event.author == "user" and event.content
+        for part in event.content.parts or []
+        if part.text
+    ]
+
+
+async def stored(service: BaseSessionService, user_id: str, session_id: str, **config: Any) -> AdkSession:
+    session = await service.get_session(
+        app_name=APP,
+        user_id=user_id,
+        session_id=session_id,
+        config=GetSessionConfig(**config) if config else None,
+    )
+    assert session is not None
+    return session
+
+
+def test_public_names() -> None:
+    assert cognitia_adk.__all__ == ["CognitiaSessionService"]
+
+
+async def test_multi_turn_with_a_tool_call(store_backend: BackendBase, agent: Agent) -> None:
+    service = CognitiaSessionService(store_backend)
+    runner = Runner(agent=agent, app_name=APP, session_service=service)
+    await service.create_session(app_name=APP, user_id="ann", session_id="s1")
+
+    for text in ("first", "second"):
+        await ask(runner, "ann", "s1", text)
+    answer = await ask(runner, "ann", "s1", "third")
+
+    assert answer == "rolled 4; prompts seen: first | second | third"
+    session = await stored(service, "ann", "s1")
+    calls = [event for event in session.events if event.get_function_calls()]
+    assert len(session.events) == 12 and len(calls) == 3  # per turn: user, call, response, answer
+    assert user_texts(session) == ["first", "second", "third"]
+    assert session.state == {"last_roll": 4, "user:rolls": 3, "app:rolls": 3}
+
+
+async def test_restart_on_a_new_backend_resumes_the_full_history(tmp_path: Path, agent: Agent) -> None:
+    path = tmp_path / "adk.db"
+    async with SqliteSessionBackend(path) as backend:
+        service = CognitiaSessionService(backend)
+        runner = Runner(agent=agent, app_name=APP, session_service=service)
+        await service.create_session(app_name=APP, user_id="ann", session_id="s1", state={"topic": "dice"})
+        await ask(runner, "ann", "s1", "before restart 1")
+        await ask(runner, "ann", "s1", "before restart 2")
+        before = await stored(service, "ann", "s1")
+        await service.manager.aclose()
+
+    async with SqliteSessionBackend(path) as backend:
+        service = CognitiaSessionService(backend)
+        after = await stored(service, "ann", "s1")
+        assert after.events == before.events
+        assert (
+            after.state == before.state == {"topic": "dice", "last_roll": 4, "user:rolls": 2, "app:rolls": 2}
+        )
+        assert after.last_update_time == before.last_update_time
+
+        runner = Runner(agent=agent, app_name=APP, session_service=service)
+        answer = await ask(runner, "ann", "s1", "after restart")
+        assert answer == "rolled 4; prompts seen: before restart 1 | before restart 2 | after restart"
+        assert len((await stored(service, "ann", "s1")).events) == 12
+
+
+async def test_concurrent_sessions_stay_separate(store_backend: BackendBase, agent: Agent) -> None:
+    service = CognitiaSessionService(store_backend)
+    runner = Runner(agent=agent, app_name=APP, session_service=service)
+    users = [f"user-{i}" for i in range(5)]
+    for user in users:
+        await service.create_session(app_name=APP, user_id=user, session_id="chat")
+
+    async def converse(user: str) -> None:
+        for turn in range(3):
+            await ask(runner, user, "chat", f"{user} says {turn}")
+
+    async with anyio.create_task_group() as tg:
+        for user in users:
+            tg.start_soon(converse, user)
+
+    app_rolls = set()
+    for user in users:
+        session = await stored(service, user, "chat")
+        assert user_texts(session) == [f"{user} says {turn}" for turn in range(3)]
+        assert session.state["user:rolls"] == 3
+        app_rolls.add(session.state["app:rolls"])
+    # One value shared by the app. (The tool writes "app:rolls" as a value computed from its
+    # session's copy, so concurrent runs overwrite each other, with ADK's own services too.)
+    assert len(app_rolls) == 1
+
+
+async def test_state_prefixes_behave_like_adks_in_memory_service(
+    store_backend: BackendBase, agent: Agent
+) -> None:
+    ours = CognitiaSessionService(store_backend)
+    reference = InMemorySessionService()
+    sessions = [("ann", "a1"), ("ann", "a2"), ("bob", "b1")]
+    initial = {"app:theme": "dark", "user:lang": "en", "temp:draft": "x", "topic": "dice"}
+    for service in (ours, reference):
+        runner = Runner(agent=agent, app_name=APP, session_service=service)
+        for user, sid in sessions:
+            await service.create_session(app_name=APP, user_id=user, session_id=sid, state=initial)
+            await ask(runner, user, sid, "roll")
+
+    for user, sid in sessions:
+        mine, theirs = await stored(ours, user, sid), await stored(reference, user, sid)
+        assert mine.state == theirs.state
+        assert "temp:draft" not in mine.state and "temp:scratch" not in mine.state
+    assert (await stored(ours, "ann", "a1")).state["user:rolls"] == 2  # shared by ann's two sessions
+    assert (await stored(ours, "bob", "b1")).state["user:rolls"] == 1
+    for user in ("ann", "bob", "nobody"):
+        assert await ours.get_user_state(app_name=APP, user_id=user) == await reference.get_user_state(
+            app_name=APP, user_id=user
+        )
+    listed = await ours.list_sessions(app_name=APP)
+    expected = await reference.list_sessions(app_name=APP)
+    assert [(s.user_id, s.id, s.state) for s in listed.sessions] == [
+        (s.user_id, s.id, s.state) for s in expected.sessions
+    ]
+    # temp: state is never written: not in the stored state, not in the stored events.
+    for user, sid in sessions:
+        key = ours.session_key(APP, user, sid)
+        assert "temp:" not in json.dumps(await store_backend.load(key))
+        assert "temp:" not in json.dumps(await store_backend.load_turns(key))
+
+
+class TurnReadsRecorded(InMemorySessionManager):
+    """A real manager that also notes how many turns each read asked for."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reads: list[int | None] = []
+
+    async def turns(self, key: str, *, last: int | None = None) -> list[dict[str, Any]]:
+        self.reads.append(last)
+        return await super().turns(key, last=last)
+
+
+async def test_get_session_config_matches_adk_and_reads_only_the_tail(
+    store_backend: BackendBase, agent: Agent
+) -> None:
+    # Record a conversation with ADK's own service, then replay the very same events into
+    # ours, so both hold identical ids and timestamps.
+    reference = InMemorySessionService()
+    runner = Runner(agent=agent, app_name=APP, session_service=reference)
+    await reference.create_session(app_name=APP, user_id="ann", session_id="s1")
+    for turn in range(4):
+        await ask(runner, "ann", "s1", f"turn {turn}")
+    recorded = await stored(reference, "ann", "s1")
+
+    ours = CognitiaSessionService(store_backend)
+    target = await ours.create_session(app_name=APP, user_id="ann", session_id="s1")
+    for event in recorded.events:
+        await ours.append_event(target, event.model_copy(deep=True))
+
+    middle = recorded.events[7].timestamp
+    configs: list[dict[str, Any]] = [
+        {},
+        {"num_recent_events": 0},
+        {"num_recent_events": 1},
+        {"num_recent_events": 5},
+        {"num_recent_events": 100},
+        {"after_timestamp": middle},
+        {"after_timestamp": 0.0},
+        {"num_recent_events": 3, "after_timestamp": middle},
+    ]
+    for config in configs:
+        mine = await stored(ours, "ann", "s1", **config)
+        theirs = await stored(reference, "ann", "s1", **config)
+        assert [event.id for event in mine.events] == [event.id for event in theirs.events], config
+        assert mine.events == theirs.events
+
+    manager = TurnReadsRecorded(store_backend)
+    fresh = CognitiaSessionService(manager)
+    tail = await stored(fresh, "ann", "s1", num_recent_events=3)
+    assert len(tail.events) == 3
+    assert manager.reads == [3]
+
+
+async def test_saved_hooks_fire_once_per_event(store_backend: BackendBase, agent: Agent) -> None:
+    manager = InMemorySessionManager(store_backend)
+    saved: list[SessionEvent] = []
+    manager.on("saved", saved.append)
+    service = CognitiaSessionService(manager)
+    runner = Runner(agent=agent, app_name=APP, session_service=service)
+    await service.create_session(app_name=APP, user_id="ann", session_id="s1")
+    await ask(runner, "ann", "s1", "roll")
+
+    key = service.session_key(APP, "ann", "s1")
+    turns = [event.turns for event in saved if event.key == key]
+    assert turns == [0, 1, 1, 1, 1]  # created, then user, call, response, answer
+    assert {event.key for event in saved} == {key, service.app_key(APP), service.user_key(APP, "ann")}
+
+
+async def test_stored_rows_are_plain_json(tmp_path: Path, agent: Agent) -> None:
+    path = tmp_path / "adk.db"
+    async with SqliteSessionBackend(path) as backend:
+        service = CognitiaSessionService(backend)
+        runner = Runner(agent=agent, app_name=APP, session_service=service)
+        await service.create_session(app_name=APP, user_id="ann", session_id="s1")
+        await ask(runner, "ann", "s1", "roll")
+        session = await stored(service, "ann", "s1")
+        key, app_key = service.session_key(APP, "ann", "s1"), service.app_key(APP)
+
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT turn FROM cognitia_turns WHERE key = ? ORDER BY seq", (key,)).fetchall()
+        states = dict(db.execute("SELECT key, state FROM cognitia_sessions").fetchall())
+    db.close()
+    turns = [json.loads(row[0]) for row in rows]
+    assert [turn["author"] for turn in turns] == ["user", "dice", "dice", "dice"]
+    assert turns[1]["content"]["parts"][0]["function_call"]["name"] == "roll_die"
+    assert [Event.model_validate(turn) for turn in turns] == session.events
+    record = json.loads(states[key])
+    assert record["state"] == {"last_roll": 4}
+    assert record["updated"] == session.last_update_time
+    assert json.loads(states[app_key]) == {"rolls": 1}
+
+
+async def test_a_stale_session_object_is_refused(store_backend: BackendBase) -> None:
+    service = CognitiaSessionService(store_backend)
+    await service.create_session(app_name=APP, user_id="ann", session_id="s1")
+    first = await stored(service, "ann", "s1")
+    second = await stored(service, "ann", "s1")
+
+    await service.append_event(first, Event(author="user", invocation_id="i1"))
+    with pytest.raises(StaleSessionError):
+        await service.append_event(second, Event(author="user", invocation_id="i2"))
+    await service.append_event(first, Event(author="user", invocation_id="i3"))  # the current copy goes on
+    assert [event.invocation_id for event in (await stored(service, "ann", "s1")).events] == ["i1", "i3"]
+
+    # A session object made by hand carries no version: its last_update_time decides.
+    by_hand = AdkSession(id="s1", app_name=APP, user_id="ann", last_update_time=0.0)
+    with pytest.raises(StaleSessionError):
+        await service.append_event(by_hand, Event(author="user", invocation_id="i4"))
+    by_hand.last_update_time = first.last_update_time
+    await service.append_event(by_hand, Event(author="user", invocation_id="i5"))
+    assert len((await stored(service, "ann", "s1")).events) == 3
+
+
+async def test_a_writer_in_another_process_is_detected_by_version(tmp_path: Path) -> None:
+    path = tmp_path / "adk.db"
+    async with SqliteSessionBackend(path) as backend_a, SqliteSessionBackend(path) as backend_b:
+        service_a, service_b = CognitiaSessionService(backend_a), CognitiaSessionService(backend_b)
+        await service_a.create_session(app_name=APP, user_id="ann", session_id="s1")
+        copy_a = await stored(service_a, "ann", "s1")
+        copy_b = await stored(service_b, "ann", "s1")
+
+        await service_b.append_event(copy_b, Event(author="user", invocation_id="from b"))
+        with pytest.raises(StaleSessionError):
+            await service_a.append_event(copy_a, Event(author="user", invocation_id="from a"))
+        events = (await stored(service_a, "ann", "s1")).events
+        assert [event.invocation_id for event in events] == ["from b"]
+
+
+async def test_create_list_and_delete(store_backend: BackendBase) -> None:
+    service = CognitiaSessionService(store_backend)
+    created = await service.create_session(app_name=APP, user_id="ann:1", state={"user:tier": "gold"})
+    assert created.id and created.state == {"user:tier": "gold"}
+    with pytest.raises(AlreadyExistsError):
+        await service.create_session(app_name=APP, user_id="ann:1", session_id=created.id)
+    await service.create_session(app_name=APP, user_id="ann", session_id="s:2")
+    await service.create_session(app_name="other", user_id="ann:1", session_id="s3")
+
+    listed = await service.list_sessions(app_name=APP, user_id="ann:1")
+    assert [(s.id, s.state, s.events) for s in listed.sessions] == [(created.id, {"user:tier": "gold"}, [])]
+    assert [s.id for s in (await service.list_sessions(app_name=APP)).sessions] == [created.id, "s:2"]
+
+    await service.delete_session(app_name=APP, user_id="ann:1", session_id=created.id)
+    assert await service.get_session(app_name=APP, user_id="ann:1", session_id=created.id) is None
+    assert (await service.list_sessions(app_name=APP, user_id="ann:1")).sessions == []
+    assert await service.get_user_state(app_name=APP, user_id="ann:1") == {"tier": "gold"}
+    with pytest.raises(SessionNotFoundError):
+        await service.append_event(created, Event(author="user", invocation_id="late"))
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_sync_runner_from_trio_through_a_thread(tmp_path: Path, agent: Agent) -> None:
+    """cognitia on trio; ADK's sync Runner.run runs its own asyncio loop in a worker thread."""
+    async with SqliteSessionBackend(tmp_path / "adk.db") as backend:
+        service = CognitiaSessionService(backend)  # used from trio
+        await service.create_session(app_name=APP, user_id="ann", session_id="s1")
+        # The runner's service gets its own manager: a manager belongs to one event loop.
+        runner = Runner(agent=agent, app_name=APP, session_service=CognitiaSessionService(backend))
+
+        def run(text: str) -> list[Event]:
+            message = types.Content(role="user", parts=[types.Part(text=text)])
+            return list(runner.run(user_id="ann", session_id="s1", new_message=message))
+
+        answers = []
+        for text in ("trio one", "trio two"):
+            events = await anyio.to_thread.run_sync(run, text)
+            answers.append(
+                events[-1].content.parts[0].text if events[-1].content and events[-1].content.parts else ""
+            )
+        assert answers == ["rolled 4; prompts seen: trio one", "rolled 4; prompts seen: trio one | trio two"]
+        session = await stored(CognitiaSessionService(backend), "ann", "s1")
+        assert user_texts(session) == ["trio one", "trio two"]

@@ -1,0 +1,72 @@
+"""The small index a thread's session state holds, so the latest checkpoint is found without the history.
+
+The turn log holds every checkpoint and every batch of writes, in the order they were
+saved. The session state only says, per checkpoint namespace, which checkpoint is the
+latest and from which position of the log it (and its pending writes) can be read::
+
+    {"langgraph": 1,
+     "namespaces": {"": {"latest": "1f0...", "at": 41, "writes": {"1f0...": 40}}}}
+
+``at`` is the log position of the latest checkpoint's turn. LangGraph saves checkpoints in
+the background, so the writes of a step's tasks can be saved before that step's checkpoint:
+``writes`` remembers, for the latest checkpoint and any newer one not saved yet, the position
+of its first writes. The index is a hint: readers check what they find and fall back to the
+whole log if it does not match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from ._codec import CHECKPOINT, WRITES
+
+__all__ = ["FORMAT", "latest", "rebuild", "record"]
+
+FORMAT = 1
+
+
+def _namespace(state: dict[str, Any], ns: str) -> dict[str, Any]:
+    state.setdefault("langgraph", FORMAT)
+    entry: dict[str, Any] = state.setdefault("namespaces", {}).setdefault(ns, {"latest": None, "at": None})
+    return entry
+
+
+def record(state: dict[str, Any], turn: dict[str, Any], seq: int) -> None:
+    """Account for ``turn``, stored at log position ``seq``, in the index held by ``state``."""
+    entry = _namespace(state, turn["ns"])
+    latest = entry["latest"]
+    if turn["kind"] == CHECKPOINT:
+        checkpoint_id = turn["id"]
+        # Checkpoint ids grow with time: the latest is the greatest, as in LangGraph's savers.
+        if latest is None or checkpoint_id >= latest:
+            entry["latest"], entry["at"] = checkpoint_id, seq
+            early = entry.get("writes", {})
+            kept = {cid: at for cid, at in early.items() if cid >= checkpoint_id}
+            if kept:
+                entry["writes"] = kept
+            else:
+                entry.pop("writes", None)
+    elif turn["kind"] == WRITES:
+        checkpoint_id = turn["checkpoint"]
+        if latest is None or checkpoint_id >= latest:
+            entry.setdefault("writes", {}).setdefault(checkpoint_id, seq)
+
+
+def latest(state: dict[str, Any], ns: str) -> tuple[str, int] | None:
+    """The latest checkpoint id of ``ns`` and the log position to read from, or ``None``."""
+    entry = state.get("namespaces", {}).get(ns)
+    if entry is None or entry["latest"] is None:
+        return None
+    at: int = entry["at"]
+    first_write: int = entry.get("writes", {}).get(entry["latest"], at)
+    return entry["latest"], min(at, first_write)
+
+
+def rebuild(state: dict[str, Any], turns: Iterable[dict[str, Any]]) -> None:
+    """Replace the index in ``state`` with one built from the whole log ``turns``."""
+    state.clear()
+    state["langgraph"] = FORMAT
+    state["namespaces"] = {}
+    for seq, turn in enumerate(turns):
+        record(state, turn, seq)

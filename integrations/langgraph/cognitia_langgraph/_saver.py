@@ -1,0 +1,459 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
+from random import random
+from typing import Any
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import (
+    BaseCheckpointSaver,
+    ChannelVersions,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+    get_checkpoint_id,
+    get_serializable_checkpoint_metadata,
+)
+from langgraph.checkpoint.serde.base import SerializerProtocol
+
+from cognitia import InMemorySessionManager, Session
+from cognitia.session.backends import SessionBackend
+
+from . import _index as index
+from ._codec import CHECKPOINT, checkpoint_turn, load_checkpoint, pending_writes, refuse_pickle, writes_turn
+from ._sync import SyncBridge
+
+__all__ = ["DEFAULT_KEY_PREFIX", "CognitiaSaver"]
+
+DEFAULT_KEY_PREFIX = "langgraph:"
+
+Turn = dict[str, Any]
+Log = list[Turn]
+"""Turns of a thread's log, oldest first."""
+Found = tuple[Turn, Log]
+"""A checkpoint's newest turn and the turns holding its pending writes."""
+
+
+class CognitiaSaver(BaseCheckpointSaver[str]):
+    """A LangGraph checkpointer that stores every thread as a cognitia session.
+
+    Each LangGraph thread is one session, keyed ``"langgraph:<thread_id>"``. Every
+    checkpoint and every batch of pending writes is appended to the session's turn log (one
+    append per save, whatever the length of the history), and the session state holds a
+    small index of the latest checkpoint per namespace, so resuming a thread reads only the
+    tail of the log. The full checkpoint history stays available to ``list`` (LangGraph's
+    ``get_state_history``) and to time travel.
+
+    Values are encoded by LangGraph's own serializer (``serde``, ``JsonPlusSerializer`` by
+    default) and stored as base64 inside plain JSON; a serializer with a pickle fallback is
+    refused. Storage, locking, retries on version conflicts, lifecycle hooks and structlog
+    events are the session manager's: register hooks on :attr:`manager`.
+
+    The async methods run on asyncio and trio. The sync methods (``graph.invoke``) work from
+    a plain script, and from a worker thread of a running event loop (``await
+    anyio.to_thread.run_sync(graph.invoke, ...)``), where they run on that loop.
+
+    Args:
+        store: an :class:`~cognitia.InMemorySessionManager`, or any session backend, which
+            is then wrapped in a manager of its own.
+        key_prefix: prepended to the thread id to make the session key.
+        serde: the serializer for channel values and writes (default ``JsonPlusSerializer()``).
+
+    >>> from cognitia.session.backends import SqliteSessionBackend
+    >>> saver = CognitiaSaver(SqliteSessionBackend(db_path="graph.db"))
+    >>> # graph = builder.compile(checkpointer=saver)
+    >>> # await graph.ainvoke(inputs, {"configurable": {"thread_id": "user-42"}})
+    """
+
+    manager: InMemorySessionManager
+    """The session manager the saver stores through; ``saver.manager.on("saved", hook)``."""
+    key_prefix: str
+
+    def __init__(
+        self,
+        store: InMemorySessionManager | SessionBackend,
+        *,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        serde: SerializerProtocol | None = None,
+    ) -> None:
+        super().__init__(serde=serde)
+        refuse_pickle(self.serde)
+        if not isinstance(key_prefix, str):
+            raise TypeError(f"key_prefix must be a str, got {type(key_prefix).__name__}")
+        self.manager = store if isinstance(store, InMemorySessionManager) else InMemorySessionManager(store)
+        self.key_prefix = key_prefix
+        self._bridge = SyncBridge()
+
+    def __repr__(self) -> str:
+        return f"<CognitiaSaver key_prefix={self.key_prefix!r} manager={self.manager!r}>"
+
+    def key(self, thread_id: object) -> str:
+        """The session key of a LangGraph thread."""
+        return f"{self.key_prefix}{thread_id}"
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        """The checkpoint ``config`` names (the latest of its thread and namespace by default)."""
+        thread_id, ns = _thread_and_ns(config)
+        found = await self._find(self.key(thread_id), ns, get_checkpoint_id(config))
+        return None if found is None else self._tuple(thread_id, *found)
+
+    async def alist(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[CheckpointTuple]:
+        """Checkpoints newest first: of one thread (and namespace, if the config names one), or of all.
+
+        ``filter`` matches metadata keys exactly; ``before`` keeps checkpoints older than the
+        one it names; ``limit`` caps how many are returned.
+        """
+        if config is None:
+            threads: Sequence[object] = [
+                key[len(self.key_prefix) :] for key in await self.manager.list_keys(self.key_prefix)
+            ]
+            ns, checkpoint_id = None, None
+        else:
+            threads = [_thread_and_ns(config)[0]]
+            ns = config["configurable"].get("checkpoint_ns")
+            checkpoint_id = get_checkpoint_id(config)
+        before_id = None if before is None else get_checkpoint_id(before)
+        remaining = limit
+        for thread_id in threads:
+            turns = await self._history(self.key(thread_id))
+            for found in _listing(turns, ns, checkpoint_id, before_id, filter or {}):
+                if remaining is not None:
+                    if remaining <= 0:
+                        return
+                    remaining -= 1
+                yield self._tuple(thread_id, *found)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    async def aput(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        """Append ``checkpoint`` to its thread's log; return the config that names it."""
+        thread_id, ns = _thread_and_ns(config)
+        key = self.key(thread_id)
+        turn = checkpoint_turn(
+            self.serde,
+            key,
+            ns,
+            checkpoint,
+            config["configurable"].get("checkpoint_id"),
+            get_serializable_checkpoint_metadata(config, metadata),
+        )
+        await self.manager.update(key, _appender([turn]))
+        return {
+            "configurable": {
+                "thread_id": config["configurable"]["thread_id"],
+                "checkpoint_ns": ns,
+                "checkpoint_id": checkpoint["id"],
+            }
+        }
+
+    async def aput_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        """Append one task's pending writes for the checkpoint ``config`` names."""
+        if not writes:
+            return
+        thread_id, ns = _thread_and_ns(config)
+        key = self.key(thread_id)
+        checkpoint_id = config["configurable"]["checkpoint_id"]
+        turn = writes_turn(self.serde, key, ns, checkpoint_id, task_id, task_path, writes)
+        await self.manager.update(key, _appender([turn]))
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        """Delete the thread: its session, every checkpoint and every write."""
+        await self.manager.delete(self.key(thread_id))
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        """Delete, in every thread, the checkpoints whose metadata ``run_id`` is listed, with their writes."""
+        runs = set(run_ids)
+        if not runs:
+            return
+        for key in await self.manager.list_keys(self.key_prefix):
+            await self._rewrite(key, lambda turns: _without_runs(turns, runs))
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        """Append every checkpoint and write of the source thread to the target thread."""
+        source, target = self.key(source_thread_id), self.key(target_thread_id)
+        if source == target:
+            raise ValueError(f"cannot copy thread {source_thread_id!r} onto itself")
+        turns = await self._history(source)
+        if turns:
+            await self.manager.update(target, _appender(turns))
+
+    async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        """``"keep_latest"``: keep each namespace's latest checkpoint and its writes; ``"delete"``: all.
+
+        ``keep_latest`` drops the ancestors that LangGraph's beta ``DeltaChannel`` rebuilds
+        its value from; do not use it on threads of graphs with delta channels.
+        """
+        if strategy not in ("keep_latest", "delete"):
+            raise ValueError(f"unknown prune strategy {strategy!r}; expected 'keep_latest' or 'delete'")
+        for thread_id in thread_ids:
+            if strategy == "delete":
+                await self.adelete_thread(thread_id)
+            else:
+                await self._rewrite(self.key(thread_id), _latest_only)
+
+    def get_next_version(self, current: str | int | None, channel: None) -> str:
+        """A version greater than ``current``, with a random suffix so forks never collide."""
+        if current is None:
+            number = 0
+        elif isinstance(current, int):
+            number = current
+        else:
+            number = int(current.split(".")[0])
+        return f"{number + 1:032}.{random():016}"
+
+    # -- the sync API, for graph.invoke -------------------------------------------------------
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        """Sync :meth:`aget_tuple`."""
+        return self._bridge.run("get_tuple", self.aget_tuple, config)
+
+    def list(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> Iterator[CheckpointTuple]:
+        """Sync :meth:`alist` (the matching checkpoints are read before the first is returned)."""
+        return iter(self._bridge.run("list", self._collect, config, filter, before, limit))
+
+    def put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        """Sync :meth:`aput`."""
+        return self._bridge.run("put", self.aput, config, checkpoint, metadata, new_versions)
+
+    def put_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        """Sync :meth:`aput_writes`."""
+        self._bridge.run("put_writes", self.aput_writes, config, writes, task_id, task_path)
+
+    def delete_thread(self, thread_id: str) -> None:
+        """Sync :meth:`adelete_thread`."""
+        self._bridge.run("delete_thread", self.adelete_thread, thread_id)
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        """Sync :meth:`adelete_for_runs`."""
+        self._bridge.run("delete_for_runs", self.adelete_for_runs, run_ids)
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        """Sync :meth:`acopy_thread`."""
+        self._bridge.run("copy_thread", self.acopy_thread, source_thread_id, target_thread_id)
+
+    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        """Sync :meth:`aprune`."""
+        self._bridge.run("prune", self._prune, thread_ids, strategy)
+
+    async def _prune(self, thread_ids: Sequence[str], strategy: str) -> None:
+        await self.aprune(thread_ids, strategy=strategy)
+
+    async def _collect(
+        self,
+        config: RunnableConfig | None,
+        filter: dict[str, Any] | None,
+        before: RunnableConfig | None,
+        limit: int | None,
+    ) -> Sequence[CheckpointTuple]:
+        return [t async for t in self.alist(config, filter=filter, before=before, limit=limit)]
+
+    # -- internals --------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _locked(self, key: str) -> AsyncIterator[Session | None]:
+        # Reads take the manager's per-key lock, as its writes do: loading the turn log
+        # while a save of the same session commits would interleave the two. cognitia has
+        # no public read-under-lock call yet, so this uses the two internals the core's
+        # own decorator uses.
+        async with self.manager._operation(key):
+            yield await self.manager._get_locked(key)
+
+    async def _find(self, key: str, ns: str, checkpoint_id: str | None) -> Found | None:
+        async with self._locked(key) as session:
+            if session is None:
+                return None
+            hint = index.latest(session.state, ns)
+            if hint is not None and checkpoint_id in (None, hint[0]):
+                found = _select(await _committed(session, since=hint[1]), ns, hint[0])
+                if found is not None:
+                    return found
+            elif hint is None and checkpoint_id is None and "langgraph" in session.state:
+                return None  # the index knows every namespace this thread has
+            # An older checkpoint (time travel), or an index that does not match the log.
+            turns = await _committed(session, since=0)
+        if checkpoint_id is None:
+            ids = [t["id"] for t in turns if t["kind"] == CHECKPOINT and t["ns"] == ns]
+            if not ids:
+                return None
+            checkpoint_id = max(ids)
+        return _select(turns, ns, checkpoint_id)
+
+    async def _history(self, key: str) -> Log:
+        async with self._locked(key) as session:
+            return [] if session is None else await _committed(session, since=0)
+
+    async def _rewrite(self, key: str, keep: Callable[[Log], Log]) -> None:
+        """Replace the thread's log with ``keep(log)`` (and rebuild the index), if that changes it."""
+        turns = await self._history(key)
+        if len(keep(turns)) == len(turns):
+            return
+
+        async def change(session: Session) -> None:
+            kept = keep(await _committed(session, since=0))
+            session.turns.clear()
+            for turn in kept:
+                session.turns.append(turn)
+            index.rebuild(session.state, kept)
+
+        await self.manager.update(key, change)
+
+    def _tuple(self, thread_id: object, checkpoint: Turn, writes: Log) -> CheckpointTuple:
+        ns = checkpoint["ns"]
+        parent = checkpoint["parent"]
+        return CheckpointTuple(
+            config={
+                "configurable": {
+                    "thread_id": thread_id,
+                    "checkpoint_ns": ns,
+                    "checkpoint_id": checkpoint["id"],
+                }
+            },
+            checkpoint=load_checkpoint(self.serde, checkpoint),
+            metadata=checkpoint["metadata"],
+            parent_config=(
+                None
+                if parent is None
+                else {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns, "checkpoint_id": parent}}
+            ),
+            pending_writes=pending_writes(self.serde, writes),
+        )
+
+
+def _thread_and_ns(config: RunnableConfig) -> tuple[str, str]:
+    configurable = config.get("configurable") or {}
+    if "thread_id" not in configurable:
+        raise ValueError("CognitiaSaver needs a thread id: pass config={'configurable': {'thread_id': ...}}")
+    return str(configurable["thread_id"]), configurable.get("checkpoint_ns", "") or ""
+
+
+def _appender(turns: Sequence[Turn]) -> Callable[[Session], None]:
+    """A change for ``manager.update`` that appends ``turns`` and keeps the index in step."""
+
+    def change(session: Session) -> None:
+        for turn in turns:
+            index.record(session.state, turn, len(session.turns))
+            session.turns.append(turn)
+
+    return change
+
+
+async def _committed(session: Session, *, since: int) -> Log:
+    """The stored turns from log position ``since`` on (the whole log for 0), without queued ones."""
+    queued = len(session.turns.pending)
+    stored = len(session.turns) - queued
+    if since <= 0:
+        turns = await session.turns.all()
+    elif since >= stored:
+        return []
+    else:
+        turns = await session.turns.last(stored - since + queued)
+    return turns[: len(turns) - queued] if queued else turns
+
+
+def _select(turns: Log, ns: str, checkpoint_id: str) -> Found | None:
+    """The newest turn of checkpoint ``checkpoint_id`` in ``turns``, with its writes."""
+    for turn in reversed(turns):
+        if turn["kind"] == CHECKPOINT and turn["id"] == checkpoint_id and turn["ns"] == ns:
+            break
+    else:
+        return None
+    writes = [
+        t for t in turns if t["kind"] != CHECKPOINT and t["checkpoint"] == checkpoint_id and t["ns"] == ns
+    ]
+    return turn, writes
+
+
+def _listing(
+    turns: Log,
+    ns: str | None,
+    checkpoint_id: str | None,
+    before_id: str | None,
+    filter: dict[str, Any],
+) -> list[Found]:
+    """The checkpoints of one thread's log that match, newest first."""
+    checkpoints: dict[tuple[str, str], Turn] = {}
+    writes: dict[tuple[str, str], Log] = {}
+    for turn in turns:
+        if turn["kind"] == CHECKPOINT:
+            checkpoints[(turn["ns"], turn["id"])] = turn  # a re-saved checkpoint: the newest wins
+        else:
+            writes.setdefault((turn["ns"], turn["checkpoint"]), []).append(turn)
+    matching = [
+        turn
+        for (turn_ns, turn_id), turn in checkpoints.items()
+        if (ns is None or turn_ns == ns)
+        and (checkpoint_id is None or turn_id == checkpoint_id)
+        and (before_id is None or turn_id < before_id)
+        and all(turn["metadata"].get(k) == v for k, v in filter.items())
+    ]
+    matching.sort(key=lambda t: t["id"], reverse=True)
+    return [(t, writes.get((t["ns"], t["id"]), [])) for t in matching]
+
+
+def _without_runs(turns: Log, runs: set[str]) -> Log:
+    doomed = {
+        (t["ns"], t["id"]) for t in turns if t["kind"] == CHECKPOINT and t["metadata"].get("run_id") in runs
+    }
+    if not doomed:
+        return turns
+    return [
+        t for t in turns if (t["ns"], t["id"] if t["kind"] == CHECKPOINT else t["checkpoint"]) not in doomed
+    ]
+
+
+def _latest_only(turns: Log) -> Log:
+    """Per namespace, the newest turn of the latest checkpoint, its writes, and writes of newer ones."""
+    latest: dict[str, tuple[str, int]] = {}
+    for seq, turn in enumerate(turns):
+        if turn["kind"] == CHECKPOINT and (turn["ns"] not in latest or turn["id"] >= latest[turn["ns"]][0]):
+            latest[turn["ns"]] = (turn["id"], seq)
+    kept = []
+    for seq, turn in enumerate(turns):
+        mark = latest.get(turn["ns"])
+        if turn["kind"] == CHECKPOINT:
+            if mark == (turn["id"], seq):
+                kept.append(turn)
+        elif mark is None or turn["checkpoint"] >= mark[0]:
+            kept.append(turn)
+    return kept

@@ -1,0 +1,213 @@
+"""A real LangGraph agent (tool-calling loop, fake model, no network) checkpointed through cognitia."""
+
+from __future__ import annotations
+
+import base64
+import json
+import operator
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypedDict
+
+import anyio
+import pytest
+import structlog.testing
+from cognitia_langgraph import CognitiaSaver
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph import END, START, StateGraph
+
+from cognitia import SessionEvent
+from cognitia.session.backends import InMemorySessionBackend, SqliteSessionBackend
+
+pytestmark = pytest.mark.anyio
+
+ToolCall = Callable[[str, str], AIMessage]
+
+
+def config(thread_id: str) -> RunnableConfig:
+    return {"configurable": {"thread_id": thread_id}}
+
+
+async def test_multi_turn_run_resumes_after_restart(
+    build_agent: Any, tool_call_message: ToolCall, tmp_path: Path
+) -> None:
+    """A new backend object on the same file resumes the thread with its messages and checkpoint history."""
+    path = tmp_path / "agent.db"
+    cfg = config("user-42")
+
+    async with SqliteSessionBackend(db_path=path) as backend:
+        graph = build_agent(
+            CognitiaSaver(backend),
+            [tool_call_message("Paris", "call-1"), AIMessage(content="It is sunny in Paris.")],
+        )
+        first = await graph.ainvoke({"messages": [HumanMessage(content="Weather in Paris?")]}, cfg)
+        assert [type(m) for m in first["messages"]] == [HumanMessage, AIMessage, ToolMessage, AIMessage]
+        assert first["messages"][2].content == "sunny, 24 degrees in Paris"
+        history_before = [
+            s.config["configurable"]["checkpoint_id"] async for s in graph.aget_state_history(cfg)
+        ]
+
+    async with SqliteSessionBackend(db_path=path) as backend:
+        saver = CognitiaSaver(backend)
+        graph = build_agent(
+            saver, [tool_call_message("Oslo", "call-2"), AIMessage(content="Oslo is sunny too.")]
+        )
+        resumed = await graph.aget_state(cfg)
+        assert [m.content for m in resumed.values["messages"]] == [m.content for m in first["messages"]]
+        assert resumed.next == ()
+
+        second = await graph.ainvoke({"messages": [HumanMessage(content="And in Oslo?")]}, cfg)
+        contents = [m.content for m in second["messages"]]
+        assert contents[:4] == [m.content for m in first["messages"]]
+        assert contents[4:] == ["And in Oslo?", "", "sunny, 24 degrees in Oslo", "Oslo is sunny too."]
+
+        history = [s async for s in graph.aget_state_history(cfg)]
+        ids = [s.config["configurable"]["checkpoint_id"] for s in history]
+        assert ids[len(ids) - len(history_before) :] == history_before, (
+            "the old checkpoints are all still there"
+        )
+        assert len(ids) > len(history_before)
+        assert ids == sorted(ids, reverse=True)
+        # Every checkpoint but the first points at the one before it.
+        parents = [
+            s.parent_config["configurable"]["checkpoint_id"] if s.parent_config else None for s in history
+        ]
+        assert parents == [*ids[1:], None]
+
+        # Time travel: an old checkpoint is readable with its state at that time.
+        oldest_full = next(s for s in reversed(history) if len(s.values.get("messages", [])) == 4)
+        tup = await saver.aget_tuple(oldest_full.config)
+        assert tup is not None and len(tup.checkpoint["channel_values"]["messages"]) == 4
+
+
+async def test_failed_step_keeps_pending_writes_for_resume(tmp_path: Path) -> None:
+    """When one of two parallel nodes fails, the other's writes are stored and not redone on resume."""
+    calls = {"fetch": 0, "flaky": 0}
+
+    class State(TypedDict):
+        log: Annotated[list[str], operator.add]
+
+    def fetch(state: State) -> dict[str, list[str]]:
+        calls["fetch"] += 1
+        return {"log": ["fetched"]}
+
+    def flaky(state: State) -> dict[str, list[str]]:
+        calls["flaky"] += 1
+        if calls["flaky"] == 1:
+            raise ConnectionError("upstream down")
+        return {"log": ["flaky ok"]}
+
+    builder = StateGraph(State)
+    builder.add_node("fetch", fetch)
+    builder.add_node("flaky", flaky)
+    builder.add_edge(START, "fetch")
+    builder.add_edge(START, "flaky")
+    builder.add_edge(["fetch", "flaky"], END)
+    cfg = config("flaky")
+
+    async with SqliteSessionBackend(db_path=tmp_path / "pending.db") as backend:
+        graph = builder.compile(checkpointer=CognitiaSaver(backend))
+        with pytest.raises(ConnectionError):
+            await graph.ainvoke({"log": ["start"]}, cfg)
+
+    async with SqliteSessionBackend(db_path=tmp_path / "pending.db") as backend:
+        saver = CognitiaSaver(backend)
+        latest = await saver.aget_tuple(cfg)
+        assert latest is not None and latest.pending_writes is not None
+        assert ("log", ["fetched"]) in [(channel, value) for _, channel, value in latest.pending_writes]
+        assert any(channel == "__error__" for _, channel, _ in latest.pending_writes)
+
+        graph = builder.compile(checkpointer=saver)
+        done = await graph.ainvoke(None, cfg)
+    assert calls == {"fetch": 1, "flaky": 2}, "the successful node's stored writes were reused"
+    assert sorted(done["log"]) == ["fetched", "flaky ok", "start"]
+
+
+async def test_concurrent_threads_stay_separate(build_agent: Any, tool_call_message: ToolCall) -> None:
+    """Threads run at the same time through one saver never see each other's messages."""
+    saver = CognitiaSaver(InMemorySessionBackend())
+    cities = ["Lima", "Kyiv", "Baku", "Doha"]
+    results: dict[str, list[str]] = {}
+
+    async def run(city: str) -> None:
+        graph = build_agent(
+            saver, [tool_call_message(city, f"call-{city}"), AIMessage(content=f"done {city}")]
+        )
+        out = await graph.ainvoke({"messages": [HumanMessage(content=f"weather {city}")]}, config(city))
+        results[city] = [str(m.content) for m in out["messages"]]
+
+    async with anyio.create_task_group() as tg:
+        for city in cities:
+            tg.start_soon(run, city)
+
+    for city in cities:
+        assert results[city] == [f"weather {city}", "", f"sunny, 24 degrees in {city}", f"done {city}"]
+        state = await build_agent(saver, []).aget_state(config(city))
+        assert [m.content for m in state.values["messages"]] == results[city]
+    assert sorted(await saver.manager.list_keys("langgraph:")) == sorted(f"langgraph:{c}" for c in cities)
+
+
+async def test_saved_hooks_and_logs_fire_for_graph_steps(
+    build_agent: Any, tool_call_message: ToolCall
+) -> None:
+    """Each checkpoint and each batch of writes is one manager save: hooks fire, logs carry no content."""
+    saver = CognitiaSaver(InMemorySessionBackend())
+    events: list[SessionEvent] = []
+    saver.manager.on("saved", events.append)
+    graph = build_agent(saver, [tool_call_message("Quito", "call-q"), AIMessage(content="secret answer")])
+
+    with structlog.testing.capture_logs() as logs:
+        await graph.ainvoke({"messages": [HumanMessage(content="secret question")]}, config("hooked"))
+
+    checkpoints = [s async for s in graph.aget_state_history(config("hooked"))]
+    assert events, "no saved hook fired"
+    assert {e.key for e in events} == {"langgraph:hooked"}
+    assert all(e.turns == 1 and e.runtime == "asyncio" for e in events)
+    stored_turns = await saver.manager.turns("langgraph:hooked")
+    assert len(events) == len(stored_turns)
+    assert sum(t["kind"] == "checkpoint" for t in stored_turns) == len(checkpoints)
+    assert events[-1].version == len(events)
+    saved_logs = [entry for entry in logs if entry["event"] == "session.saved"]
+    assert len(saved_logs) == len(events)
+    assert "secret" not in repr(logs)
+
+
+async def test_stored_data_is_plain_json(
+    build_agent: Any, tool_call_message: ToolCall, tmp_path: Path
+) -> None:
+    """The SQLite file holds JSON only: ids and metadata in clear, values as [type, base64], no pickle."""
+    path = tmp_path / "plain.db"
+    async with SqliteSessionBackend(db_path=path) as backend:
+        graph = build_agent(
+            CognitiaSaver(backend), [tool_call_message("Lagos", "c1"), AIMessage(content="ok")]
+        )
+        await graph.ainvoke({"messages": [HumanMessage(content="Lagos?")]}, config("json"))
+
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT key, seq, turn FROM cognitia_turns ORDER BY seq").fetchall()
+        (state_text,) = conn.execute(
+            "SELECT state FROM cognitia_sessions WHERE key = 'langgraph:json'"
+        ).fetchone()
+    conn.close()
+
+    turns = [json.loads(turn) for _, _, turn in rows]
+    assert {key for key, _, _ in rows} == {"langgraph:json"}
+    assert [seq for _, seq, _ in rows] == list(range(len(rows)))
+    kinds = {t["kind"] for t in turns}
+    assert kinds == {"checkpoint", "writes"}
+    for turn in turns:
+        if turn["kind"] == "checkpoint":
+            assert isinstance(turn["metadata"]["step"], int)
+            assert isinstance(turn["checkpoint"]["channel_versions"], dict)
+            pairs = list(turn["checkpoint"]["channel_values"].values())
+        else:
+            pairs = [w[2:] for w in turn["writes"]]
+        for kind, data in pairs:
+            assert "pickle" not in kind
+            base64.b64decode(data, validate=True)
+    state = json.loads(state_text)
+    last_checkpoint = max(t["id"] for t in turns if t["kind"] == "checkpoint")
+    assert state["namespaces"][""]["latest"] == last_checkpoint
+    assert turns[state["namespaces"][""]["at"]]["id"] == last_checkpoint

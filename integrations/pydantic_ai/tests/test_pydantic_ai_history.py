@@ -1,0 +1,81 @@
+"""history() and remember() for message_history users, and the sync entry point from trio."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio.to_thread
+import pytest
+from cognitia_pydantic_ai import CognitiaConversationStore, history, remember
+from pydantic_ai import Agent
+from pydantic_ai.conversation import Conversation
+from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
+
+from cognitia import InMemorySessionManager, SessionEvent
+from cognitia.session.backends import BackendBase, SqliteSessionBackend
+
+pytestmark = pytest.mark.anyio
+
+Prompts = Callable[[list[ModelMessage]], list[str]]
+
+
+async def test_history_and_remember_across_a_restart(
+    tmp_path: Path, agent: Agent[None, str], prompts_of: Prompts
+) -> None:
+    path = tmp_path / "chats.db"
+    async with SqliteSessionBackend(path) as backend:
+        manager = InMemorySessionManager(backend)
+        saved: list[SessionEvent] = []
+        manager.on("saved", saved.append)
+        for prompt in ("one", "two"):
+            result = await agent.run(prompt, message_history=await history(manager, "chat:1"))
+            await remember(manager, "chat:1", result)
+        before = await history(manager, "chat:1")
+        assert [event.turns for event in saved] == [4, 4]
+
+    async with SqliteSessionBackend(path) as backend:
+        manager = InMemorySessionManager(backend)
+        assert await history(manager, "chat:1") == before
+        result = await agent.run("three", message_history=await history(manager, "chat:1"))
+        assert result.output == "rolled; prompts seen: one | two | three"
+        await remember(manager, "chat:1", result)
+        assert prompts_of(await history(manager, "chat:1")) == ["one", "two", "three"]
+        assert len(await history(manager, "chat:1", last=4)) == 4
+        assert await history(manager, "chat:unknown") == []
+
+
+async def test_remember_takes_plain_messages(store_backend: BackendBase, agent: Agent[None, str]) -> None:
+    manager = InMemorySessionManager(store_backend)
+    result = await agent.run("hi")
+    session = await remember(manager, "chat:2", result.all_messages())
+    assert len(session.turns) == 4
+    turns = await store_backend.load_turns("chat:2")
+    assert (
+        ModelMessagesTypeAdapter.validate_python([turn["message"] for turn in turns]) == result.all_messages()
+    )
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_run_sync_from_trio_through_a_thread(
+    tmp_path: Path, agent: Agent[None, str], prompts_of: Prompts
+) -> None:
+    """cognitia stays on trio; the agent runs on asyncio in a worker thread via run_sync."""
+    async with SqliteSessionBackend(tmp_path / "chats.db") as backend:
+        manager = InMemorySessionManager(backend)
+        for prompt in ("trio one", "trio two"):
+            messages = await history(manager, "chat:trio")
+            run = functools.partial(agent.run_sync, prompt, message_history=messages)
+            await remember(manager, "chat:trio", await anyio.to_thread.run_sync(run))
+        assert prompts_of(await history(manager, "chat:trio")) == ["trio one", "trio two"]
+
+        # The ConversationStore is plain async code over cognitia, so it runs on trio too.
+        store = CognitiaConversationStore(manager)
+        for prompt in ("store one", "store two"):
+            conversation = await store.load("c-trio") or Conversation(conversation_id="c-trio")
+            run = functools.partial(agent.run_sync, prompt, conversation=conversation)
+            await store.save(await anyio.to_thread.run_sync(run))
+        loaded = await store.load("c-trio")
+        assert loaded is not None
+        assert prompts_of(loaded.messages) == ["store one", "store two"]

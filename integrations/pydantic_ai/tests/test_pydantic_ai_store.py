@@ -1,0 +1,325 @@
+"""CognitiaConversationStore driven by real pydantic-ai agents on its fake models."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import cognitia_pydantic_ai
+import pytest
+from cognitia_pydantic_ai import CognitiaConversationStore
+from pydantic_ai import Agent
+from pydantic_ai.conversation import Conversation
+from pydantic_ai.conversation_store import ConversationConflict
+from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter, ToolCallPart, ToolReturnPart
+from pydantic_ai.models.test import TestModel
+
+from cognitia import InMemorySessionManager, SessionEvent
+from cognitia.session.backends import BackendBase, SqliteSessionBackend
+
+pytestmark = pytest.mark.anyio
+
+Prompts = Callable[[list[ModelMessage]], list[str]]
+
+
+async def chat(store: CognitiaConversationStore, agent: Agent[None, str], cid: str, prompt: str) -> str:
+    """One request of a stateless server: load, run, save."""
+    conversation = await store.load(cid) or Conversation(conversation_id=cid)
+    result = await agent.run(prompt, conversation=conversation)
+    await store.save(result)
+    return result.output
+
+
+def tool_calls(messages: list[ModelMessage]) -> int:
+    return sum(isinstance(part, ToolCallPart) for message in messages for part in message.parts)
+
+
+def test_public_names() -> None:
+    assert cognitia_pydantic_ai.__all__ == ["CognitiaConversationStore", "history", "remember"]
+
+
+async def test_multi_turn_with_a_tool_call_is_stored(
+    store_backend: BackendBase, agent: Agent[None, str], prompts_of: Prompts
+) -> None:
+    store = CognitiaConversationStore(store_backend)
+    await chat(store, agent, "c1", "first")
+    await chat(store, agent, "c1", "second")
+    output = await chat(store, agent, "c1", "third")
+
+    assert output == "rolled; prompts seen: first | second | third"
+    loaded = await store.load("c1")
+    assert loaded is not None
+    assert len(loaded.messages) == 12  # per turn: prompt, tool call, tool return, answer
+    assert tool_calls(loaded.messages) == 3
+    assert prompts_of(loaded.messages) == ["first", "second", "third"]
+    assert await store_backend.load_turns(store.key("c1")) == await store.manager.turns(store.key("c1"))
+
+
+async def test_test_model_conversation_round_trips(store_backend: BackendBase) -> None:
+    agent: Agent[None, str] = Agent(TestModel())
+
+    @agent.tool_plain
+    def lookup(city: str) -> str:
+        """Look a city up."""
+        return f"{city} is sunny"
+
+    store = CognitiaConversationStore(store_backend)
+    conversation = Conversation(conversation_id="weather")
+    for prompt in ("Paris?", "Rome?"):
+        result = await agent.run(prompt, conversation=conversation)
+        await store.save(result)
+        conversation = result.conversation
+    loaded = await store.load("weather")
+    assert loaded is not None
+    assert loaded.messages == conversation.messages
+    assert loaded.usage == conversation.usage
+    assert loaded.revision == conversation.revision
+
+
+async def test_restart_on_a_new_backend_resumes_the_full_history(
+    tmp_path: Path, agent: Agent[None, str], prompts_of: Prompts
+) -> None:
+    path = tmp_path / "chats.db"
+    backend = SqliteSessionBackend(path)
+    store = CognitiaConversationStore(backend)
+    await chat(store, agent, "c1", "before restart 1")
+    await chat(store, agent, "c1", "before restart 2")
+    before = await store.load_entries("c1")
+    await store.manager.aclose()
+    await backend.aclose()
+
+    backend = SqliteSessionBackend(path)
+    try:
+        store = CognitiaConversationStore(backend)
+        after = await store.load_entries("c1")
+        assert after == before
+        output = await chat(store, agent, "c1", "after restart")
+        assert output == "rolled; prompts seen: before restart 1 | before restart 2 | after restart"
+        loaded = await store.load("c1")
+        assert loaded is not None
+        assert prompts_of(loaded.messages) == ["before restart 1", "before restart 2", "after restart"]
+        # An entry id kept from before the restart still resolves.
+        assert before is not None
+        assert (await store.read_entry(before[1].id)).message == before[1].message
+    finally:
+        await backend.aclose()
+
+
+async def test_concurrent_conversations_stay_separate(
+    store_backend: BackendBase, agent: Agent[None, str], prompts_of: Prompts
+) -> None:
+    store = CognitiaConversationStore(store_backend)
+    cids = [f"user-{i}" for i in range(6)]
+
+    async def converse(cid: str) -> None:
+        for turn in range(3):
+            await chat(store, agent, cid, f"{cid} says {turn}")
+
+    async with anyio.create_task_group() as tg:
+        for cid in cids:
+            tg.start_soon(converse, cid)
+
+    for cid in cids:
+        loaded = await store.load(cid)
+        assert loaded is not None
+        assert prompts_of(loaded.messages) == [f"{cid} says {turn}" for turn in range(3)]
+    assert {record.conversation_id for record in await store.list_conversations()} == set(cids)
+
+
+async def test_saved_hooks_fire_for_framework_turns(
+    store_backend: BackendBase, agent: Agent[None, str]
+) -> None:
+    manager = InMemorySessionManager(store_backend)
+    saved: list[SessionEvent] = []
+    manager.on("saved", saved.append)
+    store = CognitiaConversationStore(manager)
+
+    await chat(store, agent, "c1", "one")
+    await chat(store, agent, "c1", "two")
+
+    assert [(event.key, event.turns, event.version) for event in saved] == [
+        ("pydantic_ai:conversation:c1", 4, 1),
+        ("pydantic_ai:conversation:c1", 4, 2),
+    ]
+
+
+async def test_stored_rows_are_plain_json(tmp_path: Path, agent: Agent[None, str]) -> None:
+    path = tmp_path / "chats.db"
+    async with SqliteSessionBackend(path) as backend:
+        store = CognitiaConversationStore(backend)
+        await chat(store, agent, "c1", "hello")
+        loaded = await store.load("c1")
+    assert loaded is not None
+
+    with sqlite3.connect(path) as db:
+        rows = db.execute(
+            "SELECT turn FROM cognitia_turns WHERE key = ? ORDER BY seq", ("pydantic_ai:conversation:c1",)
+        ).fetchall()
+        (state,) = db.execute(
+            "SELECT state FROM cognitia_sessions WHERE key = ?", ("pydantic_ai:conversation:c1",)
+        ).fetchone()
+    db.close()
+    turns = [json.loads(row[0]) for row in rows]
+    assert [turn["message"]["kind"] for turn in turns] == ["request", "response", "request", "response"]
+    assert [turn["parent_id"] for turn in turns[1:]] == [turn["id"] for turn in turns[:-1]]
+    part_kinds = [part["part_kind"] for turn in turns for part in turn["message"]["parts"]]
+    assert part_kinds == ["user-prompt", "tool-call", "tool-return", "text"]
+    assert ModelMessagesTypeAdapter.validate_python([turn["message"] for turn in turns]) == loaded.messages
+    record = json.loads(state)
+    assert record["conversation_id"] == "c1"
+    assert record["head_id"] == turns[-1]["id"]
+    assert record["revision"] == loaded.revision
+
+
+async def test_a_stale_revision_is_a_conflict(
+    store_backend: BackendBase, agent: Agent[None, str], prompts_of: Prompts
+) -> None:
+    store = CognitiaConversationStore(store_backend)
+    await chat(store, agent, "c1", "start")
+    first = await store.load("c1")
+    second = await store.load("c1")
+    assert first is not None and second is not None
+
+    winner = await agent.run("winner", conversation=first)
+    loser = await agent.run("loser", conversation=second)
+    await store.save(winner)
+    with pytest.raises(ConversationConflict):
+        await store.save(loser)
+    with pytest.raises(ConversationConflict):  # a new conversation may not replace a stored one
+        await store.save(Conversation(conversation_id="c1"))
+
+    loaded = await store.load("c1")
+    assert loaded is not None
+    assert prompts_of(loaded.messages) == ["start", "winner"]
+
+
+async def test_concurrent_saves_of_one_revision_let_exactly_one_win(
+    store_backend: BackendBase, agent: Agent[None, str], prompts_of: Prompts
+) -> None:
+    store = CognitiaConversationStore(store_backend)
+    await chat(store, agent, "c1", "start")
+    results = []
+    for prompt in ("left", "right", "middle"):
+        loaded = await store.load("c1")
+        assert loaded is not None
+        results.append(await agent.run(prompt, conversation=loaded))
+    outcomes: list[str] = []
+
+    async def save(index: int) -> None:
+        try:
+            await store.save(results[index])
+            outcomes.append("saved")
+        except ConversationConflict:
+            outcomes.append("conflict")
+
+    # Three results continue the same revision; however the saves interleave, one wins.
+    async with anyio.create_task_group() as tg:
+        for index in range(3):
+            tg.start_soon(save, index)
+    assert sorted(outcomes) == ["conflict", "conflict", "saved"]
+    loaded = await store.load("c1")
+    assert loaded is not None
+    assert len(prompts_of(loaded.messages)) == 2
+
+
+async def test_a_writer_in_another_process_is_detected_by_version(
+    tmp_path: Path, agent: Agent[None, str], prompts_of: Prompts
+) -> None:
+    path = tmp_path / "chats.db"
+    async with SqliteSessionBackend(path) as backend_a, SqliteSessionBackend(path) as backend_b:
+        conflicts: list[SessionEvent] = []
+        manager_a = InMemorySessionManager(backend_a)
+        manager_a.on("conflict", conflicts.append)
+        store_a = CognitiaConversationStore(manager_a)
+        store_b = CognitiaConversationStore(backend_b)
+        await chat(store_a, agent, "c1", "start")
+        stale = await store_a.load("c1")  # worker A's live copy
+        assert stale is not None
+
+        await chat(store_b, agent, "c1", "worker b")  # worker B writes behind A's back
+        result = await agent.run("worker a", conversation=stale)
+        with pytest.raises(ConversationConflict):
+            await store_a.save(result)
+
+        # A's live copy passed the revision check; the versioned commit caught the race.
+        assert [event.key for event in conflicts] == ["pydantic_ai:conversation:c1"]
+        loaded = await store_a.load("c1")
+        assert loaded is not None
+        assert prompts_of(loaded.messages) == ["start", "worker b"]
+
+
+async def test_branch_fork_and_delete(
+    store_backend: BackendBase, agent: Agent[None, str], prompts_of: Prompts
+) -> None:
+    store = CognitiaConversationStore(store_backend)
+    for prompt in ("a", "b", "c"):
+        await chat(store, agent, "main", prompt)
+    loaded = await store.load("main")
+    assert loaded is not None
+
+    fork = await store.fork("main", at=8, new_conversation_id="fork")
+    assert prompts_of(fork.messages) == ["a", "b"]
+    await store.save(await agent.run("fork only", conversation=fork))
+
+    branched = await store.branch("main", at=4, expected_revision=loaded.revision)
+    await store.save(await agent.run("b again", conversation=branched))
+    main = await store.load("main")
+    record = await store.read_record("main")
+    assert main is not None and record is not None
+    assert prompts_of(main.messages) == ["a", "b again"]
+    old_tip = record.branches[-1]
+    back = await store.branch("main", from_entry=old_tip, expected_revision=main.revision)
+    assert prompts_of(back.messages) == ["a", "b", "c"]
+
+    await store.delete("main")
+    assert await store.load("main") is None
+    assert await store_backend.load_turns(store.key("main")) == []
+    assert await store_backend.list_keys("pydantic_ai:") == ["pydantic_ai:conversation:fork"]
+    forked = await store.load("fork")
+    assert forked is not None
+    assert prompts_of(forked.messages) == ["a", "b", "fork only"]
+
+
+async def test_list_conversations_by_scope(store_backend: BackendBase, agent: Agent[None, str]) -> None:
+    store = CognitiaConversationStore(store_backend)
+    for cid, scope in (("c1", "alice"), ("c2", "bob"), ("c3", "alice")):
+        result = await agent.run("hi", conversation=Conversation(conversation_id=cid))
+        await store.save(result, scope=scope)
+
+    alice = await store.list_conversations(scope="alice")
+    assert [record.conversation_id for record in alice] == ["c3", "c1"]
+    assert await store.load("c2", scope="alice") is None
+    assert len(await store.list_conversations(limit=2)) == 2
+
+
+class TurnReadsRecorded(InMemorySessionManager):
+    """A real manager that also notes how many turns each read asked for."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reads: list[int | None] = []
+
+    async def turns(self, key: str, *, last: int | None = None) -> list[dict[str, Any]]:
+        self.reads.append(last)
+        return await super().turns(key, last=last)
+
+
+async def test_a_limited_load_reads_only_the_tail(tmp_path: Path, agent: Agent[None, str]) -> None:
+    path = tmp_path / "chats.db"
+    async with SqliteSessionBackend(path) as backend:
+        store = CognitiaConversationStore(backend)
+        for turn in range(5):
+            await chat(store, agent, "c1", f"turn {turn}")
+    async with SqliteSessionBackend(path) as backend:
+        manager = TurnReadsRecorded(backend)
+        store = CognitiaConversationStore(manager)
+        window = await store.load("c1", limit=2)
+        assert window is not None
+        assert isinstance(window.messages[0].parts[0], ToolReturnPart)
+        assert manager.reads == [2]
+        full = await store.load("c1")
+        assert full is not None and full.messages[-2:] == window.messages

@@ -1,0 +1,341 @@
+"""The ``cognitia`` command, run in-process through ``main()`` and once as ``python -m cognitia``."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from cognitia.cli import main
+from cognitia.session.backends import SqliteSessionBackend
+
+
+def seed(db: Path, sessions: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]], **options: Any) -> None:
+    """Store ``{key: (state, turns)}`` in ``db`` with the real backend (on trio, to vary the runtime)."""
+
+    async def write() -> None:
+        async with SqliteSessionBackend(db_path=db, **options) as backend:
+            for key, (state, turns) in sessions.items():
+                await backend.commit(key, state, turns=turns)
+
+    anyio.run(write, backend="trio")
+
+
+def stored(db: Path, key: str) -> tuple[dict[str, Any] | None, int | None, list[dict[str, Any]]]:
+    async def read() -> tuple[dict[str, Any] | None, int | None, list[dict[str, Any]]]:
+        async with SqliteSessionBackend(db_path=db) as backend:
+            record = await backend.load_record(key)
+            turns = await backend.load_turns(key)
+        return (None, None, turns) if record is None else (record.state, record.version, turns)
+
+    return anyio.run(read)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "sessions.db"
+    seed(
+        path,
+        {
+            "agent:user:42": (
+                {"role": "coach", "turn": 7, "note": "héllo"},
+                [{"q": "hi", "a": "hello"}, {"q": "2", "a": "b"}],
+            ),
+            "agent:user:43": ({"role": "tutor"}, []),
+            "global:settings": ({"lang": "en"}, []),
+        },
+    )
+    return path
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_ls_prints_a_table_of_every_session(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "--db", str(db), "ls")
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].split() == ["KEY", "VERSION", "TURNS", "UPDATED_AT", "BYTES"]
+    rows = [line.split() for line in lines[1:]]
+    assert [row[0] for row in rows] == ["agent:user:42", "agent:user:43", "global:settings"]
+    assert rows[0][1:3] == ["1", "2"]
+    assert rows[0][4] == str(
+        len(
+            json.dumps(
+                {"role": "coach", "turn": 7, "note": "héllo"}, ensure_ascii=False, separators=(",", ":")
+            ).encode()
+        )
+    )
+    assert rows[0][3].endswith("Z") and rows[0][3].startswith(time.strftime("%Y", time.gmtime()))
+
+
+def test_ls_filters_by_prefix_and_scope_and_prints_json_lines(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "--db", str(db), "ls", "--scope", "agent", "--json")
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["key"] for r in rows] == ["agent:user:42", "agent:user:43"]
+    assert rows[0]["turns"] == 2 and rows[0]["version"] == 1
+    _, out, _ = run(capsys, "--db", str(db), "ls", "global:", "--json")
+    assert [json.loads(line)["key"] for line in out.splitlines()] == ["global:settings"]
+    _, out, _ = run(capsys, "--db", str(db), "ls", "--scope", "agent", "user:43", "--json")
+    assert [json.loads(line)["key"] for line in out.splitlines()] == ["agent:user:43"]
+    _, out, _ = run(capsys, "--db", str(db), "ls", "nothing:")
+    assert out.splitlines() == ["KEY  VERSION  TURNS  UPDATED_AT  BYTES"]
+
+
+def test_show_prints_the_state_as_pretty_json(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--db", str(db), "show", "agent:user:42")
+    assert code == 0
+    assert json.loads(out) == {"role": "coach", "turn": 7, "note": "héllo"}
+    assert out.startswith("{\n  ") and "héllo" in out
+
+
+def test_a_missing_key_exits_1_with_a_message_on_stderr(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("show", "turns", "rm"):
+        code, out, err = run(capsys, "--db", str(db), command, "agent:nobody")
+        assert (code, out) == (1, ""), command
+        assert err == "cognitia: no session under key 'agent:nobody'\n"
+
+
+def test_turns_prints_json_lines_and_the_tail(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--db", str(db), "turns", "agent:user:42")
+    assert code == 0
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"q": "hi", "a": "hello"},
+        {"q": "2", "a": "b"},
+    ]
+    _, out, _ = run(capsys, "--db", str(db), "turns", "agent:user:42", "--last", "1")
+    assert [json.loads(line) for line in out.splitlines()] == [{"q": "2", "a": "b"}]
+    code, out, _ = run(capsys, "--db", str(db), "turns", "agent:user:43")
+    assert (code, out) == (0, "")
+
+
+def test_rm_deletes_the_session_and_its_turns(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "--db", str(db), "rm", "agent:user:42")[0] == 0
+    assert stored(db, "agent:user:42") == (None, None, [])
+    assert run(capsys, "--db", str(db), "rm", "agent:user:42")[0] == 1
+    assert stored(db, "agent:user:43")[0] == {"role": "tutor"}
+
+
+def test_prune_removes_only_expired_sessions_and_dry_run_removes_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "ttl.db"
+    # Written with a clock 100 s in the past and a 10 s TTL: already expired now.
+    seed(db, {"agent:old": ({"n": 1}, [{"t": 1}])}, ttl=10, clock=lambda: time.time() - 100)
+    seed(db, {"agent:new": ({"n": 2}, [])}, ttl=3600)
+    code, out, _ = run(capsys, "--db", str(db), "prune", "--dry-run")
+    assert (code, out) == (0, "agent:old\n")
+    assert run(capsys, "--db", str(db), "prune")[1] == "agent:old\n"
+    assert run(capsys, "--db", str(db), "prune")[1] == ""
+    _, out, _ = run(capsys, "--db", str(db), "ls", "--json")
+    assert [json.loads(line)["key"] for line in out.splitlines()] == ["agent:new"]
+
+
+def test_export_then_import_round_trips_state_and_turns(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "--db", str(db), "export", "agent:")
+    assert code == 0
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert lines[0] == {
+        "key": "agent:user:42",
+        "state": {"role": "coach", "turn": 7, "note": "héllo"},
+        "version": 1,
+        "turns": [{"q": "hi", "a": "hello"}, {"q": "2", "a": "b"}],
+    }
+    assert [line["key"] for line in lines] == ["agent:user:42", "agent:user:43"]
+    dump = tmp_path / "agents.jsonl"
+    dump.write_text(out, encoding="utf-8")
+
+    copy = tmp_path / "copy.db"
+    code, out, err = run(capsys, "--db", str(copy), "import", str(dump))
+    assert (code, out, err) == (0, "", "imported 2 session(s)\n")
+    assert stored(copy, "agent:user:42") == (lines[0]["state"], 1, lines[0]["turns"])
+    assert stored(copy, "agent:user:43") == ({"role": "tutor"}, 1, [])
+    assert stored(copy, "global:settings")[0] is None
+    if sys.platform != "win32":
+        assert os.stat(copy).st_mode & 0o777 == 0o600
+
+
+def test_import_refuses_existing_sessions_unless_replace(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dump = tmp_path / "in.jsonl"
+    dump.write_text(
+        json.dumps({"key": "agent:fresh", "state": {"a": 1}, "version": 1, "turns": []})
+        + "\n\n"
+        + json.dumps(
+            {"key": "agent:user:42", "state": {"replaced": True}, "version": 9, "turns": [{"only": 1}]}
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    code, _, err = run(capsys, "--db", str(db), "import", str(dump))
+    assert code == 1
+    assert "'agent:user:42'" in err and "nothing was imported" in err and "--replace" in err
+    assert stored(db, "agent:fresh")[0] is None
+
+    assert run(capsys, "--db", str(db), "import", "--replace", str(dump))[0] == 0
+    # The stored turns are replaced by the file's, not appended to.
+    assert stored(db, "agent:user:42") == ({"replaced": True}, 2, [{"only": 1}])
+    assert stored(db, "agent:fresh") == ({"a": 1}, 1, [])
+
+
+def test_import_reads_stdin(
+    db: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"key": "shared:team", "state": {"k": [1, 2]}}\n'))
+    assert run(capsys, "--db", str(db), "import", "-")[0] == 0
+    assert stored(db, "shared:team") == ({"k": [1, 2]}, 1, [])
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"key": "a", "state": {}}\nnot json\n', "line 2: not JSON"),
+        ('["a"]\n', "line 1: expected a JSON object"),
+        ('{"key": 3, "state": {}}\n', "line 1: 'key' must be a string"),
+        ('{"key": "a", "state": []}\n', "'state' of 'a' must be an object"),
+        ('{"key": "a", "state": {}, "turns": [1]}\n', "'turns' of 'a' must be a list of objects"),
+        ('{"key": "a", "state": {}}\n{"key": "a", "state": {}}\n', "line 2: session 'a' appears twice"),
+        ('{"key": "", "state": {}}\n', "non-empty"),
+    ],
+)
+def test_a_bad_import_file_imports_nothing_and_creates_no_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, message: str
+) -> None:
+    dump = tmp_path / "bad.jsonl"
+    dump.write_text(content, encoding="utf-8")
+    target = tmp_path / "target.db"
+    code, _, err = run(capsys, "--db", str(target), "import", str(dump))
+    assert code == 1
+    assert err.startswith("cognitia: ") and message in err
+    assert not target.exists()
+
+
+def test_import_of_a_missing_file_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "--db", str(tmp_path / "x.db"), "import", str(tmp_path / "absent.jsonl"))
+    assert code == 1 and "cannot read" in err and "absent.jsonl" in err
+
+
+def test_a_missing_database_is_reported_not_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "typo.db"
+    code, out, err = run(capsys, "--db", str(path), "ls")
+    assert (code, out) == (1, "")
+    assert err == f"cognitia: no database at {path} (use --db PATH)\n"
+    assert not path.exists()
+
+
+def test_the_default_database_is_sessions_db_in_the_working_directory(
+    db: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(db.parent)
+    code, out, _ = run(capsys, "show", "global:settings")
+    assert code == 0 and json.loads(out) == {"lang": "en"}
+
+
+def test_cognitia_db_names_the_database_when_db_is_not_given(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COGNITIA_DB", str(db))
+    assert json.loads(run(capsys, "show", "global:settings")[1]) == {"lang": "en"}
+    # --db wins over the variable.
+    assert run(capsys, "--db", str(tmp_path / "other.db"), "show", "global:settings")[0] == 1
+
+
+def test_usage_errors_exit_2(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--db", str(db), "turns", "agent:user:42", "--last", "-1"])
+    assert exc.value.code == 2
+    assert "expected a number >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--db", str(db), "--redis", "redis://x", "ls"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+
+
+def test_python_dash_m_cognitia_runs_the_cli(db: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cognitia", "--db", str(db), "show", "agent:user:43"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert json.loads(result.stdout) == {"role": "tutor"}
+    missing = subprocess.run(
+        [sys.executable, "-m", "cognitia", "--db", str(db), "show", "agent:nobody"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert missing.returncode == 1
+    assert missing.stderr == "cognitia: no session under key 'agent:nobody'\n"
+
+
+@pytest.mark.parametrize(
+    "server",
+    [pytest.param("postgres", marks=pytest.mark.postgres), pytest.param("redis", marks=pytest.mark.redis)],
+)
+def test_the_commands_work_on_a_server(
+    server: str, request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    address = request.getfixturevalue("postgres_dsn" if server == "postgres" else "redis_url")
+    where = [f"--{server}", address]
+    # A prefix of its own keeps this test's sessions apart from anything else on the server.
+    prefix = f"cli-test:{uuid.uuid4().hex}:"
+    sessions = [
+        {
+            "key": prefix + "a",
+            "state": {"n": 1, "text": "héllo"},
+            "version": 4,
+            "turns": [{"i": 0}, {"i": 1}],
+        },
+        {"key": prefix + "b", "state": {}, "version": 1, "turns": []},
+    ]
+    dump = tmp_path / "in.jsonl"
+    dump.write_text("".join(json.dumps(s) + "\n" for s in sessions), encoding="utf-8")
+    try:
+        assert run(capsys, *where, "import", str(dump))[0] == 0
+        code, out, _ = run(capsys, *where, "ls", prefix, "--json")
+        assert code == 0
+        assert [(r["key"], r["version"], r["turns"]) for r in map(json.loads, out.splitlines())] == [
+            (prefix + "a", 1, 2),
+            (prefix + "b", 1, 0),
+        ]
+        assert json.loads(run(capsys, *where, "show", prefix + "a")[1]) == {"n": 1, "text": "héllo"}
+        assert run(capsys, *where, "turns", prefix + "a", "--last", "1")[1] == '{"i":1}\n'
+        exported = [json.loads(line) for line in run(capsys, *where, "export", prefix)[1].splitlines()]
+        assert [(e["key"], e["state"], e["turns"]) for e in exported] == [
+            (s["key"], s["state"], s["turns"]) for s in sessions
+        ]
+        assert run(capsys, *where, "import", str(dump))[0] == 1  # they exist now
+        assert run(capsys, *where, "show", prefix + "missing")[:2] == (1, "")
+    finally:
+        for session in sessions:
+            run(capsys, *where, "rm", str(session["key"]))
+    assert run(capsys, *where, "ls", prefix, "--json")[1] == ""
