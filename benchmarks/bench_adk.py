@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
-from cognitia_adk import CognitiaSessionService
 from google.adk.agents import Agent
 from google.adk.agents.run_config import RunConfig
 from google.adk.events import Event
@@ -49,6 +48,7 @@ from google.adk.tools.tool_context import ToolContext
 from google.genai import types
 
 from cognitia.session.backends import InMemorySessionBackend, SqliteSessionBackend
+from cognitia_adk import CognitiaSessionService
 
 # cognitia logs every save at info level; printing thousands of lines would dominate.
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))

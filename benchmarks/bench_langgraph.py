@@ -31,7 +31,6 @@ from typing import Any
 
 import anyio
 import structlog
-from cognitia_langgraph import CognitiaSaver
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint
@@ -39,6 +38,7 @@ from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from langgraph.graph import START, MessagesState, StateGraph
 
 from cognitia.session.backends import SqliteSessionBackend
+from cognitia_langgraph import CognitiaSaver
 
 WINDOW = 50
 

@@ -32,10 +32,10 @@ from typing import Any
 import structlog
 from agents import SQLiteSession
 from agents.memory import Session
-from cognitia_openai_agents import CognitiaSession
 
 from cognitia import InMemorySessionManager
 from cognitia.session.backends import SqliteSessionBackend
+from cognitia_openai_agents import CognitiaSession
 
 WINDOW = 50
 WARM_UP = 50

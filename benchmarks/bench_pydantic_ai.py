@@ -31,7 +31,6 @@ from pathlib import Path
 
 import pydantic_ai.models
 import structlog
-from cognitia_pydantic_ai import CognitiaConversationStore
 from pydantic_ai import Agent
 from pydantic_ai.conversation import Conversation
 from pydantic_ai.conversation_store import ConversationStore, InMemoryConversationStore
@@ -40,6 +39,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.usage import UsageLimits
 
 from cognitia.session.backends import InMemorySessionBackend, SqliteSessionBackend
+from cognitia_pydantic_ai import CognitiaConversationStore
 
 pydantic_ai.models.ALLOW_MODEL_REQUESTS = False
 # cognitia logs every save at info level; printing 500 lines to a terminal would dominate.

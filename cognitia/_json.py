@@ -106,7 +106,10 @@ def _locate(value: Any, root: str, default: Callable[[Any], Any] | None) -> tupl
                 if isinstance(node, dict):
                     for k, v in node.items():
                         if not isinstance(k, (str, int, float, bool)) and k is not None:
-                            return (path, f"has a key of type {type(k).__name__} ({k!r}); keys must be strings")
+                            return (
+                                path,
+                                f"has a key of type {type(k).__name__} ({k!r}); keys must be strings",
+                            )
                         label = json.dumps(k, ensure_ascii=False) if isinstance(k, str) else repr(k)
                         found = walk(v, f"{path}[{label}]")
                         if found:

@@ -33,7 +33,7 @@ _STOP = object()
 class Job:
     """One call to run on the worker's resource, and its outcome."""
 
-    __slots__ = ("fn", "args", "result", "error", "event", "token", "abandoned")
+    __slots__ = ("abandoned", "args", "error", "event", "fn", "result", "token")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self.fn = fn
@@ -77,7 +77,10 @@ def _notify(jobs: list[Job]) -> None:
 
 
 class ThreadWorker(Generic[R]):
-    """Owns ``open()``'s resource in one thread; ``await worker.call(fn, *args)`` runs ``fn(resource, *args)`` there."""
+    """Owns ``open()``'s resource in one thread.
+
+    ``await worker.call(fn, *args)`` runs ``fn(resource, *args)`` in that thread.
+    """
 
     def __init__(
         self,

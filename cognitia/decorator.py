@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Literal, Protocol, TypeVar, cast, overload
 
 from ._json import check_key, loads
@@ -23,10 +23,11 @@ from .session.backends._protocol import SessionBackend
 from .session.backends._scope import MemoryScope, scoped_key
 from .session.manager import InMemorySessionManager, as_manager
 
-__all__ = ["PersistedDecorator", "persisted_session"]
+__all__ = ["PersistedDecorator", "PersistedHandler", "PersistedStream", "persisted_session"]
 
 R = TypeVar("R")
 T = TypeVar("T")
+R_co = TypeVar("R_co", covariant=True)
 KeySpec = str | Callable[[inspect.BoundArguments], str]
 
 
@@ -63,13 +64,16 @@ class _Persister:
         signature = inspect.signature(handler)
         if param not in signature.parameters:
             raise TypeError(
-                f"@persisted_session: {handler.__qualname__} has no parameter {param!r} to receive the session"
+                f"@persisted_session: {handler.__qualname__} has no parameter {param!r} "
+                "to receive the session"
             )
         if signature.parameters[param].kind not in (
             inspect.Parameter.KEYWORD_ONLY,
             inspect.Parameter.POSITIONAL_OR_KEYWORD,
         ):
-            raise TypeError(f"@persisted_session: parameter {param!r} of {handler.__qualname__} must accept a keyword")
+            raise TypeError(
+                f"@persisted_session: parameter {param!r} of {handler.__qualname__} must accept a keyword"
+            )
         if isinstance(key, str) and key not in signature.parameters:
             raise TypeError(
                 f"@persisted_session: key={key!r} is not a parameter of {handler.__qualname__}; "
@@ -155,6 +159,27 @@ class _Persister:
             del self.manager._live[session.key]
 
 
+class PersistedHandler(Protocol[R_co]):
+    """A handler decorated by :func:`persisted_session`: call it without ``session``."""
+
+    manager: InMemorySessionManager
+    """The manager that loads and saves this handler's sessions."""
+    __name__: str
+    __qualname__: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, R_co]: ...
+
+
+class PersistedStream(Protocol[R_co]):
+    """A streaming (async generator) handler decorated by :func:`persisted_session`."""
+
+    manager: InMemorySessionManager
+    __name__: str
+    __qualname__: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> AsyncGenerator[R_co, None]: ...
+
+
 class PersistedDecorator(Protocol):
     """What ``persisted_session(...)`` returns: turns a handler into a persisted async one.
 
@@ -167,13 +192,13 @@ class PersistedDecorator(Protocol):
     @overload
     def __call__(  # type: ignore[overload-overlap]
         self, handler: Callable[..., AsyncIterator[T]]
-    ) -> Callable[..., AsyncIterator[T]]: ...
+    ) -> PersistedStream[T]: ...
 
     @overload
-    def __call__(self, handler: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]: ...
+    def __call__(self, handler: Callable[..., Awaitable[R]]) -> PersistedHandler[R]: ...
 
     @overload
-    def __call__(self, handler: Callable[..., R]) -> Callable[..., Awaitable[R]]: ...
+    def __call__(self, handler: Callable[..., R]) -> PersistedHandler[R]: ...
 
 
 def persisted_session(
@@ -270,7 +295,7 @@ def _json_copy(value: dict[str, Any]) -> str:
     return dumps("initial", value)
 
 
-def _call_wrapper(p: _Persister, *, is_async: bool) -> Callable[..., Awaitable[Any]]:
+def _call_wrapper(p: _Persister, *, is_async: bool) -> Callable[..., Coroutine[Any, Any, Any]]:
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         call = p.resolve(args, kwargs)
         manager = p.manager
@@ -298,8 +323,8 @@ def _call_wrapper(p: _Persister, *, is_async: bool) -> Callable[..., Awaitable[A
     return wrapper
 
 
-def _stream_wrapper(p: _Persister) -> Callable[..., AsyncIterator[Any]]:
-    async def wrapper(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+def _stream_wrapper(p: _Persister) -> Callable[..., AsyncGenerator[Any, None]]:
+    async def wrapper(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
         call = p.resolve(args, kwargs)
         async with p.manager._operation(call.key):
             session = await p.session_for(call.key)
@@ -312,7 +337,9 @@ def _stream_wrapper(p: _Persister) -> Callable[..., AsyncIterator[Any]]:
                 async for chunk in stream:
                     chunks.append(chunk)
                     yield chunk
-                output: Any = "".join(chunks) if chunks and all(isinstance(c, str) for c in chunks) else chunks
+                output: Any = (
+                    "".join(chunks) if chunks and all(isinstance(c, str) for c in chunks) else chunks
+                )
                 # A conflict cannot be retried here: the chunks were already handed out.
                 await p.finish(session, call, output, started_at, t0)
             except BaseException:

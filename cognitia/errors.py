@@ -100,6 +100,5 @@ class MissingDependencyError(CognitiaError, ImportError):
 
     def __init__(self, feature: str, extra: str, package: str) -> None:
         super().__init__(
-            f"{feature} needs {package!r}, which is not installed: "
-            f"pip install 'cognitia-sessions[{extra}]'"
+            f"{feature} needs {package!r}, which is not installed: pip install 'cognitia-sessions[{extra}]'"
         )

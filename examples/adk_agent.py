@@ -14,7 +14,6 @@ import tempfile
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
-from cognitia_adk import CognitiaSessionService
 from google.adk.agents import Agent
 from google.adk.events import Event
 from google.adk.models.base_llm import BaseLlm
@@ -25,6 +24,7 @@ from google.adk.tools.tool_context import ToolContext
 from google.genai import types
 
 from cognitia.session.backends import SqliteSessionBackend
+from cognitia_adk import CognitiaSessionService
 
 APP, USER, SESSION = "dice", "ann", "demo"
 

@@ -20,10 +20,10 @@ from typing import Any
 import anyio
 import httpx2
 from anthropic import AsyncAnthropic, beta_async_tool
-from cognitia_anthropic import PersistedConversation
 
 from cognitia import InMemorySessionManager, SessionEvent
 from cognitia.session.backends import SqliteSessionBackend
+from cognitia_anthropic import PersistedConversation
 
 MODEL = "claude-sonnet-5-5"
 

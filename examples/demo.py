@@ -39,7 +39,9 @@ async def first_process(db: Path) -> None:
     print(f"\n== process 1 (pid {os.getpid()}), database {db}\n")
     async with SqliteSessionBackend(db_path=db) as backend:
         manager = InMemorySessionManager(backend=backend)
-        manager.on("saved", lambda event: print(f"   hook: saved {event.key} v{event.version} ({event.bytes} bytes)"))
+        manager.on(
+            "saved", lambda event: print(f"   hook: saved {event.key} v{event.version} ({event.bytes} bytes)")
+        )
         coach = build_agent(manager)
         for message in ["my goal: run 5k", "my goal: sleep 8h", "what are my goals?"]:
             print(f"user  > {message}")

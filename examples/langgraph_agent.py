@@ -19,7 +19,6 @@ from pathlib import Path
 
 import anyio
 import structlog
-from cognitia_langgraph import CognitiaSaver
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.runnables import RunnableConfig
@@ -30,6 +29,7 @@ from langgraph.prebuilt import ToolNode, tools_condition
 
 from cognitia import SessionEvent
 from cognitia.session.backends import SqliteSessionBackend
+from cognitia_langgraph import CognitiaSaver
 
 CONFIG: RunnableConfig = {"configurable": {"thread_id": "user-42"}}
 

@@ -32,7 +32,6 @@ from agents import (
 from agents.agent_output import AgentOutputSchemaBase
 from agents.handoffs import Handoff
 from agents.items import TResponseInputItem, TResponseOutputItem, TResponseStreamEvent
-from cognitia_openai_agents import CognitiaSession
 from openai.types.responses import (
     ResponseFunctionToolCall,
     ResponseOutputMessage,
@@ -43,6 +42,7 @@ from openai.types.responses.response_prompt_param import ResponsePromptParam
 
 from cognitia import InMemorySessionManager, SessionEvent
 from cognitia.session.backends import SqliteSessionBackend
+from cognitia_openai_agents import CognitiaSession
 
 
 class OfflineModel(Model):

@@ -12,7 +12,6 @@ import asyncio
 import tempfile
 from pathlib import Path
 
-from cognitia_pydantic_ai import CognitiaConversationStore
 from pydantic_ai import Agent
 from pydantic_ai.conversation import Conversation
 from pydantic_ai.messages import (
@@ -27,6 +26,7 @@ from pydantic_ai.messages import (
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from cognitia.session.backends import SqliteSessionBackend
+from cognitia_pydantic_ai import CognitiaConversationStore
 
 
 def scripted_model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:

@@ -57,8 +57,19 @@ def run(uv: str, *args: str) -> int:
     return subprocess.run([uv, "run", "--no-sync", *args], cwd=ROOT, env=_env()).returncode
 
 
+def check(uv: str) -> int:
+    """mypy --strict over the core, its tests and the examples, then each integration on its
+    own (their test folders each have a conftest), then ruff over everything."""
+    failed = run(uv, "mypy")
+    for integration in sorted((ROOT / "integrations").glob("*/pyproject.toml")):
+        failed |= run(uv, "mypy", "--strict", str(integration.parent.relative_to(ROOT)))
+    lint = ("cognitia", "tests", "examples", "integrations", "benchmarks", "scripts")
+    failed |= run(uv, "ruff", "check", *lint)
+    return failed
+
+
 def main(argv: list[str]) -> int:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - this script may be started by an older python3
         print("cognitia needs Python 3.11 or newer", file=sys.stderr)
         return 2
     command, rest = (argv[0], argv[1:]) if argv else ("help", [])
@@ -72,7 +83,7 @@ def main(argv: list[str]) -> int:
     if command == "test":
         return run(uv, "python", "-m", "pytest", *rest)
     if command == "check":
-        return run(uv, "mypy") or run(uv, "ruff", "check", "cognitia", "tests", "examples", "integrations", "benchmarks")
+        return check(uv)
     if command == "bench":
         return run(uv, "python", "benchmarks/run_all.py", *rest)
     return run(uv, "mkdocs", "build", "--strict", *rest)

@@ -23,6 +23,7 @@ from cognitia import (
     VersionConflictError,
     persisted_session,
 )
+from cognitia.decorator import PersistedHandler
 from cognitia.session.backends import BackendBase, InMemorySessionBackend, MemoryScope, SqliteSessionBackend
 
 pytestmark = pytest.mark.anyio
@@ -92,7 +93,7 @@ async def test_a_manager_instead_of_a_backend(backend: BackendBase) -> None:
     async def chat(*, session_id: str, session: Session) -> None:
         session.state["seen"] = True
 
-    assert chat.manager is manager  # type: ignore[attr-defined]
+    assert chat.manager is manager
     await chat(session_id="k")
     await manager.close("k")
     await chat(session_id="k")
@@ -175,7 +176,7 @@ async def test_an_abandoned_stream_releases_its_key(backend: BackendBase) -> Non
         for i in range(10):
             yield i
 
-    @persisted_session(stream.manager)  # type: ignore[attr-defined]
+    @persisted_session(stream.manager)
     async def chat(*, session_id: str, session: Session) -> int:
         session.state["n"] = session.state.get("n", 0) + 1
         return int(session.state["n"])
@@ -296,7 +297,7 @@ async def test_a_failing_handler_stores_nothing_of_its_turn(backend: BackendBase
         assert info.value is boom  # unchanged
         assert await backend.load("k") == {"count": 2, "log": ["one", "two"]}
         assert (await backend.load_record("k")).version == 2  # type: ignore[union-attr]
-        live = await chat.manager.get("k")  # type: ignore[attr-defined]
+        live = await chat.manager.get("k")
         assert live.state == {"count": 2, "log": ["one", "two"]}
         assert len(live.turns) == 2
 
@@ -306,7 +307,7 @@ async def test_a_failing_handler_stores_nothing_of_its_turn(backend: BackendBase
     with pytest.raises(Boom):
         await chat("fail", session_id="new")  # a new key stays absent
     assert await backend.load("new") is None
-    assert "new" not in chat.manager  # type: ignore[attr-defined]
+    assert "new" not in chat.manager
 
 
 @pytest.mark.parametrize("where", ["handler", "hooks"])
@@ -414,7 +415,7 @@ async def test_many_keys_run_in_parallel(backend: BackendBase) -> None:
         async with anyio.create_task_group() as tg:
             for i in range(keys):
                 for _ in range(3):
-                    tg.start_soon(lambda k=f"user:{i}": chat(session_id=k))
+                    tg.start_soon(functools.partial(chat, session_id=f"user:{i}"))
     assert len(await backend.list_keys()) == keys
     for i in range(keys):
         assert await backend.load(f"user:{i}") == {"n": 3}
@@ -475,7 +476,7 @@ async def test_initial_state_and_record_turns(backend: BackendBase) -> None:
     assert await greet(session_id="three") == "hello"
 
 
-Workers = tuple[list[SqliteSessionBackend], list[Callable[..., Any]]]
+Workers = tuple[list[SqliteSessionBackend], list[PersistedHandler[str]]]
 
 
 def _two_workers(tmp_path: Path, **options: Any) -> Workers:
@@ -497,8 +498,8 @@ def _two_workers(tmp_path: Path, **options: Any) -> Workers:
 async def test_conflicts_between_two_workers_are_retried(tmp_path: Path) -> None:
     backends, (chat1, chat2) = _two_workers(tmp_path)
     conflicts: list[SessionEvent] = []
-    chat1.manager.on("conflict", conflicts.append)  # type: ignore[attr-defined]
-    chat2.manager.on("conflict", conflicts.append)  # type: ignore[attr-defined]
+    chat1.manager.on("conflict", conflicts.append)
+    chat2.manager.on("conflict", conflicts.append)
     async with backends[0], backends[1]:
         assert await chat1("a", session_id="k") == "reply #1 to a"
         assert await chat2("b", session_id="k") == "reply #2 to b"
@@ -507,7 +508,7 @@ async def test_conflicts_between_two_workers_are_retried(tmp_path: Path) -> None
         assert len(conflicts) == 2
         assert numbers(await backends[0].load_turns("k")) == [1, 2, 3, 4]
 
-        @persisted_session(chat1.manager, on_conflict="raise")  # type: ignore[attr-defined]
+        @persisted_session(chat1.manager, on_conflict="raise")
         async def strict(*, session_id: str, session: Session) -> None:
             session.state["count"] += 1
 
@@ -598,6 +599,6 @@ async def test_turns_converted_by_the_encoder_read_back_the_same_live_and_stored
 
     moment = datetime.datetime(2026, 1, 2, 3, 4, 5)
     await stamp(moment, session_id="agent:stamp")
-    live = await stamp.manager.turns("agent:stamp")  # type: ignore[attr-defined]
+    live = await stamp.manager.turns("agent:stamp")
     stored = await backend.load_turns("agent:stamp")
     assert live[0]["output"] == stored[0]["output"] == "2026-01-02T03:04:05"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, Union, get_args
+from typing import Literal, get_args
 
 import anyio.lowlevel
 import structlog
@@ -46,7 +46,7 @@ class SessionEvent:
     """Why it happened, where there is a choice: ``"idle"``, ``"capacity"``, ``"retry"``, ..."""
 
 
-Hook = Callable[[SessionEvent], Union[None, Awaitable[None]]]
+Hook = Callable[[SessionEvent], Awaitable[None] | None]
 
 
 def current_runtime() -> str:

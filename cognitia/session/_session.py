@@ -28,7 +28,15 @@ class Turns:
     """
 
     __slots__ = (
-        "_key", "_loader", "_stored", "_backing", "_known", "_complete", "_pending", "_truncate", "_generation"
+        "_backing",
+        "_complete",
+        "_generation",
+        "_key",
+        "_known",
+        "_loader",
+        "_pending",
+        "_stored",
+        "_truncate",
     )
 
     def __init__(self, key: str, stored: int, loader: TurnLoader | None) -> None:
@@ -148,7 +156,7 @@ class Session:
     until the first save and grows by one with every save.
     """
 
-    __slots__ = ("key", "state", "version", "turns", "last_active", "_saved_json", "__weakref__")
+    __slots__ = ("__weakref__", "_saved_json", "key", "last_active", "state", "turns", "version")
 
     def __init__(
         self,

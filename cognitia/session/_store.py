@@ -120,7 +120,11 @@ class NativeStore(Store):
                 key, state_json, expected_version=expected, turns=turns, truncate=truncate
             )
         return await self._native.commit(
-            key, loads(state_json), expected_version=expected, turns=[loads(t) for t in turns], truncate=truncate
+            key,
+            loads(state_json),
+            expected_version=expected,
+            turns=[loads(t) for t in turns],
+            truncate=truncate,
         )
 
     async def turns(self, key: str, last: int | None) -> list[dict[str, Any]]:

@@ -25,7 +25,15 @@ from ._store import Store, open_store
 from .backends._protocol import SessionBackend
 from .backends._scope import MemoryScope
 
-__all__ = ["EVENTS", "InMemorySessionManager", "Session", "SessionEvent", "Subscription", "Turns", "as_manager"]
+__all__ = [
+    "EVENTS",
+    "InMemorySessionManager",
+    "Session",
+    "SessionEvent",
+    "Subscription",
+    "Turns",
+    "as_manager",
+]
 
 log = structlog.get_logger("cognitia")
 
@@ -260,7 +268,9 @@ class InMemorySessionManager:
             session = await self._get_locked(key)
             if session is None:
                 session = Session(
-                    key, {} if state is None else state, turns=Turns(key, 0, self._store.turns),
+                    key,
+                    {} if state is None else state,
+                    turns=Turns(key, 0, self._store.turns),
                     last_active=self._clock(),
                 )
                 self._admit(session)
@@ -557,7 +567,9 @@ class InMemorySessionManager:
         # still shielded, so a committed save is always reported.
         with anyio.CancelScope(shield=True):
             if conflict is not None:
-                await self._emit("conflict", session.key, session.version, started, reason=f"found {conflict.actual}")
+                await self._emit(
+                    "conflict", session.key, session.version, started, reason=f"found {conflict.actual}"
+                )
                 raise conflict
             await self._emit(event, session.key, version, started, size=len(state_json.encode()), turns=count)
 
@@ -571,7 +583,11 @@ class InMemorySessionManager:
 
     @staticmethod
     def _changed(session: Session) -> bool:
-        if session.turns._take_pending() or session.turns._truncate is not None or session._saved_json is None:
+        if (
+            session.turns._take_pending()
+            or session.turns._truncate is not None
+            or session._saved_json is None
+        ):
             return True
         try:
             return dumps(session.key, session.state) != session._saved_json
@@ -593,7 +609,14 @@ class InMemorySessionManager:
                     await self._retire(session, "evicted", reason="capacity")
 
     async def _emit(
-        self, name: str, key: str, version: int, started: float, *, size: int = 0, turns: int = 0,
+        self,
+        name: str,
+        key: str,
+        version: int,
+        started: float,
+        *,
+        size: int = 0,
+        turns: int = 0,
         reason: str | None = None,
     ) -> None:
         await self._hooks.emit(
@@ -606,4 +629,3 @@ class InMemorySessionManager:
             turns=turns,
             reason=reason,
         )
-

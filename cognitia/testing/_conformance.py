@@ -73,7 +73,9 @@ async def _make(factory: Factory) -> Any:
     if inspect.isawaitable(backend):
         backend = await backend
     if not isinstance(backend, SessionBackend):
-        raise AssertionError(f"factory returned {type(backend).__name__}, which does not implement SessionBackend")
+        raise AssertionError(
+            f"factory returned {type(backend).__name__}, which does not implement SessionBackend"
+        )
     return backend
 
 
@@ -126,7 +128,7 @@ async def save_then_load_round_trips(factory: Factory) -> None:
         "big": 2**53,
         "flag": True,
         "nothing": None,
-        "text": "héllo ✓ 日本 \n\t\"quoted\"",
+        "text": 'héllo ✓ 日本 \n\t"quoted"',
         "history": [{"role": "user", "content": "hi"}, [1, 2, [3]]],
         "empty": {},
     }
@@ -226,7 +228,9 @@ async def list_keys_filters_by_prefix_and_scope(factory: Factory) -> None:
     async with _Opened(factory) as backend:
         for key in ["agent:a", "agent:b", "agentx", "global:a", "shared:t", "agent;"]:
             await backend.save(key, {})
-        _expect(list(await backend.list_keys("agent:")) == ["agent:a", "agent:b"], "prefix 'agent:' mis-listed")
+        _expect(
+            list(await backend.list_keys("agent:")) == ["agent:a", "agent:b"], "prefix 'agent:' mis-listed"
+        )
         _expect(list(await backend.list_keys(MemoryScope.GLOBAL)) == ["global:a"], "scope GLOBAL mis-listed")
         _expect(list(await backend.list_keys("nothing:")) == [], "an unmatched prefix must list nothing")
 

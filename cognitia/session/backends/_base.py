@@ -77,7 +77,9 @@ class BackendBase(ABC):
         if raw is None:
             return None
         state, version, turn_count, updated_at, expires_at = raw
-        return SessionRecord(key, loads(state), version, turn_count, updated_at, expires_at, len(state.encode()))
+        return SessionRecord(
+            key, loads(state), version, turn_count, updated_at, expires_at, len(state.encode())
+        )
 
     async def commit(
         self,
@@ -121,7 +123,9 @@ class BackendBase(ABC):
         now = self._clock()
         expires_at = None if self.ttl is None else now + self.ttl
         with self._errors("save", key):
-            return await self._raw_commit(key, state, expected_version, list(turns), truncate, now, expires_at)
+            return await self._raw_commit(
+                key, state, expected_version, list(turns), truncate, now, expires_at
+            )
 
     async def load_turns(self, key: str, *, last: int | None = None) -> list[dict[str, Any]]:
         """The session's turns in order; only the last ``last`` if given."""
@@ -184,8 +188,7 @@ class BackendBase(ABC):
     # -- what a storage engine implements ---------------------------------------------------
 
     @abstractmethod
-    async def _raw_load(self, key: str, now: float) -> RawRecord | None:
-        ...
+    async def _raw_load(self, key: str, now: float) -> RawRecord | None: ...
 
     @abstractmethod
     async def _raw_commit(
@@ -197,26 +200,21 @@ class BackendBase(ABC):
         truncate: int | None,
         now: float,
         expires_at: float | None,
-    ) -> int:
-        ...
+    ) -> int: ...
 
     @abstractmethod
-    async def _raw_load_turns(self, key: str, last: int | None, now: float) -> list[str]:
-        ...
+    async def _raw_load_turns(self, key: str, last: int | None, now: float) -> list[str]: ...
 
     @abstractmethod
-    async def _raw_delete(self, key: str, now: float) -> bool:
-        ...
+    async def _raw_delete(self, key: str, now: float) -> bool: ...
 
     @abstractmethod
-    async def _raw_list_keys(self, prefix: str, now: float) -> list[str]:
-        ...
+    async def _raw_list_keys(self, prefix: str, now: float) -> list[str]: ...
 
     @abstractmethod
-    async def _raw_prune(self, now: float, dry_run: bool) -> list[str]:
-        ...
+    async def _raw_prune(self, now: float, dry_run: bool) -> list[str]: ...
 
-    def _raw_close(self) -> None:
+    def _raw_close(self) -> None:  # noqa: B027 - a backend with nothing to release keeps this
         pass
 
     async def _raw_aclose(self) -> None:
@@ -248,5 +246,7 @@ class _ErrorBoundary:
             return
         backend, operation, key = self.backend, self.operation, self.key
         if backend._closed:
-            raise BackendClosedError(f"{backend.name} backend was closed during {operation} of {key!r}") from exc
+            raise BackendClosedError(
+                f"{backend.name} backend was closed during {operation} of {key!r}"
+            ) from exc
         raise StorageError(f"{backend.name} backend failed to {operation} session {key!r}: {exc}") from exc

@@ -448,6 +448,11 @@ def _run_writes(link: _Link, jobs: list[Job]) -> None:
     if len(jobs) == 1:
         jobs[0].run(conn)
         return
+    # Every batch locks its rows in key order (the sort is stable, so writes to one key keep
+    # their order): batches of several processes that touch the same keys can then never
+    # wait for each other in a cycle, which PostgreSQL breaks after deadlock_timeout by
+    # failing one of them.
+    jobs = sorted(jobs, key=_job_key)
     conn.execute("BEGIN")
     try:
         for job in jobs:
@@ -465,6 +470,12 @@ def _run_writes(link: _Link, jobs: list[Job]) -> None:
     for job in jobs:
         job.result = job.error = None
         job.run(conn)
+
+
+def _job_key(job: Job) -> str:
+    # A write's arguments are (statements, key, ...); prune's second one is not a key.
+    key = job.args[1] if len(job.args) > 1 else None
+    return key if isinstance(key, str) else ""
 
 
 def _query(conn: Connection, plan: Plan, q: _Statements, *args: Any) -> Any:

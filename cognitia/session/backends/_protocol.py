@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
@@ -32,7 +32,7 @@ class SessionBackend(Protocol):
     async def list_keys(self) -> list[str]: ...
 
 
-class Capability(str, Enum):
+class Capability(StrEnum):
     """Optional abilities a backend declares in its ``capabilities`` attribute.
 
     The manager and the decorator use a capability when it is declared and fall back to

@@ -1,13 +1,13 @@
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from ..._json import check_key
 
 __all__ = ["MemoryScope", "scoped_key"]
 
 
-class MemoryScope(str, Enum):
+class MemoryScope(StrEnum):
     """Namespaces for session keys, so agents can reuse key names without colliding.
 
     >>> scoped_key(MemoryScope.AGENT, "session:123")

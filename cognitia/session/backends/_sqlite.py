@@ -45,7 +45,7 @@ _SELECT_RECORD = (
 )
 _SELECT_TURNS_TAIL = (
     "SELECT t.turn FROM cognitia_turns AS t JOIN cognitia_sessions AS s ON s.key = t.key "
-    f"WHERE t.key = ? AND (s.expires_at IS NULL OR s.expires_at > ?) AND t.seq >= s.turn_count - ? "
+    "WHERE t.key = ? AND (s.expires_at IS NULL OR s.expires_at > ?) AND t.seq >= s.turn_count - ? "
     "ORDER BY t.seq"
 )
 _SELECT_TURNS_ALL = (
@@ -138,12 +138,17 @@ class SqliteSessionBackend(BackendBase):
         self._memory = self.db_path == ":memory:"
         self._schema_ready = threading.Event()
         self._writer: ThreadWorker[sqlite3.Connection] = ThreadWorker(
-            f"cognitia-sqlite-writer:{self.db_path}", self._open_writer, sqlite3.Connection.close, batch=_run_batch
+            f"cognitia-sqlite-writer:{self.db_path}",
+            self._open_writer,
+            sqlite3.Connection.close,
+            batch=_run_batch,
         )
         self._reader: ThreadWorker[sqlite3.Connection] = (
             self._writer
             if self._memory
-            else ThreadWorker(f"cognitia-sqlite-reader:{self.db_path}", self._open_reader, sqlite3.Connection.close)
+            else ThreadWorker(
+                f"cognitia-sqlite-reader:{self.db_path}", self._open_reader, sqlite3.Connection.close
+            )
         )
 
     # -- connections ------------------------------------------------------------------------
@@ -354,7 +359,9 @@ def _commit_fast(
     elif expected_version == 0:
         rows = conn.execute(_INSERT_NEW, (key, state, added, now, expires_at)).fetchall()
     else:
-        rows = conn.execute(_UPDATE_AT_VERSION, (key, state, added, now, expires_at, expected_version)).fetchall()
+        rows = conn.execute(
+            _UPDATE_AT_VERSION, (key, state, added, now, expires_at, expected_version)
+        ).fetchall()
     return (int(rows[0][0]), int(rows[0][1])) if rows else None
 
 
@@ -375,13 +382,15 @@ def _commit_general(
     alive = row is not None and (row[2] is None or row[2] > now)
     if expected_version is not None:
         actual = row[0] if alive else None
-        if (expected_version == 0 and actual is not None) or (expected_version > 0 and actual != expected_version):
+        if (expected_version == 0 and actual is not None) or (
+            expected_version > 0 and actual != expected_version
+        ):
             raise VersionConflictError(key, expected_version, actual)
     if row is None:
         version, first_seq = 1, 0
         conn.execute(
-            "INSERT INTO cognitia_sessions (key, state, version, turn_count, created_at, updated_at, expires_at) "
-            "VALUES (?, ?, 1, ?, ?, ?, ?)",
+            "INSERT INTO cognitia_sessions (key, state, version, turn_count, created_at, "
+            "updated_at, expires_at) VALUES (?, ?, 1, ?, ?, ?, ?)",
             (key, state, len(turns), now, now, expires_at),
         )
     else:
@@ -392,7 +401,8 @@ def _commit_general(
         if first_seq < row[1]:
             conn.execute("DELETE FROM cognitia_turns WHERE key = ? AND seq >= ?", (key, first_seq))
         conn.execute(
-            "UPDATE cognitia_sessions SET state = ?, version = ?, turn_count = ?, updated_at = ?, expires_at = ?"
+            "UPDATE cognitia_sessions "
+            "SET state = ?, version = ?, turn_count = ?, updated_at = ?, expires_at = ?"
             + (", created_at = ?" if not alive else "")
             + " WHERE key = ?",
             (state, version, first_seq + len(turns), now, expires_at, *((now,) if not alive else ()), key),
@@ -439,7 +449,8 @@ def _prune(conn: sqlite3.Connection, now: float, dry_run: bool) -> list[str]:
         keys = [
             row[0]
             for row in conn.execute(
-                "SELECT key FROM cognitia_sessions WHERE expires_at IS NOT NULL AND expires_at <= ? ORDER BY key",
+                "SELECT key FROM cognitia_sessions "
+                "WHERE expires_at IS NOT NULL AND expires_at <= ? ORDER BY key",
                 (now,),
             )
         ]

@@ -9,9 +9,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-import cognitia_adk
 import pytest
-from cognitia_adk import CognitiaSessionService
 from google.adk.agents import Agent
 from google.adk.errors import StaleSessionError
 from google.adk.errors.already_exists_error import AlreadyExistsError
@@ -23,8 +21,10 @@ from google.adk.sessions import Session as AdkSession
 from google.adk.sessions.base_session_service import GetSessionConfig
 from google.genai import types
 
+import cognitia_adk
 from cognitia import InMemorySessionManager, SessionEvent
 from cognitia.session.backends import BackendBase, SqliteSessionBackend
+from cognitia_adk import CognitiaSessionService
 
 pytestmark = pytest.mark.anyio
 

@@ -14,10 +14,10 @@ import pytest
 import structlog
 from anthropic import AsyncAnthropic, beta_async_tool
 from anthropic.lib.tools import BetaAsyncFunctionTool
-from cognitia_anthropic import PersistedConversation
 
 from cognitia import InMemorySessionManager, MemoryScope, SessionEvent
 from cognitia.session.backends import SqliteSessionBackend
+from cognitia_anthropic import PersistedConversation
 
 pytestmark = pytest.mark.anyio
 

@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from cognitia_langgraph import CognitiaSaver
 from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.checkpoint.conformance.capabilities import Capability
 
 from cognitia.session.backends import InMemorySessionBackend, SqliteSessionBackend
+from cognitia_langgraph import CognitiaSaver
 
 pytestmark = pytest.mark.anyio
 

@@ -13,13 +13,13 @@ from typing import Annotated, Any, TypedDict
 import anyio
 import pytest
 import structlog.testing
-from cognitia_langgraph import CognitiaSaver
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 
 from cognitia import SessionEvent
 from cognitia.session.backends import InMemorySessionBackend, SqliteSessionBackend
+from cognitia_langgraph import CognitiaSaver
 
 pytestmark = pytest.mark.anyio
 

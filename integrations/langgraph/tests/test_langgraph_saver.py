@@ -6,16 +6,16 @@ import sqlite3
 import threading
 from pathlib import Path
 
-import cognitia_langgraph
 import pytest
-from cognitia_langgraph import CognitiaSaver, PickleRefusedError
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.serde.encrypted import EncryptedSerializer
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 
+import cognitia_langgraph
 from cognitia import InMemorySessionManager, StateNotSerializableError
 from cognitia.session.backends import InMemorySessionBackend, SqliteSessionBackend
+from cognitia_langgraph import CognitiaSaver, PickleRefusedError
 
 pytestmark = pytest.mark.anyio
 

@@ -7,12 +7,12 @@ from typing import Any
 
 import anyio
 import pytest
-from cognitia_langgraph import CognitiaSaver
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.runnables import RunnableConfig
 
 from cognitia import SessionEvent
 from cognitia.session.backends import SqliteSessionBackend
+from cognitia_langgraph import CognitiaSaver
 
 CFG: RunnableConfig = {"configurable": {"thread_id": "sync-thread"}}
 

@@ -12,10 +12,10 @@ import pytest
 import structlog
 from agents import Agent, Runner, SessionSettings
 from agents.memory import Session as AgentsSession
-from cognitia_openai_agents import CognitiaSession
 
 from cognitia import InMemorySessionManager, MemoryScope, SessionEvent
 from cognitia.session.backends import SqliteSessionBackend
+from cognitia_openai_agents import CognitiaSession
 
 pytestmark = pytest.mark.anyio
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import anyio.to_thread
 import pytest
-from cognitia_pydantic_ai import CognitiaConversationStore, history, remember
 from pydantic_ai import Agent
 from pydantic_ai.conversation import Conversation
 from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
 
 from cognitia import InMemorySessionManager, SessionEvent
 from cognitia.session.backends import BackendBase, SqliteSessionBackend
+from cognitia_pydantic_ai import CognitiaConversationStore, history, remember
 
 pytestmark = pytest.mark.anyio
 

@@ -9,17 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import cognitia_pydantic_ai
 import pytest
-from cognitia_pydantic_ai import CognitiaConversationStore
 from pydantic_ai import Agent
 from pydantic_ai.conversation import Conversation
 from pydantic_ai.conversation_store import ConversationConflict
 from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter, ToolCallPart, ToolReturnPart
 from pydantic_ai.models.test import TestModel
 
+import cognitia_pydantic_ai
 from cognitia import InMemorySessionManager, SessionEvent
 from cognitia.session.backends import BackendBase, SqliteSessionBackend
+from cognitia_pydantic_ai import CognitiaConversationStore
 
 pytestmark = pytest.mark.anyio
 
