@@ -60,5 +60,5 @@ def postgres_dsn() -> str:
 def redis_url() -> str:
     """The Redis server for tests, from ``COGNITIA_TEST_REDIS_URL``."""
     return server_address(
-        "COGNITIA_TEST_REDIS_URL", "Redis", "redis://127.0.0.1:6379/0", driver="coredis", extra="redis"
+        "COGNITIA_TEST_REDIS_URL", "Redis", "redis://127.0.0.1:6379/0", driver="redis", extra="redis"
     )

@@ -1,0 +1,468 @@
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from ..._worker import Job, ThreadWorker
+from ...errors import MissingDependencyError, VersionConflictError
+from ._base import BackendBase, RawRecord
+
+try:
+    import redis
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import NoScriptError
+    from redis.retry import Retry
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise MissingDependencyError("RedisSessionBackend", "redis", "redis") from exc
+
+__all__ = ["RedisSessionBackend"]
+
+# Why the synchronous redis-py client in worker threads, and not an async driver:
+# redis.asyncio runs on asyncio only. coredis (6.x) runs on both, but its client must be
+# entered with ``async with`` in a task that is a parent of every task using it, and exited
+# in that same task, because each connection's reader is a task in the pool's task group.
+# A backend is built at import time (``@persisted_session(RedisSessionBackend(...))``),
+# used from any task and closed with a sync ``close()``, so it cannot host that task group;
+# bridging coredis through a private event-loop thread measured about 2x slower than
+# calling it directly. Threads that own blocking connections (as for SQLite and PostgreSQL)
+# run the same on both runtimes, and the commands that queue up while a thread is busy go
+# to Redis as one pipeline, one round trip for all of them.
+
+# Every script touches only keys derived from the key prefix it is given, and each runs
+# atomically on the server: no other client sees a half-applied commit.
+
+_COMMIT = """
+local h, l, idx, xp = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local key, now, nonce = ARGV[1], tonumber(ARGV[5]), ARGV[8]
+local meta = redis.call('HMGET', h, 'v', 'n', 'e', 'c')
+local v = tonumber(meta[1])
+if v and meta[4] == nonce then
+  -- This very commit was applied and its reply lost; the client resent it.
+  return {1, v}
+end
+local alive = v ~= nil and (not meta[3] or tonumber(meta[3]) > now)
+if ARGV[3] ~= '' then
+  local expected = tonumber(ARGV[3])
+  local actual = -1
+  if alive then actual = v end
+  if (expected == 0 and alive) or (expected > 0 and actual ~= expected) then
+    return {0, actual}
+  end
+end
+local n = 0
+if alive then n = tonumber(meta[2]) else redis.call('DEL', l) end
+if ARGV[4] ~= '' then
+  local keep = tonumber(ARGV[4])
+  if keep < n then
+    if keep == 0 then redis.call('DEL', l) else redis.call('LTRIM', l, 0, keep - 1) end
+    n = keep
+  end
+end
+local first = 9
+while first <= #ARGV do
+  local last = math.min(first + 999, #ARGV)
+  redis.call('RPUSH', l, unpack(ARGV, first, last))
+  first = last + 1
+end
+n = n + (#ARGV - 8)
+local version = (v or 0) + 1
+redis.call('HSET', h, 's', ARGV[2], 'v', version, 'n', n, 'u', ARGV[5], 'c', nonce)
+if ARGV[7] ~= '' then
+  redis.call('HSET', h, 'e', ARGV[6])
+  redis.call('PEXPIRE', h, ARGV[7])
+  redis.call('PEXPIRE', l, ARGV[7])
+  redis.call('ZADD', xp, ARGV[6], key)
+else
+  redis.call('HDEL', h, 'e')
+  redis.call('PERSIST', h)
+  redis.call('PERSIST', l)
+  redis.call('ZREM', xp, key)
+end
+redis.call('ZADD', idx, 0, key)
+return {1, version}
+"""
+
+_TURNS = """
+local meta = redis.call('HMGET', KEYS[1], 'v', 'e')
+if not meta[1] or (meta[2] and tonumber(meta[2]) <= tonumber(ARGV[1])) then return {} end
+if ARGV[2] == '' then return redis.call('LRANGE', KEYS[2], 0, -1) end
+return redis.call('LRANGE', KEYS[2], -tonumber(ARGV[2]), -1)
+"""
+
+_LIST = """
+local found = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[1], ARGV[2])
+local now, out = tonumber(ARGV[3]), {}
+for _, k in ipairs(found) do
+  local e = redis.call('ZSCORE', KEYS[2], k)
+  if (not e or tonumber(e) > now) and redis.call('EXISTS', ARGV[4] .. 's:' .. k) == 1 then
+    out[#out + 1] = k
+  end
+end
+return out
+"""
+
+_DELETE = """
+local e = redis.call('HGET', KEYS[1], 'e')
+local existed = redis.call('EXISTS', KEYS[1]) == 1
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+if existed and (not e or tonumber(e) > tonumber(ARGV[2])) then return 1 end
+return 0
+"""
+
+_PRUNE = """
+local keys = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[4]))
+if ARGV[2] == '0' then
+  for _, k in ipairs(keys) do
+    redis.call('DEL', ARGV[3] .. 's:' .. k, ARGV[3] .. 't:' .. k)
+    redis.call('ZREM', KEYS[1], k)
+    redis.call('ZREM', KEYS[2], k)
+  end
+end
+return keys
+"""
+
+_SCRIPTS = {
+    name: (text, hashlib.sha1(text.encode()).hexdigest())
+    for name, text in [
+        ("commit", _COMMIT),
+        ("turns", _TURNS),
+        ("list", _LIST),
+        ("delete", _DELETE),
+        ("prune", _PRUNE),
+    ]
+}
+
+_PRUNE_BATCH = 500
+"""Expired sessions deleted per script run, so one prune never stalls the server for long."""
+
+Command = tuple[Any, ...]
+Finish = Callable[[Any], Any]
+Plan = tuple[Command, Finish]
+"""One Redis command, and what turns its reply into the operation's result."""
+
+
+def _lex_range(prefix: str) -> tuple[bytes, bytes]:
+    """``ZRANGEBYLEX`` bounds holding exactly the members that start with ``prefix``.
+
+    Members compare as bytes, and UTF-8 keeps code point order, so every key starting with
+    the prefix's bytes lies below those bytes with the last one bumped (UTF-8 never uses
+    0xFF, so the bump cannot overflow).
+    """
+    if not prefix:
+        return b"-", b"+"
+    low = prefix.encode()
+    return b"[" + low, b"(" + low[:-1] + bytes([low[-1] + 1])
+
+
+def _float(value: str | None) -> float | None:
+    return None if value is None or value == "" else float(value)
+
+
+class _Commands:
+    """The backend's operations as single Redis commands, over one key prefix."""
+
+    def __init__(self, key_prefix: str) -> None:
+        self.prefix = key_prefix
+        self.index = f"{key_prefix}index"
+        self.expiry = f"{key_prefix}expiry"
+
+    def _keys(self, key: str) -> tuple[str, str]:
+        return f"{self.prefix}s:{key}", f"{self.prefix}t:{key}"
+
+    def load(self, key: str, now: float) -> Plan:
+        def finish(reply: list[str | None]) -> RawRecord | None:
+            state, version, turn_count, updated_at, expires_at = reply
+            if state is None or version is None:
+                return None
+            expiry = _float(expires_at)
+            if expiry is not None and expiry <= now:
+                return None
+            return (state, int(version), int(turn_count or 0), float(updated_at or 0.0), expiry)
+
+        return ("HMGET", self._keys(key)[0], "s", "v", "n", "u", "e"), finish
+
+    def commit(
+        self,
+        key: str,
+        state: str,
+        expected_version: int | None,
+        turns: list[str],
+        truncate: int | None,
+        now: float,
+        expires_at: float | None,
+        ttl_ms: int | None,
+        nonce: str,
+    ) -> Plan:
+        def finish(reply: list[int]) -> int:
+            ok, version = reply
+            if not ok:
+                assert expected_version is not None
+                raise VersionConflictError(key, expected_version, None if version < 0 else int(version))
+            return int(version)
+
+        command = (
+            "EVALSHA",
+            _SCRIPTS["commit"][1],
+            4,
+            *self._keys(key),
+            self.index,
+            self.expiry,
+            key,
+            state,
+            "" if expected_version is None else expected_version,
+            "" if truncate is None else truncate,
+            repr(now),
+            "" if expires_at is None else repr(expires_at),
+            "" if ttl_ms is None else ttl_ms,
+            nonce,
+            *turns,
+        )
+        return command, finish
+
+    def load_turns(self, key: str, last: int | None, now: float) -> Plan:
+        return (
+            ("EVALSHA", _SCRIPTS["turns"][1], 2, *self._keys(key), repr(now), "" if last is None else last),
+            list,
+        )
+
+    def delete(self, key: str, now: float) -> Plan:
+        return (
+            ("EVALSHA", _SCRIPTS["delete"][1], 4, *self._keys(key), self.index, self.expiry, key, repr(now)),
+            bool,
+        )
+
+    def list_keys(self, prefix: str, now: float) -> Plan:
+        low, high = _lex_range(prefix)
+        return (
+            ("EVALSHA", _SCRIPTS["list"][1], 2, self.index, self.expiry, low, high, repr(now), self.prefix),
+            list,
+        )
+
+    def prune(self, now: float, dry_run: bool) -> Plan:
+        limit = -1 if dry_run else _PRUNE_BATCH
+        return (
+            (
+                "EVALSHA",
+                _SCRIPTS["prune"][1],
+                2,
+                self.index,
+                self.expiry,
+                repr(now),
+                int(dry_run),
+                self.prefix,
+                limit,
+            ),
+            list,
+        )
+
+
+# Everything below runs in a worker thread, on the client it owns.
+
+
+def _load_scripts(client: redis.Redis) -> None:
+    for text, _ in _SCRIPTS.values():
+        client.script_load(text)
+
+
+def _execute(client: redis.Redis, plan: Callable[..., Plan], *args: Any) -> Any:
+    command, finish = plan(*args)
+    try:
+        reply = client.execute_command(*command)  # type: ignore[no-untyped-call]
+    except NoScriptError:
+        # The server restarted or its script cache was flushed since we loaded them.
+        _load_scripts(client)
+        reply = client.execute_command(*command)  # type: ignore[no-untyped-call]
+    return finish(reply)
+
+
+def _run_batch(client: redis.Redis, jobs: list[Job]) -> None:
+    """Send every queued operation in one pipeline: one round trip for all of them."""
+    if len(jobs) == 1:
+        jobs[0].run(client)
+        return
+    planned: list[tuple[Job, Plan]] = []
+    for job in jobs:
+        try:
+            planned.append((job, job.args[0](*job.args[1:])))
+        except BaseException as exc:
+            job.error = exc
+    replies = _pipeline(client, [plan[0] for _, plan in planned])
+    if any(isinstance(reply, NoScriptError) for reply in replies):
+        _load_scripts(client)
+        again = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        for i, reply in zip(again, _pipeline(client, [planned[i][1][0] for i in again]), strict=True):
+            replies[i] = reply
+    for (job, (_, finish)), reply in zip(planned, replies, strict=True):
+        if isinstance(reply, Exception):
+            job.error = reply
+            continue
+        try:
+            job.result = finish(reply)
+        except BaseException as exc:
+            job.error = exc
+
+
+def _pipeline(client: redis.Redis, commands: list[Command]) -> list[Any]:
+    pipe = client.pipeline(transaction=False)
+    for command in commands:
+        pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+    return pipe.execute(raise_on_error=False)
+
+
+class RedisSessionBackend(BackendBase):
+    """Sessions in Redis, shared by every process and host that reaches the server.
+
+    Each session is a hash (state, version, turn count, times) and a list (its turns). A
+    commit is one Lua script that checks the version, writes the state, truncates and
+    appends the turns and updates the key index, atomically on the server. Keys are listed
+    from a sorted-set index by lexical range (never ``KEYS`` or ``SCAN``). With ``ttl``
+    every save sets a server-side expiry on the session's keys; expired sessions are
+    invisible at once, and :meth:`prune` also removes them from the index.
+
+    Runs the same on asyncio and trio: redis-py's blocking client is driven by threads the
+    backend owns, each with a connection from a shared pool. Operations that queue up while
+    a thread is busy are sent together as one pipeline. A dropped connection is reopened and
+    the command resent (commits carry a token, so a resent commit is applied once); an
+    unreachable server surfaces as :class:`~cognitia.errors.StorageError`.
+
+    Args:
+        url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` for TLS, or
+            ``unix:///path/to/socket``.
+        key_prefix: prepended to every Redis key the backend uses, so several applications
+            (or tests) can share a database.
+        ttl: seconds after the last save when a session expires (``None``: never).
+        max_connections: connections to Redis, and the threads that drive them.
+        timeout: seconds allowed to connect, and to wait for each reply.
+        retries: resends of a command after a dropped connection or timeout.
+
+    >>> backend = RedisSessionBackend("redis://127.0.0.1:6379/0", key_prefix="myapp:")
+    """
+
+    name = "redis"
+    _driver_errors = (redis.RedisError, OSError)
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        key_prefix: str = "cognitia:",
+        ttl: float | None = None,
+        max_connections: int = 2,
+        timeout: float = 5.0,
+        retries: int = 3,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(ttl=ttl, clock=clock)
+        if not isinstance(key_prefix, str):
+            raise TypeError(f"key_prefix must be a str, got {type(key_prefix).__name__}")
+        if type(max_connections) is not int or max_connections < 1:
+            raise ValueError(f"max_connections must be an int >= 1, got {max_connections!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if type(retries) is not int or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        self.url = url
+        self.key_prefix = key_prefix
+        self._ttl_ms = None if ttl is None else max(1, math.ceil(ttl * 1000))
+        self._commands = _Commands(key_prefix)
+        self._pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            socket_keepalive=True,
+            health_check_interval=30,
+            decode_responses=True,
+            client_name="cognitia",
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), retries),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
+        self._workers = [
+            ThreadWorker(f"cognitia-redis-{i}:{self._describe()}", self._open, _close, batch=_run_batch)
+            for i in range(max_connections)
+        ]
+        self._next = itertools.cycle(self._workers).__next__
+
+    def _open(self) -> redis.Redis:
+        return redis.Redis(connection_pool=self._pool)
+
+    async def _call(self, plan: Callable[..., Plan], *args: Any, write: bool = False) -> Any:
+        return await self._next().call(_execute, plan, *args, shield=write)
+
+    # -- the storage engine -----------------------------------------------------------------
+
+    async def _raw_load(self, key: str, now: float) -> RawRecord | None:
+        return await self._call(self._commands.load, key, now)  # type: ignore[no-any-return]
+
+    async def _raw_commit(
+        self,
+        key: str,
+        state: str,
+        expected_version: int | None,
+        turns: list[str],
+        truncate: int | None,
+        now: float,
+        expires_at: float | None,
+    ) -> int:
+        nonce = secrets.token_hex(8)
+        return await self._call(  # type: ignore[no-any-return]
+            self._commands.commit,
+            key,
+            state,
+            expected_version,
+            turns,
+            truncate,
+            now,
+            expires_at,
+            self._ttl_ms,
+            nonce,
+            write=True,
+        )
+
+    async def _raw_load_turns(self, key: str, last: int | None, now: float) -> list[str]:
+        return await self._call(self._commands.load_turns, key, last, now)  # type: ignore[no-any-return]
+
+    async def _raw_delete(self, key: str, now: float) -> bool:
+        return await self._call(self._commands.delete, key, now, write=True)  # type: ignore[no-any-return]
+
+    async def _raw_list_keys(self, prefix: str, now: float) -> list[str]:
+        return sorted(await self._call(self._commands.list_keys, prefix, now))
+
+    async def _raw_prune(self, now: float, dry_run: bool) -> list[str]:
+        pruned: list[str] = []
+        while True:
+            keys: list[str] = await self._call(self._commands.prune, now, dry_run, write=True)
+            pruned.extend(keys)
+            if dry_run or len(keys) < _PRUNE_BATCH:
+                return sorted(pruned)
+
+    def _raw_close(self) -> None:
+        for worker in self._workers:
+            worker.stop()
+        self._pool.disconnect()
+
+    async def _raw_aclose(self) -> None:
+        for worker in self._workers:
+            await worker.astop()
+        self._pool.disconnect()
+
+    def _describe(self) -> str:
+        parts = urlsplit(self.url)
+        if parts.password is not None:
+            host = parts.netloc.rpartition("@")[2]
+            user = parts.username or ""
+            parts = parts._replace(netloc=f"{user}:***@{host}")
+        return f"url={urlunsplit(parts)!r} key_prefix={self.key_prefix!r}"
+
+
+def _close(client: redis.Redis) -> None:
+    client.close()
