@@ -108,7 +108,9 @@ class ThreadWorker(Generic[R]):
         has been handed over and will run; cancellation is delivered afterwards), so a
         write is either done completely or not submitted at all.
         """
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        if shield:
+            # A write that is already cancelled is not submitted at all.
+            await anyio.lowlevel.checkpoint_if_cancelled()
         job = Job(fn, args)
         with self._lock:
             if self._stopping:
@@ -117,15 +119,17 @@ class ThreadWorker(Generic[R]):
                 self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
                 self._thread.start()
             self._queue.put(job)
-        if shield:
+        try:
+            await job.event.wait()
+        except BaseException:
+            if not shield:
+                job.abandoned = True  # a read nobody waits for is skipped if not started
+                raise
+            # A submitted write finishes before the cancellation goes on; the shield is only
+            # paid for on this path, not on every call.
             with anyio.CancelScope(shield=True):
                 await job.event.wait()
-        else:
-            try:
-                await job.event.wait()
-            except BaseException:
-                job.abandoned = True
-                raise
+            raise
         if job.error is not None:
             raise job.error
         return job.result  # type: ignore[no-any-return]

@@ -51,7 +51,7 @@ def _env() -> dict[str, str]:
     env.setdefault("UV_PYTHON_DOWNLOADS", "never")
     # Trust the system's certificate store, as pip does: networks that inspect TLS add
     # their authority there, and uv's built-in roots would reject it.
-    env.setdefault("UV_NATIVE_TLS", "1")
+    env.setdefault("UV_SYSTEM_CERTS", "1")
     if "PIP_CERT" in env:
         env.setdefault("SSL_CERT_FILE", env["PIP_CERT"])
     env.pop("VIRTUAL_ENV", None)
