@@ -337,3 +337,39 @@ async def test_cancelling_concurrent_saves_leaves_each_one_whole_or_absent(tmp_p
             record = await again.load_record(key)
             assert record is not None and record.turn_count == 3 * record.version
         await again.save("after", {"ok": True})
+
+
+async def test_inline_reads_fall_back_to_the_reader_thread_instead_of_waiting(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """A point read that meets a lock (SQLite says "database is locked") never waits on the
+    event loop: it is retried on the reader thread, which has the busy timeout."""
+    path = tmp_path / "sessions.db"
+    async with SqliteSessionBackend(db_path=path) as backend:
+        await backend.save("agent:k", {"n": 1})
+        assert await backend.load("agent:k") == {"n": 1}
+        # In WAL mode readers are practically never refused a lock, so give this thread's
+        # inline connection a database that really is locked: a copy held in exclusive mode.
+        locked = tmp_path / "locked.db"
+        with sqlite3.connect(path) as source, sqlite3.connect(locked) as copy:
+            source.backup(copy)
+        holder = sqlite3.connect(locked, isolation_level=None)
+        holder.execute("PRAGMA journal_mode = DELETE")
+        holder.execute("BEGIN EXCLUSIVE")
+        refused = sqlite3.connect(locked, timeout=0, isolation_level=None, check_same_thread=False)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            refused.execute("SELECT 1 FROM cognitia_sessions").fetchall()
+        backend._inline.conn = refused
+        await backend.save("agent:k", {"n": 2})
+        # The locked copy cannot answer, and holds the old state anyway: this is the reader thread.
+        assert await backend.load("agent:k") == {"n": 2}
+        holder.close()
+        refused.close()
+
+
+async def test_inline_reads_can_be_turned_off(anyio_backend: str, tmp_path: Path) -> None:
+    async with SqliteSessionBackend(db_path=tmp_path / "s.db", inline_reads=False) as backend:
+        await backend.commit("agent:k", {"n": 1}, turns=[{"i": 0}])
+        assert await backend.load("agent:k") == {"n": 1}
+        assert await backend.load_turns("agent:k", last=1) == [{"i": 0}]
+        assert not backend._inline_conns

@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio.lowlevel
+
 from ..._worker import Job, ThreadWorker
 from ...errors import StorageError, VersionConflictError
 from ._base import BackendBase, RawRecord
@@ -53,6 +55,8 @@ _SELECT_TURNS_ALL = (
     "WHERE t.key = ? AND (s.expires_at IS NULL OR s.expires_at > ?) ORDER BY t.seq"
 )
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+_INLINE_TAIL = 64
+"""Tails of at most this many turns are read inline (see SqliteSessionBackend._point_read)."""
 
 # One-statement fast paths for the common commits. Each changes nothing when its condition
 # does not hold (an expired row, another version), and the general path in _commit then
@@ -96,11 +100,14 @@ def _prefix_bounds(prefix: str) -> tuple[str, str | None]:
 class SqliteSessionBackend(BackendBase):
     """Sessions in one SQLite file: the embedded default, persistent across restarts.
 
-    Runs the same on asyncio and trio: the standard library's ``sqlite3`` is driven by two
-    threads the backend owns, one writer and one reader, so a load never queues behind a
-    write. Writes that arrive while a transaction is running are committed together in the
-    next one (each in its own savepoint, so one failing save does not affect the others).
-    ``save`` returns once its transaction is committed.
+    Runs the same on asyncio and trio, on the standard library's ``sqlite3``. Writes go to a
+    writer thread the backend owns; writes that arrive while a transaction is running are
+    committed together in the next one (a failing write is retried alone, so it never fails
+    its neighbours), and ``save`` returns once its transaction is committed. Reads never
+    queue behind writes: loading one session is a primary-key lookup on a WAL snapshot,
+    served on the calling thread's own read-only connection (it never waits for a lock; if
+    it would, the read goes to the backend's reader thread), and larger reads (listing keys,
+    long turn histories) run on the reader thread.
 
     The file uses WAL mode and a busy timeout so several processes can share it, is created
     readable and writable by its owner only, and records its schema version.
@@ -111,6 +118,9 @@ class SqliteSessionBackend(BackendBase):
         synchronous: SQLite's ``synchronous`` setting. ``"NORMAL"`` (default) keeps every
             committed save across a process crash; ``"FULL"`` also across power loss.
         busy_timeout: seconds to wait for another process's write lock.
+        inline_reads: serve single-session reads on the calling thread (default). Turn it
+            off when the file lives on slow or network storage, where even a point read may
+            take long enough to matter to the event loop.
 
     >>> backend = SqliteSessionBackend(db_path="sessions.db")
     """
@@ -126,6 +136,7 @@ class SqliteSessionBackend(BackendBase):
         ttl: float | None = None,
         synchronous: str = "NORMAL",
         busy_timeout: float = 5.0,
+        inline_reads: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(ttl=ttl, clock=clock)
@@ -136,6 +147,10 @@ class SqliteSessionBackend(BackendBase):
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout
         self._memory = self.db_path == ":memory:"
+        self._inline_reads = inline_reads and not self._memory
+        self._inline = threading.local()
+        self._inline_conns: list[sqlite3.Connection] = []
+        self._inline_lock = threading.Lock()
         self._schema_ready = threading.Event()
         self._writer: ThreadWorker[sqlite3.Connection] = ThreadWorker(
             f"cognitia-sqlite-writer:{self.db_path}",
@@ -184,16 +199,51 @@ class SqliteSessionBackend(BackendBase):
         conn.execute("PRAGMA query_only = ON")
         return conn
 
+    def _inline_connection(self) -> sqlite3.Connection:
+        """This thread's read-only connection, for point reads served without a thread hop.
+
+        It never waits for a lock (``busy_timeout = 0``): a read that would have to wait
+        goes to the reader thread instead, so the event loop is never held up by another
+        writer.
+        """
+        conn: sqlite3.Connection | None = getattr(self._inline, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.db_path, timeout=0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA query_only = ON")
+            conn.execute("PRAGMA busy_timeout = 0")
+            with self._inline_lock:
+                self._inline_conns.append(conn)
+            self._inline.conn = conn
+        return conn
+
     async def _read(self, fn: Callable[..., object], *args: object) -> object:
         if not self._schema_ready.is_set():
             # The writer creates or migrates the schema before the first read.
             await self._writer.call(_noop, shield=True)
         return await self._reader.call(fn, *args)
 
+    async def _point_read(self, fn: Callable[..., object], *args: object) -> object:
+        """A read of one session's row (or a bounded tail of its turns).
+
+        In WAL mode such a read takes a few microseconds, less than the thread hop it would
+        otherwise cost and less than decoding the state it returns, which happens on this
+        thread anyway; so it runs here, on a connection of this thread's own. Anything that
+        would wait (a lock held during recovery, a closed backend) takes the reader thread.
+        """
+        if self._inline_reads and self._schema_ready.is_set() and not self._closed:
+            try:
+                result = fn(self._inline_connection(), *args)
+            except sqlite3.OperationalError:
+                pass  # busy or locked: the reader thread waits for it with the busy timeout
+            else:
+                await anyio.lowlevel.checkpoint()
+                return result
+        return await self._read(fn, *args)
+
     # -- the storage engine -----------------------------------------------------------------
 
     async def _raw_load(self, key: str, now: float) -> RawRecord | None:
-        return await self._read(_load, key, now)  # type: ignore[return-value]
+        return await self._point_read(_load, key, now)  # type: ignore[return-value]
 
     async def _raw_commit(
         self,
@@ -210,6 +260,8 @@ class SqliteSessionBackend(BackendBase):
         )
 
     async def _raw_load_turns(self, key: str, last: int | None, now: float) -> list[str]:
+        if last is not None and last <= _INLINE_TAIL:
+            return await self._point_read(_load_turns, key, last, now)  # type: ignore[return-value]
         return await self._read(_load_turns, key, last, now)  # type: ignore[return-value]
 
     async def _raw_delete(self, key: str, now: float) -> bool:
@@ -224,10 +276,18 @@ class SqliteSessionBackend(BackendBase):
     def _raw_close(self) -> None:
         self._reader.stop()
         self._writer.stop()
+        self._close_inline()
 
     async def _raw_aclose(self) -> None:
         await self._reader.astop()
         await self._writer.astop()
+        self._close_inline()
+
+    def _close_inline(self) -> None:
+        with self._inline_lock:
+            conns, self._inline_conns = self._inline_conns, []
+        for conn in conns:
+            conn.close()
 
     def _describe(self) -> str:
         return f"db_path={self.db_path!r}"
