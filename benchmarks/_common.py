@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -109,3 +110,31 @@ def print_table(rows: list[Row]) -> bool:
     print("all targets met" if all_met else "SOME TARGETS MISSED")
     sys.stdout.flush()
     return all_met
+
+
+# The workload of the server benchmarks (PostgreSQL, Redis): one definition for both.
+
+SESSIONS_PER_TASK = 5
+
+
+def make_state(n: int) -> dict[str, Any]:
+    """A small agent session: a role, a counter and a short conversation (about 1 KB of JSON)."""
+    return {
+        "role": "coach",
+        "turn": n,
+        "user": {"id": 42, "locale": "en-GB", "plan": "pro"},
+        "history": [
+            {
+                "role": "user" if j % 2 == 0 else "assistant",
+                "content": f"message {j} of the conversation " * 3,
+            }
+            for j in range(8)
+        ],
+    }
+
+
+TURN = {"role": "user", "content": "and another question about the plan", "ts": 1_700_000_000.5}
+
+
+def key(task: int, i: int) -> str:
+    return f"agent:bench:{task}:{i % SESSIONS_PER_TASK}"

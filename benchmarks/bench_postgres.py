@@ -31,37 +31,13 @@ from typing import Any
 
 import anyio
 import psycopg
+from _common import TURN, key, make_state
 from psycopg import sql
 
 from cognitia.session.backends import PostgresSessionBackend
 
 Op = Callable[[int, int], Awaitable[object]]
 """One operation: ``op(task, i)``."""
-
-SESSIONS_PER_TASK = 5
-
-
-def make_state(n: int) -> dict[str, Any]:
-    """A small agent session: a role, a counter and a short conversation (about 1 KB of JSON)."""
-    return {
-        "role": "coach",
-        "turn": n,
-        "user": {"id": 42, "locale": "en-GB", "plan": "pro"},
-        "history": [
-            {
-                "role": "user" if j % 2 == 0 else "assistant",
-                "content": f"message {j} of the conversation " * 3,
-            }
-            for j in range(8)
-        ],
-    }
-
-
-TURN = {"role": "user", "content": "and another question about the plan", "ts": 1_700_000_000.5}
-
-
-def key(task: int, i: int) -> str:
-    return f"agent:bench:{task}:{i % SESSIONS_PER_TASK}"
 
 
 async def run(op: Op, tasks: int, ops_per_task: int) -> float:

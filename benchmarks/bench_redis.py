@@ -34,6 +34,7 @@ import anyio
 import coredis
 import redis
 import redis.asyncio
+from _common import TURN, key, make_state
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -46,32 +47,8 @@ Op = Callable[[int, int], Awaitable[object]]
 Subject = Callable[[str], Any]
 """Given a key prefix, an async context manager yielding ``{"save": op, "load": op, "append": op}``."""
 
-SESSIONS_PER_TASK = 5
 OPERATIONS = ("save", "load", "append")
 TARGETS = {1: 0.7, 200: 1.0}
-
-
-def make_state(n: int) -> dict[str, Any]:
-    """A small agent session: a role, a counter and a short conversation (about 1 KB of JSON)."""
-    return {
-        "role": "coach",
-        "turn": n,
-        "user": {"id": 42, "locale": "en-GB", "plan": "pro"},
-        "history": [
-            {
-                "role": "user" if j % 2 == 0 else "assistant",
-                "content": f"message {j} of the conversation " * 3,
-            }
-            for j in range(8)
-        ],
-    }
-
-
-TURN = {"role": "user", "content": "and another question about the plan", "ts": 1_700_000_000.5}
-
-
-def key(task: int, i: int) -> str:
-    return f"agent:bench:{task}:{i % SESSIONS_PER_TASK}"
 
 
 @asynccontextmanager
