@@ -1,6 +1,8 @@
 """LangGraph checkpointing: cognitia's saver on SQLite against LangGraph's own AsyncSqliteSaver.
 
-Two measurements, both savers in the same run, each on a fresh database file:
+Two measurements, every saver in the same run, each run on a fresh SQLite file in WAL mode in
+the same temporary directory, in interleaved rounds (each round runs every saver once per
+scenario, in a rotated order, so drift of a shared machine hits them alike):
 
 * graph: a conversation of ``--steps`` turns, one ``graph.ainvoke`` per turn, each appending a
   user message and a reply to the thread's messages (LangGraph reads the latest checkpoint,
@@ -9,10 +11,13 @@ Two measurements, both savers in the same run, each on a fresh database file:
   with a growing message list (what the graph stores) and once with a constant-size value
   (the storage cost alone, without the growing payload).
 
-For each: turns per second, and the growth of the per-turn cost (mean of the last 50 turns
-over the mean of the first 50; 1.0 is flat). Ratios are cognitia over AsyncSqliteSaver.
+For each: turns per second, the median turn, and the growth of the per-turn cost (median of
+the last 50 turns over the median of the first 50; 1.0 is flat), each the median over the
+rounds. Ratios are cognitia over AsyncSqliteSaver. The durability setting of every saver is
+read back from its SQLite connection and printed; cognitia's info-level structlog events are
+filtered out (an application's logging choice, printed too).
 
-    python benchmarks/bench_langgraph.py [--steps 500]
+    python benchmarks/bench_langgraph.py [--steps 500] [--rounds 3]
 
 Needs: cognitia-langgraph, langgraph, langgraph-checkpoint-sqlite (and aiosqlite).
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import statistics
 import tempfile
 import time
@@ -43,24 +49,46 @@ from cognitia_langgraph import CognitiaSaver
 WINDOW = 50
 
 
+SYNCHRONOUS = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
+Durability = dict[str, str]
+"""What each saver's SQLite connection reports, filled in by the first run of each."""
+DURABILITY: Durability = {}
+
+
+def sqlite_settings(path: Path) -> str:
+    """journal_mode as stored in the file; synchronous is per connection, read by the saver's own."""
+    with sqlite3.connect(path) as conn:
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    conn.close()
+    return str(mode).upper()
+
+
 @asynccontextmanager
-async def cognitia_saver(path: Path) -> AsyncIterator[BaseCheckpointSaver[Any]]:
-    async with SqliteSessionBackend(db_path=path) as backend:  # synchronous=NORMAL, the default
+async def cognitia_saver(path: Path, synchronous: str = "NORMAL") -> AsyncIterator[BaseCheckpointSaver[Any]]:
+    async with SqliteSessionBackend(db_path=path, synchronous=synchronous) as backend:
         yield CognitiaSaver(backend)
+    # The backend sets synchronous on each of its connections when it opens them.
+    DURABILITY.setdefault(
+        "cognitia" if synchronous == "NORMAL" else f"cognitia ({synchronous})",
+        f"journal_mode={sqlite_settings(path)} synchronous={synchronous}",
+    )
 
 
 @asynccontextmanager
 async def cognitia_saver_full(path: Path) -> AsyncIterator[BaseCheckpointSaver[Any]]:
-    # AsyncSqliteSaver runs with SQLite's default synchronous=FULL (an fsync per commit):
-    # this row compares at the same durability.
-    async with SqliteSessionBackend(db_path=path, synchronous="FULL") as backend:
-        yield CognitiaSaver(backend)
+    async with cognitia_saver(path, "FULL") as saver:
+        yield saver
 
 
 @asynccontextmanager
 async def langgraph_saver(path: Path) -> AsyncIterator[BaseCheckpointSaver[Any]]:
     async with AsyncSqliteSaver.from_conn_string(str(path)) as saver:
+        await saver.setup()
+        async with saver.conn.execute("PRAGMA synchronous") as cursor:
+            row = await cursor.fetchone()
         yield saver
+    level = SYNCHRONOUS.get(int(row[0]), str(row[0])) if row else "?"
+    DURABILITY.setdefault(BASELINE, f"journal_mode={sqlite_settings(path)} synchronous={level} (its default)")
 
 
 BASELINE = "AsyncSqliteSaver"
@@ -137,30 +165,45 @@ def summarize(durations: list[float]) -> tuple[float, float, float]:
     return len(durations) / sum(durations), statistics.median(durations) * 1000, last / first
 
 
-async def bench(steps: int) -> None:
+async def bench(steps: int, rounds: int) -> None:
     scenarios: dict[str, Callable[[BaseCheckpointSaver[Any]], Awaitable[list[float]]]] = {
         "graph (ainvoke per turn)": lambda saver: run_graph(saver, steps),
         "direct, growing messages": lambda saver: run_direct(saver, steps, growing=True),
         "direct, constant payload": lambda saver: run_direct(saver, steps, growing=False),
     }
-    print(f"{steps} turns per scenario; growth = median of last {WINDOW} turns / median of first {WINDOW}\n")
-    print(f"{'scenario':28} {'saver':18} {'turns/s':>9} {'p50 ms':>8} {'growth':>7}")
+    names = list(SAVERS)
+    runs: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, scenario in scenarios.items():
-            results: dict[str, tuple[float, float, float]] = {}
-            for name, factory in SAVERS.items():
-                async with factory(Path(tmp) / f"{len(results)}-{time.monotonic_ns()}.db") as saver:
-                    results[name] = summarize(await scenario(saver))
-                rate, p50, growth = results[name]
-                print(f"{label:28} {name:18} {rate:9.1f} {p50:8.2f} {growth:7.2f}")
-            base = results[BASELINE]
-            for name, (rate, p50, growth) in results.items():
-                if name != BASELINE:
-                    print(
-                        f"{'':28} {name + ' / base':18} {rate / base[0]:8.2f}x {base[1] / p50:7.2f}x"
-                        f" {growth:.2f} vs {base[2]:.2f}"
-                    )
-            print()
+        for round_ in range(rounds):
+            for label, scenario in scenarios.items():
+                shift = round_ % len(names)
+                for name in names[shift:] + names[:shift]:
+                    path = Path(tmp) / f"{len(runs)}-{round_}-{time.monotonic_ns()}.db"
+                    async with SAVERS[name](path) as saver:
+                        durations = await scenario(saver)
+                    runs.setdefault((label, name), []).append(summarize(durations))
+    print(f"{steps} turns per scenario, {rounds} interleaved rounds, median over rounds;")
+    print(f"growth = median of the last {WINDOW} turns / median of the first {WINDOW} (1.0 is flat)")
+    print("cognitia's info-level structlog events are filtered out (structlog level WARNING)")
+    for name in names:
+        print(f"durability  {name:18} {DURABILITY.get(name, '?')}")
+    print()
+    print(f"{'scenario':28} {'saver':18} {'turns/s':>9} {'p50 ms':>8} {'growth':>7}")
+    for label in scenarios:
+        results = {
+            name: tuple(statistics.median(r[i] for r in runs[(label, name)]) for i in range(3))
+            for name in names
+        }
+        for name, (rate, p50, growth) in results.items():
+            print(f"{label:28} {name:18} {rate:9.1f} {p50:8.2f} {growth:7.2f}")
+        base = results[BASELINE]
+        for name, (rate, p50, growth) in results.items():
+            if name != BASELINE:
+                print(
+                    f"{'':28} {name + ' / base':18} {rate / base[0]:8.2f}x {base[1] / p50:7.2f}x"
+                    f" {growth:.2f} vs {base[2]:.2f}"
+                )
+        print()
 
 
 def main() -> None:
@@ -168,11 +211,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=500, help="turns per scenario (default 500)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     args = parser.parse_args()
     # cognitia logs each save at info level; this measures storage, not console output.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     # AsyncSqliteSaver (aiosqlite) and LangGraph's async loop are asyncio-only.
-    anyio.run(bench, args.steps, backend="asyncio")
+    anyio.run(bench, args.steps, args.rounds, backend="asyncio")
 
 
 if __name__ == "__main__":

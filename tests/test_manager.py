@@ -289,6 +289,40 @@ async def test_different_keys_do_not_wait_on_each_other(backend: SessionBackend)
     assert (await manager.get("slow")).state == {"done": True}
 
 
+async def test_a_caller_cancelled_while_waiting_for_a_key_neither_runs_nor_blocks_it(
+    backend: SessionBackend,
+) -> None:
+    """Waiters on a busy key run in turn; a cancelled one is skipped, and no lock outlives its key."""
+    manager = InMemorySessionManager(backend=backend)
+    inside, release = anyio.Event(), anyio.Event()
+    order: list[str] = []
+
+    async def first(session: Session) -> None:
+        inside.set()
+        await release.wait()
+        order.append("first")
+
+    def then(name: str) -> Callable[[Session], None]:
+        return lambda session: order.append(name)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(manager.update, "k", first)
+        await inside.wait()
+        with anyio.CancelScope() as abandoned:
+            async with anyio.create_task_group() as waiters:
+                waiters.start_soon(manager.update, "k", then("cancelled"))
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(manager.update, "k", then("second"))
+                await anyio.wait_all_tasks_blocked()
+                abandoned.cancel()
+        release.set()
+    assert order == ["first", "second"]
+    assert (await manager.get("k")).version == 2
+    assert manager._locks._locks == {}  # dropped once nobody holds or waits
+    await manager.update("k", then("third"))  # the key is free again
+    assert order == ["first", "second", "third"]
+
+
 async def test_a_blocked_hook_holds_only_its_own_key(backend: SessionBackend) -> None:
     manager = InMemorySessionManager(backend=backend)
     inside, release = anyio.Event(), anyio.Event()

@@ -138,11 +138,15 @@ class Turns:
     def _committed(self, count: int, stored: list[dict[str, Any]] | None = None) -> None:
         """The first ``count`` pending turns are now stored (as ``stored``, when they were converted)."""
         done, self._pending = self._pending[:count], self._pending[count:]
-        known = self._known + (done if stored is None else stored)
+        # Extended in place, not copied (up to MAX_CACHED_TURNS items on every save): a
+        # checkpoint taken before this commit still refers to this list, but a committed
+        # change is never rolled back (Session._rollback checks the version first), and
+        # nothing else holds on to it (last(), all() and pop() hand out or keep new lists).
+        known = self._known
+        known.extend(done if stored is None else stored)
         if len(known) > MAX_CACHED_TURNS:
-            known = known[-MAX_CACHED_TURNS:]
+            del known[: len(known) - MAX_CACHED_TURNS]
             self._complete = False
-        self._known = known
         self._stored += count
         self._backing = self._stored
         self._truncate = None

@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any, TypeVar, overload
 
 import anyio
+import anyio.lowlevel
 import structlog
 
 from .._json import check_key, dumps, loads
@@ -67,7 +68,15 @@ class _KeyLocks:
 
 
 class _Held:
-    """``async with locks.hold(key)``: a class, not a generator, as it wraps every operation."""
+    """``async with locks.hold(key)``: a class, not a generator, as it wraps every operation.
+
+    The entry for a key is ``[semaphore or None, holders and waiters]``. A free key is
+    taken without creating any lock object (``[None, 1]``): most operations never wait,
+    and making an anyio semaphore per operation was a measurable part of a decorated
+    call. The first caller that finds the key taken creates the semaphore it waits on,
+    so a semaphore is always made inside the event loop whose tasks wait on it, never
+    cached across loops or runtimes.
+    """
 
     __slots__ = ("_entry", "_key", "_locks")
 
@@ -76,26 +85,43 @@ class _Held:
         self._key = key
 
     async def __aenter__(self) -> None:
-        entry = self._locks.get(self._key)
+        locks, key = self._locks, self._key
+        if key not in locks:
+            # A free key is taken without yielding to the scheduler, but a cancelled
+            # caller still stops here (the operation checkpoints in storage).
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        entry = locks.get(key)
         if entry is None:
-            # fast_acquire: a free lock is taken without yielding to the scheduler (a
-            # cancelled caller still stops here); the operation checkpoints in storage.
-            # A semaphore, not a Lock: a streaming handler its caller abandons is closed by
-            # the runtime's async-generator finalizer in another task, which must be able
-            # to release the key (a Lock refuses a release by a task that does not own it).
-            entry = self._locks[self._key] = [anyio.Semaphore(1, fast_acquire=True), 0]
+            entry = locks[key] = [None, 1]
+            self._entry = entry
+            return
         entry[1] += 1
         try:
+            if entry[0] is None:
+                # The key is held, so the semaphore starts at 0. A semaphore, not a Lock:
+                # a streaming handler its caller abandons is closed by the runtime's
+                # async-generator finalizer in another task, which must be able to release
+                # the key (a Lock refuses a release by a task that does not own it).
+                entry[0] = anyio.Semaphore(0)
             await entry[0].acquire()
         except BaseException:
             self._drop(entry)
             raise
         self._entry = entry
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._release()
+
+    def _release(self) -> None:
         entry = self._entry
         try:
-            entry[0].release()
+            if entry[0] is not None:
+                entry[0].release()
         finally:
             self._drop(entry)
 
@@ -105,17 +131,15 @@ class _Held:
             del self._locks[self._key]
 
 
-class _Operation:
+class _Operation(_Held):
     """``async with manager._operation(key)``: the key's lock, then the capacity check on success."""
 
-    __slots__ = ("_held", "_manager")
+    __slots__ = ("_manager",)
 
     def __init__(self, manager: InMemorySessionManager, key: str) -> None:
+        self._locks = manager._locks._locks
+        self._key = key
         self._manager = manager
-        self._held = _Held(manager._locks._locks, key)
-
-    async def __aenter__(self) -> None:
-        await self._held.__aenter__()
 
     async def __aexit__(
         self,
@@ -123,7 +147,7 @@ class _Operation:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._held.__aexit__(exc_type, exc, tb)
+        self._release()
         manager = self._manager
         if exc is None and manager.max_sessions is not None and len(manager._live) > manager.max_sessions:
             await manager._evict_over_capacity()
@@ -532,28 +556,28 @@ class InMemorySessionManager:
         Everything is encoded (and so validated) before storage is touched.
         """
         started = time.perf_counter()
-        state_json = dumps(session.key, session.state)
+        key = session.key
+        state_json = dumps(key, session.state)
         pending = session.turns._take_pending()
         count = len(pending)
         turns_json = [
-            dumps(session.key, turn, root="turn" if count == 1 else f"turns[{i}]", default=default)
+            dumps(key, turn, root="turn" if count == 1 else f"turns[{i}]", default=default)
             for i, turn in enumerate(pending)
         ]
         conflict: VersionConflictError | None = None
         # The write is shielded from the caller's cancellation but bounded by save_timeout.
-        with anyio.CancelScope(shield=True) as scope:
-            scope.deadline = anyio.current_time() + self.save_timeout
+        with anyio.CancelScope(shield=True, deadline=anyio.current_time() + self.save_timeout) as scope:
             try:
                 version = await self._store.write(
-                    session.key, session.state, state_json, expected, turns_json, session.turns._truncate
+                    key, session.state, state_json, expected, turns_json, session.turns._truncate
                 )
             except VersionConflictError as exc:
-                self._live.pop(session.key, None)
+                self._live.pop(key, None)
                 conflict = exc
             except BaseException:
                 # The outcome is unknown (timeout, connection lost): forget the live copy so
                 # the next access reads what storage really holds.
-                self._live.pop(session.key, None)
+                self._live.pop(key, None)
                 raise
             else:
                 session.version = version
@@ -562,16 +586,23 @@ class InMemorySessionManager:
                 session._saved_json = state_json
                 session.last_active = self._clock()
         if scope.cancelled_caught:
-            raise TimeoutError(f"saving session {session.key!r} took longer than {self.save_timeout}s")
+            raise TimeoutError(f"saving session {key!r} took longer than {self.save_timeout}s")
+        if conflict is not None:
+            name, version, size, count, reason = "conflict", session.version, 0, 0, f"found {conflict.actual}"
+        else:
+            name, reason = event, None
+            size = len(state_json) if state_json.isascii() else len(state_json.encode())
         # Hooks run after the deadline scope (a slow hook cannot fail a committed save) but
-        # still shielded, so a committed save is always reported.
-        with anyio.CancelScope(shield=True):
-            if conflict is not None:
-                await self._emit(
-                    "conflict", session.key, session.version, started, reason=f"found {conflict.actual}"
-                )
-                raise conflict
-            await self._emit(event, session.key, version, started, size=len(state_json.encode()), turns=count)
+        # still shielded, so a committed save is always reported. With no hook for the
+        # event, emitting never suspends (structlog logs synchronously), so nothing can
+        # interrupt it and the shield, a measurable cost on every save, is skipped.
+        if self._hooks.has_hooks(name):
+            with anyio.CancelScope(shield=True):
+                await self._emit(name, key, version, started, size=size, turns=count, reason=reason)
+        else:
+            await self._emit(name, key, version, started, size=size, turns=count, reason=reason)
+        if conflict is not None:
+            raise conflict
 
     async def _retire(self, session: Session, event: str, *, reason: str | None) -> None:
         """Persist the session if it changed, drop it from the live set, and report ``event``."""

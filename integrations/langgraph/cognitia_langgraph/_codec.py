@@ -11,8 +11,16 @@ A checkpoint turn::
     {"kind": "checkpoint", "ns": "", "id": "1f0...", "parent": "1f0..." | null,
      "checkpoint": {"v": 4, "ts": "...", "channel_versions": {...}, "versions_seen": {...},
                     "updated_channels": [...] | null,
-                    "channel_values": {"messages": ["msgpack", "<base64>"]}},
+                    "channel_values": {"messages": ["msgpack", "<base64>"]},
+                    "carried": ["tools"]},
      "metadata": {"source": "loop", "step": 3, "parents": {}, ...}}
+
+A channel value is stored once per channel version, like LangGraph's Postgres saver stores
+one blob per (channel, version): ``channel_values`` holds the channels whose value this turn
+stores, and ``carried`` (present only when not empty) names the channels whose value is the
+one an earlier checkpoint turn of the same namespace stored under the same version
+(``channel_versions[name]``). A graph step that changes one channel encodes and stores that
+channel only.
 
 A batch of pending writes (one ``put_writes`` call)::
 
@@ -23,7 +31,7 @@ A batch of pending writes (one ``put_writes`` call)::
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
 from langgraph.checkpoint.base import (
@@ -41,13 +49,25 @@ from cognitia._json import dumps
 __all__ = [
     "CHECKPOINT",
     "WRITES",
+    "Pair",
     "PickleRefusedError",
+    "Source",
+    "carried",
     "checkpoint_turn",
     "load_checkpoint",
+    "load_value",
     "pending_writes",
     "refuse_pickle",
+    "resolve",
+    "sources",
+    "stored_values",
     "writes_turn",
 ]
+
+Pair = list[str]
+"""A stored value: ``[type, base64]`` as LangGraph's serializer typed it."""
+Source = tuple[str, str, Any]
+"""Where a stored channel value is found: ``(namespace, channel, version)``."""
 
 CHECKPOINT = "checkpoint"
 WRITES = "writes"
@@ -75,7 +95,7 @@ def refuse_pickle(serde: SerializerProtocol) -> None:
             return
 
 
-def _dump(serde: SerializerProtocol, value: Any, key: str, path: str) -> list[str]:
+def _dump(serde: SerializerProtocol, value: Any, key: str, path: str) -> Pair:
     try:
         kind, data = serde.dumps_typed(value)
     except Exception as exc:
@@ -87,7 +107,8 @@ def _dump(serde: SerializerProtocol, value: Any, key: str, path: str) -> list[st
     return [kind, base64.b64encode(data).decode("ascii")]
 
 
-def _load(serde: SerializerProtocol, pair: Sequence[str]) -> Any:
+def load_value(serde: SerializerProtocol, pair: Sequence[str]) -> Any:
+    """Decode one stored ``[type, base64]`` value; refuses pickle."""
     kind, data = pair
     if "pickle" in kind:
         raise PickleRefusedError("a stored value is marked as pickled; cognitia never loads pickle")
@@ -101,8 +122,13 @@ def checkpoint_turn(
     checkpoint: Checkpoint,
     parent_id: str | None,
     metadata: CheckpointMetadata,
+    stored: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The turn that stores one checkpoint, validated as JSON before anything is written."""
+    """The turn that stores one checkpoint, validated as JSON before anything is written.
+
+    ``stored`` maps channels to the version whose value the namespace's log already holds
+    within reach: a channel still at that version is carried, not encoded again.
+    """
     # Metadata is the one part that is not JSON by construction (it may carry user values
     # from the config); check it here so a bad value fails before the session is touched.
     dumps(key, metadata, root="metadata")
@@ -113,10 +139,18 @@ def checkpoint_turn(
             fields[name] = value
         elif name not in ("id", "channel_values"):
             extra[name] = value
-    fields["channel_values"] = {
-        channel: _dump(serde, value, key, f'checkpoint["channel_values"][{channel!r}]')
-        for channel, value in checkpoint["channel_values"].items()
-    }
+    versions = checkpoint["channel_versions"]
+    values: dict[str, Pair] = {}
+    kept: list[str] = []
+    for channel, value in checkpoint["channel_values"].items():
+        version = versions.get(channel)
+        if version is not None and channel in stored and stored[channel] == version:
+            kept.append(channel)
+        else:
+            values[channel] = _dump(serde, value, key, f'checkpoint["channel_values"][{channel!r}]')
+    fields["channel_values"] = values
+    if kept:
+        fields["carried"] = kept
     turn: dict[str, Any] = {
         "kind": CHECKPOINT,
         "ns": ns,
@@ -157,16 +191,58 @@ def writes_turn(
     }
 
 
-def load_checkpoint(serde: SerializerProtocol, turn: dict[str, Any]) -> Checkpoint:
-    """Rebuild the :class:`Checkpoint` stored by :func:`checkpoint_turn`."""
+def stored_values(turn: dict[str, Any]) -> dict[str, Pair]:
+    """The channel values a checkpoint turn stores itself, still encoded."""
+    values: dict[str, Pair] = turn["checkpoint"]["channel_values"]
+    return values
+
+
+def carried(turn: dict[str, Any]) -> list[str]:
+    """The channels whose value a checkpoint turn takes from an earlier turn (see the module docstring)."""
+    names: list[str] = turn["checkpoint"].get("carried", [])
+    return names
+
+
+def sources(turns: Iterable[dict[str, Any]]) -> dict[Source, Pair]:
+    """Every channel value stored in ``turns``, by namespace, channel and version."""
+    found: dict[Source, Pair] = {}
+    for turn in turns:
+        if turn["kind"] == CHECKPOINT:
+            versions = turn["checkpoint"]["channel_versions"]
+            ns = turn["ns"]
+            for channel, pair in turn["checkpoint"]["channel_values"].items():
+                version = versions.get(channel)
+                if version is not None:
+                    found[(ns, channel, version)] = pair
+    return found
+
+
+def resolve(turn: dict[str, Any], found: Mapping[Source, Pair]) -> dict[str, Pair] | None:
+    """Every encoded channel value of a checkpoint turn, or ``None`` if a carried one is not in ``found``."""
+    values = stored_values(turn)
+    names = carried(turn)
+    if not names:
+        return values
+    values = dict(values)
+    versions = turn["checkpoint"]["channel_versions"]
+    for channel in names:
+        pair = found.get((turn["ns"], channel, versions.get(channel)))
+        if pair is None:
+            return None
+        values[channel] = pair
+    return values
+
+
+def load_checkpoint(
+    serde: SerializerProtocol, turn: dict[str, Any], channel_values: dict[str, Any]
+) -> Checkpoint:
+    """Rebuild the :class:`Checkpoint` stored by :func:`checkpoint_turn`, with its decoded values."""
     stored = turn["checkpoint"]
     checkpoint: dict[str, Any] = {name: stored[name] for name in _PLAIN_FIELDS if name in stored}
     checkpoint["id"] = turn["id"]
-    checkpoint["channel_values"] = {
-        channel: _load(serde, pair) for channel, pair in stored["channel_values"].items()
-    }
+    checkpoint["channel_values"] = channel_values
     if "extra" in turn:
-        checkpoint.update(_load(serde, turn["extra"]))
+        checkpoint.update(load_value(serde, turn["extra"]))
     return cast(Checkpoint, checkpoint)
 
 
@@ -184,4 +260,4 @@ def pending_writes(serde: SerializerProtocol, turns: Iterable[dict[str, Any]]) -
                 continue
             chosen[(task, idx)] = (path, task, idx, channel, [kind, data])
     ordered = sorted(chosen.values(), key=lambda w: writes_sort_key(w[0], w[1], w[2]))
-    return [(task, channel, _load(serde, value)) for _, task, _, channel, value in ordered]
+    return [(task, channel, load_value(serde, value)) for _, task, _, channel, value in ordered]

@@ -5,9 +5,12 @@ saved. The session state only says, per checkpoint namespace, which checkpoint i
 latest and from which position of the log it (and its pending writes) can be read::
 
     {"langgraph": 1,
-     "namespaces": {"": {"latest": "1f0...", "at": 41, "writes": {"1f0...": 40}}}}
+     "namespaces": {"": {"latest": "1f0...", "at": 41, "writes": {"1f0...": 40},
+                         "values": {"messages": ["00...07.0.41", 41], "tools": [3, 12]}}}}
 
-``at`` is the log position of the latest checkpoint's turn. LangGraph saves checkpoints in
+``at`` is the log position of the latest checkpoint's turn. ``values`` says, for each channel
+of the latest checkpoint, which version of its value the log holds and at which position
+(an earlier turn, for a channel the latest checkpoint carries). LangGraph saves checkpoints in
 the background, so the writes of a step's tasks can be saved before that step's checkpoint:
 ``writes`` remembers, for the latest checkpoint and any newer one not saved yet, the position
 of its first writes. The index is a hint: readers check what they find and fall back to the
@@ -21,7 +24,7 @@ from typing import Any
 
 from ._codec import CHECKPOINT, WRITES
 
-__all__ = ["FORMAT", "latest", "rebuild", "record"]
+__all__ = ["FORMAT", "latest", "rebuild", "record", "values"]
 
 FORMAT = 1
 
@@ -41,6 +44,7 @@ def record(state: dict[str, Any], turn: dict[str, Any], seq: int) -> None:
         # Checkpoint ids grow with time: the latest is the greatest, as in LangGraph's savers.
         if latest is None or checkpoint_id >= latest:
             entry["latest"], entry["at"] = checkpoint_id, seq
+            _record_values(entry, turn, seq)
             early = entry.get("writes", {})
             kept = {cid: at for cid, at in early.items() if cid >= checkpoint_id}
             if kept:
@@ -53,6 +57,25 @@ def record(state: dict[str, Any], turn: dict[str, Any], seq: int) -> None:
             entry.setdefault("writes", {}).setdefault(checkpoint_id, seq)
 
 
+def _record_values(entry: dict[str, Any], turn: dict[str, Any], seq: int) -> None:
+    known: dict[str, list[Any]] = entry.get("values", {})
+    versions = turn["checkpoint"]["channel_versions"]
+    now: dict[str, list[Any]] = {}
+    for channel in turn["checkpoint"]["channel_values"]:
+        if versions.get(channel) is not None:
+            now[channel] = [versions[channel], seq]
+    for channel in turn["checkpoint"].get("carried", ()):
+        where = known.get(channel)
+        # A carried value the index lost track of is simply not listed: readers then fall
+        # back to the whole log, and the next save stores that channel again.
+        if where is not None and where[0] == versions.get(channel):
+            now[channel] = where
+    if now:
+        entry["values"] = now
+    else:
+        entry.pop("values", None)
+
+
 def latest(state: dict[str, Any], ns: str) -> tuple[str, int] | None:
     """The latest checkpoint id of ``ns`` and the log position to read from, or ``None``."""
     entry = state.get("namespaces", {}).get(ns)
@@ -60,7 +83,16 @@ def latest(state: dict[str, Any], ns: str) -> tuple[str, int] | None:
         return None
     at: int = entry["at"]
     first_write: int = entry.get("writes", {}).get(entry["latest"], at)
-    return entry["latest"], min(at, first_write)
+    oldest_value = min((where[1] for where in entry.get("values", {}).values()), default=at)
+    return entry["latest"], min(at, first_write, oldest_value)
+
+
+def values(state: dict[str, Any], ns: str, since: int) -> dict[str, Any]:
+    """The channel versions whose value the log of ``ns`` holds at position ``since`` or later."""
+    entry = state.get("namespaces", {}).get(ns)
+    if entry is None:
+        return {}
+    return {channel: where[0] for channel, where in entry.get("values", {}).items() if where[1] >= since}
 
 
 def rebuild(state: dict[str, Any], turns: Iterable[dict[str, Any]]) -> None:

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from random import random
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
@@ -17,11 +19,24 @@ from langgraph.checkpoint.base import (
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
-from cognitia import InMemorySessionManager, Session
+from cognitia import CognitiaError, InMemorySessionManager, Session
 from cognitia.session.backends import SessionBackend
 
 from . import _index as index
-from ._codec import CHECKPOINT, checkpoint_turn, load_checkpoint, pending_writes, refuse_pickle, writes_turn
+from ._codec import (
+    CHECKPOINT,
+    Pair,
+    Source,
+    carried,
+    checkpoint_turn,
+    load_checkpoint,
+    load_value,
+    pending_writes,
+    refuse_pickle,
+    resolve,
+    sources,
+    writes_turn,
+)
 from ._sync import SyncBridge
 
 __all__ = ["DEFAULT_KEY_PREFIX", "CognitiaSaver"]
@@ -33,6 +48,15 @@ Log = list[Turn]
 """Turns of a thread's log, oldest first."""
 Found = tuple[Turn, Log]
 """A checkpoint's newest turn and the turns holding its pending writes."""
+Values = dict[str, dict[str, tuple[Any, Any]]]
+"""Per namespace, per channel: the version and the object of the latest value saved."""
+
+REACH = 64
+"""How far back in the log a checkpoint may carry a channel value from, in turns.
+
+A channel unchanged for longer is stored again (once per ``REACH`` turns), so resuming a
+thread in a fresh process never reads more than this many turns of its log.
+"""
 
 
 class CognitiaSaver(BaseCheckpointSaver[str]):
@@ -84,6 +108,11 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         self.manager = store if isinstance(store, InMemorySessionManager) else InMemorySessionManager(store)
         self.key_prefix = key_prefix
         self._bridge = SyncBridge()
+        # The objects LangGraph saved last, per live session: a read of the latest checkpoint
+        # serves them instead of decoding what was just encoded, once they are proven to
+        # still encode to the stored bytes (the caller of ainvoke holds the same objects and
+        # may have changed them). Dropped with the live session (eviction, reload).
+        self._saved: WeakKeyDictionary[Session, Values] = WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"<CognitiaSaver key_prefix={self.key_prefix!r} manager={self.manager!r}>"
@@ -98,7 +127,10 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         """The checkpoint ``config`` names (the latest of its thread and namespace by default)."""
         thread_id, ns = _thread_and_ns(config)
         found = await self._find(self.key(thread_id), ns, get_checkpoint_id(config))
-        return None if found is None else self._tuple(thread_id, *found)
+        if found is None:
+            return None
+        session, (turn, writes), values = found
+        return self._tuple(thread_id, turn, writes, values, self._saved.get(session))
 
     async def alist(
         self,
@@ -126,12 +158,14 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         remaining = limit
         for thread_id in threads:
             turns = await self._history(self.key(thread_id))
-            for found in _listing(turns, ns, checkpoint_id, before_id, filter or {}):
+            found = _listing(turns, ns, checkpoint_id, before_id, filter or {})
+            stored = sources(turns) if found else {}
+            for turn, writes in found:
                 if remaining is not None:
                     if remaining <= 0:
                         return
                     remaining -= 1
-                yield self._tuple(thread_id, *found)
+                yield self._tuple(thread_id, turn, writes, _resolved(turn, stored), None)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -145,15 +179,23 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         """Append ``checkpoint`` to its thread's log; return the config that names it."""
         thread_id, ns = _thread_and_ns(config)
         key = self.key(thread_id)
-        turn = checkpoint_turn(
-            self.serde,
-            key,
-            ns,
-            checkpoint,
-            config["configurable"].get("checkpoint_id"),
-            get_serializable_checkpoint_metadata(config, metadata),
-        )
-        await self.manager.update(key, _appender([turn]))
+        parent_id = config["configurable"].get("checkpoint_id")
+        serializable = get_serializable_checkpoint_metadata(config, metadata)
+
+        def change(session: Session) -> None:
+            # Encoded under the thread's lock: which values the log already holds is only
+            # known there.
+            stored = index.values(session.state, ns, since=len(session.turns) - REACH)
+            turn = checkpoint_turn(self.serde, key, ns, checkpoint, parent_id, serializable, stored)
+            _appender([turn])(session)
+
+        session = await self.manager.update(key, change)
+        versions = checkpoint["channel_versions"]
+        self._saved.setdefault(session, {})[ns] = {
+            channel: (versions[channel], value)
+            for channel, value in checkpoint["channel_values"].items()
+            if versions.get(channel) is not None
+        }
         return {
             "configurable": {
                 "thread_id": config["configurable"]["thread_id"],
@@ -299,15 +341,21 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         async with self.manager._operation(key):
             yield await self.manager._get_locked(key)
 
-    async def _find(self, key: str, ns: str, checkpoint_id: str | None) -> Found | None:
+    async def _find(
+        self, key: str, ns: str, checkpoint_id: str | None
+    ) -> tuple[Session, Found, dict[str, Pair]] | None:
+        """The checkpoint, its writes and its encoded channel values, read from the log's tail if possible."""
         async with self._locked(key) as session:
             if session is None:
                 return None
             hint = index.latest(session.state, ns)
             if hint is not None and checkpoint_id in (None, hint[0]):
-                found = _select(await _committed(session, since=hint[1]), ns, hint[0])
+                tail = await _committed(session, since=hint[1])
+                found = _select(tail, ns, hint[0])
                 if found is not None:
-                    return found
+                    values = resolve(found[0], sources(tail))
+                    if values is not None:
+                        return session, found, values
             elif hint is None and checkpoint_id is None and "langgraph" in session.state:
                 return None  # the index knows every namespace this thread has
             # An older checkpoint (time travel), or an index that does not match the log.
@@ -317,7 +365,10 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
             if not ids:
                 return None
             checkpoint_id = max(ids)
-        return _select(turns, ns, checkpoint_id)
+        found = _select(turns, ns, checkpoint_id)
+        if found is None:
+            return None
+        return session, found, _resolved(found[0], sources(turns))
 
     async def _history(self, key: str) -> Log:
         async with self._locked(key) as session:
@@ -330,7 +381,8 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
             return
 
         async def change(session: Session) -> None:
-            kept = keep(await _committed(session, since=0))
+            turns = await _committed(session, since=0)
+            kept = _self_contained(keep(turns), sources(turns))
             session.turns.clear()
             for turn in kept:
                 session.turns.append(turn)
@@ -338,9 +390,22 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
 
         await self.manager.update(key, change)
 
-    def _tuple(self, thread_id: object, checkpoint: Turn, writes: Log) -> CheckpointTuple:
+    def _tuple(
+        self,
+        thread_id: object,
+        checkpoint: Turn,
+        writes: Log,
+        values: dict[str, Pair],
+        saved: Values | None,
+    ) -> CheckpointTuple:
         ns = checkpoint["ns"]
         parent = checkpoint["parent"]
+        recent = {} if saved is None else saved.get(ns, {})
+        versions = checkpoint["checkpoint"]["channel_versions"]
+        decoded = {
+            channel: self._value(recent, channel, versions.get(channel), pair)
+            for channel, pair in values.items()
+        }
         return CheckpointTuple(
             config={
                 "configurable": {
@@ -349,7 +414,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
                     "checkpoint_id": checkpoint["id"],
                 }
             },
-            checkpoint=load_checkpoint(self.serde, checkpoint),
+            checkpoint=load_checkpoint(self.serde, checkpoint, decoded),
             metadata=checkpoint["metadata"],
             parent_config=(
                 None
@@ -358,6 +423,22 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
             ),
             pending_writes=pending_writes(self.serde, writes),
         )
+
+    def _value(self, recent: dict[str, tuple[Any, Any]], channel: str, version: Any, pair: Pair) -> Any:
+        """Decode ``pair``, or serve the object last saved as it if it still encodes to it exactly."""
+        saved = recent.get(channel)
+        if saved is not None and version is not None and saved[0] == version:
+            try:
+                kind, data = self.serde.dumps_typed(saved[1])
+            except Exception:
+                kind, data = "", b""
+            # Encoding is some three times cheaper than decoding for LangGraph's serializer,
+            # and proves the object equals what storage holds; a serializer that does not
+            # encode twice alike (encryption with a random nonce) just falls back to decoding.
+            if kind == pair[0] and base64.b64encode(data).decode("ascii") == pair[1]:
+                return saved[1]
+            del recent[channel]
+        return load_value(self.serde, pair)
 
 
 def _thread_and_ns(config: RunnableConfig) -> tuple[str, str]:
@@ -389,6 +470,42 @@ async def _committed(session: Session, *, since: int) -> Log:
     else:
         turns = await session.turns.last(stored - since + queued)
     return turns[: len(turns) - queued] if queued else turns
+
+
+def _resolved(turn: Turn, stored: dict[Source, Pair]) -> dict[str, Pair]:
+    values = resolve(turn, stored)
+    if values is None:
+        raise CognitiaError(
+            f"checkpoint {turn['id']!r} carries a channel value its thread's log does not hold; "
+            "the log was changed outside CognitiaSaver"
+        )
+    return values
+
+
+def _self_contained(kept: Log, stored: dict[Source, Pair]) -> Log:
+    """``kept`` with every carried value whose turn was dropped stored again (already encoded)."""
+    available: set[Source] = set()
+    result = []
+    for turn in kept:
+        if turn["kind"] == CHECKPOINT:
+            versions = turn["checkpoint"]["channel_versions"]
+            missing = [c for c in carried(turn) if (turn["ns"], c, versions.get(c)) not in available]
+            if missing:
+                fields = dict(turn["checkpoint"])
+                values = dict(fields["channel_values"])
+                for channel in missing:
+                    values[channel] = stored[(turn["ns"], channel, versions.get(channel))]
+                fields["channel_values"] = values
+                still = [c for c in carried(turn) if c not in missing]
+                if still:
+                    fields["carried"] = still
+                else:
+                    fields.pop("carried", None)
+                turn = {**turn, "checkpoint": fields}
+            for channel in turn["checkpoint"]["channel_values"]:
+                available.add((turn["ns"], channel, versions.get(channel)))
+        result.append(turn)
+    return result
 
 
 def _select(turns: Log, ns: str, checkpoint_id: str) -> Found | None:
