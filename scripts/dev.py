@@ -68,7 +68,7 @@ def check(uv: str) -> int:
     failed = run(uv, "mypy")
     for integration in sorted((ROOT / "integrations").glob("*/pyproject.toml")):
         failed |= run(uv, "mypy", "--strict", str(integration.parent.relative_to(ROOT)))
-    lint = ("cognitia", "tests", "examples", "integrations", "benchmarks", "scripts")
+    lint = ("cognitia", "tests", "examples", "integrations", "benchmarks", "scripts", "conftest.py")
     failed |= run(uv, "ruff", "check", *lint)
     return failed
 

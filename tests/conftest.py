@@ -1,8 +1,5 @@
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 
@@ -12,10 +9,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-# Test helpers live next to the tests; --import-mode=importlib does not put this directory
-# on sys.path, so it is added here for them.
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _servers import postgres_dsn, redis_url  # noqa: E402  (fixtures: importing them registers them)
-
-__all__ = ["anyio_backend", "postgres_dsn", "redis_url"]
+# The shared fixtures (servers, backend factories) come from _servers.py, which the root
+# conftest.py loads as a plugin for every test folder.
+__all__ = ["anyio_backend"]

@@ -14,8 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -91,33 +89,19 @@ class Worker:
 
 
 @pytest.fixture(params=["sqlite", "postgres", "redis"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """The spec of a fresh shared store, as workers receive it; dropped afterwards."""
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """The spec of a fresh shared store, as workers receive it; dropped after the test."""
     kind = request.param
     if kind == "sqlite":
-        yield {"kind": "sqlite", "path": str(tmp_path / "shared.db")}
-    elif kind == "postgres":
-        dsn = request.getfixturevalue("postgres_dsn")
-        schema = f"cognitia_mp_{uuid.uuid4().hex[:12]}"
-        yield {"kind": "postgres", "dsn": dsn, "schema": schema}
-        import psycopg
-
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    else:
-        from _servers import require_driver
-
-        url = request.getfixturevalue("redis_url")
-        require_driver("redis", "redis", "Redis")
-        prefix = f"cognitia-mp:{uuid.uuid4().hex}:"
-        yield {"kind": "redis", "url": url, "prefix": prefix}
-        import redis
-
-        client = redis.Redis.from_url(url)
-        keys = list(client.scan_iter(match=prefix + "*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        return {"kind": "sqlite", "path": str(tmp_path / "shared.db")}
+    if kind == "postgres":
+        schema = request.getfixturevalue("postgres_schemas")()
+        return {"kind": "postgres", "dsn": request.getfixturevalue("postgres_dsn"), "schema": schema}
+    return {
+        "kind": "redis",
+        "url": request.getfixturevalue("redis_url"),
+        "prefix": request.getfixturevalue("redis_prefix"),
+    }
 
 
 def start_workers(store: dict[str, Any], count: int) -> list[Worker]:

@@ -8,11 +8,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import pytest
+from _servers import postgres_query as _sql
+from _servers import require_driver
 
 from cognitia.errors import (
     BackendClosedError,
@@ -35,45 +37,15 @@ RULES = conformance_rules()
 Schemas = Callable[[], str]
 
 
-def _sql(dsn: str, statement: str, *args: Any) -> list[tuple[Any, ...]]:
-    """Run one statement on a connection of the test's own (not the backend's)."""
-    import psycopg
-
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        cur = conn.execute(statement, args or None)
-        return cur.fetchall() if cur.description else []
-
-
 @pytest.fixture
 def driver() -> None:
     """For tests that need psycopg but no server."""
-    from _servers import require_driver
-
     require_driver("psycopg", "postgres", "PostgreSQL")
 
 
 @pytest.fixture
-def schemas(postgres_dsn: str) -> Iterator[Schemas]:
-    """Hands out fresh schema names (not yet created) and drops them after the test."""
-    from psycopg import sql
-
-    names: list[str] = []
-
-    def new() -> str:
-        names.append(f"cognitia_test_{uuid.uuid4().hex[:12]}")
-        return names[-1]
-
-    yield new
-    for name in names:
-        _sql(
-            postgres_dsn,
-            sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)).as_string(None),
-        )
-
-
-@pytest.fixture
-def schema(schemas: Schemas) -> str:
-    return schemas()
+def schema(postgres_schemas: Schemas) -> str:
+    return postgres_schemas()
 
 
 @pytest.mark.parametrize("rule", RULES, ids=str)
@@ -140,8 +112,10 @@ async def test_backends_starting_together_migrate_once(postgres_dsn: str, schema
             await backend.aclose()
 
 
-async def test_schemas_and_table_prefixes_keep_stores_apart(postgres_dsn: str, schemas: Schemas) -> None:
-    first, odd = schemas(), schemas() + ' "odd"; name'
+async def test_schemas_and_table_prefixes_keep_stores_apart(
+    postgres_dsn: str, postgres_schemas: Schemas
+) -> None:
+    first, odd = postgres_schemas(), postgres_schemas() + ' "odd"; name'
     stores = [
         PostgresSessionBackend(postgres_dsn, schema=first, table_prefix="tenant_a_"),
         PostgresSessionBackend(postgres_dsn, schema=first, table_prefix="tenant_b_"),

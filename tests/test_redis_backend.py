@@ -4,46 +4,15 @@ from __future__ import annotations
 
 import importlib
 import sys
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import pytest
-from _servers import require_driver
 
 from cognitia.errors import BackendClosedError, MissingDependencyError, StorageError, VersionConflictError
 from cognitia.testing import ConformanceRule, conformance_rules
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
-
-
-@pytest.fixture
-def url(redis_url: str) -> str:
-    # The backend drives redis-py (see the module comment in _redis.py); the shared fixture
-    # checks only for the server address.
-    require_driver("redis", "redis", "Redis")
-    return redis_url
-
-
-@pytest.fixture
-def raw(url: str) -> Iterator[Any]:
-    """A plain redis-py client, to look at what the backend stored and to act behind its back."""
-    import redis
-
-    client = redis.Redis.from_url(url, decode_responses=True)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def prefix(raw: Any) -> Iterator[str]:
-    """A key prefix no other test uses; every key under it is deleted afterwards."""
-    prefix = f"cognitia-test:{uuid.uuid4().hex}:"
-    yield prefix
-    keys = list(raw.scan_iter(match=prefix + "*", count=1000))
-    if keys:
-        raw.delete(*keys)
 
 
 def make(url: str, prefix: str, **options: Any) -> Any:
@@ -53,21 +22,21 @@ def make(url: str, prefix: str, **options: Any) -> Any:
 
 
 @pytest.mark.parametrize("rule", conformance_rules(), ids=str)
-async def test_conformance(rule: ConformanceRule, url: str, prefix: str) -> None:
-    assert await rule.check(lambda: make(url, prefix))
+async def test_conformance(rule: ConformanceRule, redis_url: str, redis_prefix: str) -> None:
+    assert await rule.check(lambda: make(redis_url, redis_prefix))
 
 
-async def test_a_killed_connection_is_reopened(url: str, prefix: str, raw: Any) -> None:
-    async with make(url, prefix) as backend:
+async def test_a_killed_connection_is_reopened(redis_url: str, redis_prefix: str, redis_client: Any) -> None:
+    async with make(redis_url, redis_prefix) as backend:
         await backend.commit("agent:k", {"n": 1}, turns=[{"i": 0}])
-        ids_before = {c["id"] for c in raw.client_list() if c["name"] == "cognitia"}
-        killed = raw.client_kill_filter(_type="normal", skipme=True)
+        ids_before = {c["id"] for c in redis_client.client_list() if c["name"] == "cognitia"}
+        killed = redis_client.client_kill_filter(_type="normal", skipme=True)
         assert killed >= 1 and ids_before
         # The backend's idle connections are dead now; the next operations must work again.
         assert await backend.load("agent:k") == {"n": 1}
         assert await backend.commit("agent:k", {"n": 2}, expected_version=1, turns=[{"i": 1}]) == 2
         assert await backend.load_turns("agent:k") == [{"i": 0}, {"i": 1}]
-        ids_after = {c["id"] for c in raw.client_list() if c["name"] == "cognitia"}
+        ids_after = {c["id"] for c in redis_client.client_list() if c["name"] == "cognitia"}
         assert ids_after and not ids_after & ids_before
 
 
@@ -81,14 +50,16 @@ async def test_an_unreachable_server_is_a_storage_error() -> None:
             await backend.save("agent:x", {})
 
 
-async def test_expiry_is_server_side_and_prune_cleans_the_index(url: str, prefix: str, raw: Any) -> None:
-    async with make(url, prefix, ttl=0.4) as backend:
+async def test_expiry_is_server_side_and_prune_cleans_the_index(
+    redis_url: str, redis_prefix: str, redis_client: Any
+) -> None:
+    async with make(redis_url, redis_prefix, ttl=0.4) as backend:
         await backend.commit("agent:short", {"n": 1}, turns=[{"i": 0}])
         await backend.commit("agent:other", {"n": 1})
         record = await backend.load_record("agent:short")
         assert record is not None and record.expires_at is not None
-        assert 0 < raw.pttl(f"{prefix}s:agent:short") <= 400
-        assert 0 < raw.pttl(f"{prefix}t:agent:short") <= 400
+        assert 0 < redis_client.pttl(f"{redis_prefix}s:agent:short") <= 400
+        assert 0 < redis_client.pttl(f"{redis_prefix}t:agent:short") <= 400
         assert await backend.list_keys() == ["agent:other", "agent:short"]
 
         await backend.save("agent:other", {"n": 2})  # a save renews the expiry
@@ -96,17 +67,21 @@ async def test_expiry_is_server_side_and_prune_cleans_the_index(url: str, prefix
         await backend.save("agent:other", {"n": 3})
         await anyio.sleep(0.25)
 
-        assert raw.exists(f"{prefix}s:agent:short", f"{prefix}t:agent:short") == 0, "Redis did not expire it"
+        assert redis_client.exists(f"{redis_prefix}s:agent:short", f"{redis_prefix}t:agent:short") == 0, (
+            "Redis did not expire it"
+        )
         assert await backend.load("agent:short") is None
         assert await backend.load_turns("agent:short") == []
         assert await backend.list_keys() == ["agent:other"]
         assert await backend.load("agent:other") == {"n": 3}
 
         assert await backend.prune(dry_run=True) == ["agent:short"]
-        assert raw.zscore(f"{prefix}index", "agent:short") is not None, "a dry run must not delete"
+        assert redis_client.zscore(f"{redis_prefix}index", "agent:short") is not None, (
+            "a dry run must not delete"
+        )
         assert await backend.prune() == ["agent:short"]
-        assert raw.zscore(f"{prefix}index", "agent:short") is None
-        assert raw.zscore(f"{prefix}expiry", "agent:short") is None
+        assert redis_client.zscore(f"{redis_prefix}index", "agent:short") is None
+        assert redis_client.zscore(f"{redis_prefix}expiry", "agent:short") is None
         assert await backend.prune() == []
 
         # A new session under an expired key starts afresh.
@@ -114,19 +89,22 @@ async def test_expiry_is_server_side_and_prune_cleans_the_index(url: str, prefix
         assert await backend.load_turns("agent:short") == []
 
 
-async def test_without_ttl_keys_do_not_expire(url: str, prefix: str, raw: Any) -> None:
-    async with make(url, prefix, ttl=5) as backend:
+async def test_without_ttl_keys_do_not_expire(redis_url: str, redis_prefix: str, redis_client: Any) -> None:
+    async with make(redis_url, redis_prefix, ttl=5) as backend:
         await backend.commit("agent:p", {}, turns=[{"i": 0}])
-    async with make(url, prefix) as backend:
+    async with make(redis_url, redis_prefix) as backend:
         await backend.save("agent:p", {"kept": True})
-    assert raw.pttl(f"{prefix}s:agent:p") == -1 and raw.pttl(f"{prefix}t:agent:p") == -1
-    assert raw.zscore(f"{prefix}expiry", "agent:p") is None
+    assert (
+        redis_client.pttl(f"{redis_prefix}s:agent:p") == -1
+        and redis_client.pttl(f"{redis_prefix}t:agent:p") == -1
+    )
+    assert redis_client.zscore(f"{redis_prefix}expiry", "agent:p") is None
 
 
-async def test_key_prefix_isolates_backends(url: str, prefix: str, raw: Any) -> None:
-    other = prefix + "other:"
+async def test_key_prefix_isolates_backends(redis_url: str, redis_prefix: str, redis_client: Any) -> None:
+    other = redis_prefix + "other:"
     try:
-        async with make(url, prefix) as first, make(url, other) as second:
+        async with make(redis_url, redis_prefix) as first, make(redis_url, other) as second:
             await first.commit("agent:same", {"who": "first"}, turns=[{"i": 1}])
             await second.commit("agent:same", {"who": "second"})
             assert await first.load("agent:same") == {"who": "first"}
@@ -135,76 +113,80 @@ async def test_key_prefix_isolates_backends(url: str, prefix: str, raw: Any) -> 
             assert await first.list_keys() == ["agent:same"] == await second.list_keys()
             assert await first.delete("agent:same")
             assert await second.load("agent:same") == {"who": "second"}
-        stored = sorted(raw.scan_iter(match=f"{prefix}*", count=1000))
+        stored = sorted(redis_client.scan_iter(match=f"{redis_prefix}*", count=1000))
         # first's index went away with its last member (Redis drops empty sorted sets).
         assert stored == sorted([f"{other}index", f"{other}s:agent:same"]), (
             "every Redis key must live under its backend's key_prefix"
         )
     finally:
-        keys = list(raw.scan_iter(match=other + "*", count=1000))
+        keys = list(redis_client.scan_iter(match=other + "*", count=1000))
         if keys:
-            raw.delete(*keys)
+            redis_client.delete(*keys)
 
 
-async def test_a_conflicting_commit_leaves_state_and_turns_untouched(url: str, prefix: str, raw: Any) -> None:
-    async with make(url, prefix) as backend:
+async def test_a_conflicting_commit_leaves_state_and_turns_untouched(
+    redis_url: str, redis_prefix: str, redis_client: Any
+) -> None:
+    async with make(redis_url, redis_prefix) as backend:
         await backend.commit("agent:a", {"n": 1}, turns=[{"i": 0}, {"i": 1}])
         await backend.commit("agent:a", {"n": 2}, expected_version=1, turns=[{"i": 2}])
-        stored_before = raw.hgetall(f"{prefix}s:agent:a")
+        stored_before = redis_client.hgetall(f"{redis_prefix}s:agent:a")
         with pytest.raises(VersionConflictError) as info:
             await backend.commit(
                 "agent:a", {"n": "lost"}, expected_version=1, turns=[{"i": "lost"}], truncate=0
             )
         assert (info.value.expected, info.value.actual) == (1, 2)
-        assert raw.hgetall(f"{prefix}s:agent:a") == stored_before
-        assert raw.lrange(f"{prefix}t:agent:a", 0, -1) == ['{"i":0}', '{"i":1}', '{"i":2}']
+        assert redis_client.hgetall(f"{redis_prefix}s:agent:a") == stored_before
+        assert redis_client.lrange(f"{redis_prefix}t:agent:a", 0, -1) == ['{"i":0}', '{"i":1}', '{"i":2}']
         record = await backend.load_record("agent:a")
         assert record is not None and (record.state, record.version, record.turn_count) == ({"n": 2}, 2, 3)
 
 
-async def test_a_resent_commit_is_applied_once(url: str, prefix: str, raw: Any) -> None:
+async def test_a_resent_commit_is_applied_once(redis_url: str, redis_prefix: str, redis_client: Any) -> None:
     """What redis-py does after a connection drops between the server's work and its reply."""
     import redis
 
     from cognitia.session.backends._redis import _Commands, _execute
 
-    commands = _Commands(prefix)
-    client = redis.Redis.from_url(url, decode_responses=True)
+    commands = _Commands(redis_prefix)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
         args = ("agent:r", "{}", None, ['{"i":0}'], None, 1.0, None, None, "same-token")
         assert _execute(client, commands.commit, *args) == 1
         assert _execute(client, commands.commit, *args) == 1
-        assert raw.llen(f"{prefix}t:agent:r") == 1
+        assert redis_client.llen(f"{redis_prefix}t:agent:r") == 1
         assert _execute(client, commands.commit, *args[:-1], "next-token") == 2
-        assert raw.llen(f"{prefix}t:agent:r") == 2
+        assert redis_client.llen(f"{redis_prefix}t:agent:r") == 2
     finally:
         client.close()
 
 
-async def test_a_flushed_script_cache_is_reloaded(url: str, prefix: str, raw: Any) -> None:
-    async with make(url, prefix) as backend:
+async def test_a_flushed_script_cache_is_reloaded(
+    redis_url: str, redis_prefix: str, redis_client: Any
+) -> None:
+    async with make(redis_url, redis_prefix) as backend:
         await backend.save("agent:s", {"n": 1})
-        raw.script_flush()
+        redis_client.script_flush()
         assert await backend.commit("agent:s", {"n": 2}, expected_version=1) == 2
-        raw.script_flush()
+        redis_client.script_flush()
         async with anyio.create_task_group() as tg:  # several at once: the pipelined path
             for i in range(20):
                 tg.start_soon(backend.save, f"agent:s{i}", {"i": i})
         assert len(await backend.list_keys("agent:s")) == 21
 
 
-async def test_listing_uses_the_index_not_keys(url: str, prefix: str, raw: Any) -> None:
-    async with make(url, prefix) as backend:
+async def test_listing_uses_the_index_not_keys(redis_url: str, redis_prefix: str, redis_client: Any) -> None:
+    async with make(redis_url, redis_prefix) as backend:
         for i in range(30):
             await backend.save(f"agent:{i:02d}", {})
-        before = raw.info("commandstats").get("cmdstat_keys", {}).get("calls", 0)
+        before = redis_client.info("commandstats").get("cmdstat_keys", {}).get("calls", 0)
         assert await backend.list_keys("agent:1") == [f"agent:{i}" for i in range(10, 20)]
         assert len(await backend.list_keys()) == 30
-        assert raw.info("commandstats").get("cmdstat_keys", {}).get("calls", 0) == before
+        assert redis_client.info("commandstats").get("cmdstat_keys", {}).get("calls", 0) == before
 
 
-async def test_a_closed_backend_refuses_operations(url: str, prefix: str) -> None:
-    backend = make(url, prefix)
+async def test_a_closed_backend_refuses_operations(redis_url: str, redis_prefix: str) -> None:
+    backend = make(redis_url, redis_prefix)
     await backend.save("agent:c", {})
     await backend.aclose()
     await backend.aclose()

@@ -1,9 +1,6 @@
 from __future__ import annotations
 
-import socket
-from collections.abc import AsyncGenerator, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncGenerator
 
 import pytest
 from google.adk.agents import Agent
@@ -12,8 +9,6 @@ from google.adk.models.llm_request import LlmRequest
 from google.adk.models.llm_response import LlmResponse
 from google.adk.tools.tool_context import ToolContext
 from google.genai import types
-
-from cognitia.session.backends import BackendBase, InMemorySessionBackend, SqliteSessionBackend
 
 
 @pytest.fixture
@@ -25,25 +20,8 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(autouse=True)
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only the scripted model runs: any TCP connection fails the test."""
-    real_connect = socket.socket.connect
-
-    def connect(self: socket.socket, address: Any) -> None:
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            raise RuntimeError(f"offline test tried to connect to {address!r}")
-        real_connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-
-
-@pytest.fixture(params=["sqlite", "memory"])
-def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendBase]:
-    backend: BackendBase = (
-        SqliteSessionBackend(tmp_path / "adk.db") if request.param == "sqlite" else InMemorySessionBackend()
-    )
-    yield backend
-    backend.close()
+def no_network(offline: None) -> None:
+    """Only the scripted model runs: any connection but to the test servers fails the test."""
 
 
 class ScriptedLlm(BaseLlm):

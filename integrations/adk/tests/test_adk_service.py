@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +82,10 @@ async def test_multi_turn_with_a_tool_call(store_backend: BackendBase, agent: Ag
     assert session.state == {"last_roll": 4, "user:rolls": 3, "app:rolls": 3}
 
 
-async def test_restart_on_a_new_backend_resumes_the_full_history(tmp_path: Path, agent: Agent) -> None:
-    path = tmp_path / "adk.db"
-    async with SqliteSessionBackend(path) as backend:
+async def test_restart_on_a_new_backend_resumes_the_full_history(
+    persistent_backend_factory: Any, agent: Agent
+) -> None:
+    async with persistent_backend_factory() as backend:
         service = CognitiaSessionService(backend)
         runner = Runner(agent=agent, app_name=APP, session_service=service)
         await service.create_session(app_name=APP, user_id="ann", session_id="s1", state={"topic": "dice"})
@@ -94,7 +94,7 @@ async def test_restart_on_a_new_backend_resumes_the_full_history(tmp_path: Path,
         before = await stored(service, "ann", "s1")
         await service.manager.aclose()
 
-    async with SqliteSessionBackend(path) as backend:
+    async with persistent_backend_factory() as backend:
         service = CognitiaSessionService(backend)
         after = await stored(service, "ann", "s1")
         assert after.events == before.events
@@ -238,9 +238,8 @@ async def test_saved_hooks_fire_once_per_event(store_backend: BackendBase, agent
     assert {event.key for event in saved} == {key, service.app_key(APP), service.user_key(APP, "ann")}
 
 
-async def test_stored_rows_are_plain_json(tmp_path: Path, agent: Agent) -> None:
-    path = tmp_path / "adk.db"
-    async with SqliteSessionBackend(path) as backend:
+async def test_stored_rows_are_plain_json(persistent_backend_factory: Any, agent: Agent) -> None:
+    async with persistent_backend_factory() as backend:
         service = CognitiaSessionService(backend)
         runner = Runner(agent=agent, app_name=APP, session_service=service)
         await service.create_session(app_name=APP, user_id="ann", session_id="s1")
@@ -248,18 +247,16 @@ async def test_stored_rows_are_plain_json(tmp_path: Path, agent: Agent) -> None:
         session = await stored(service, "ann", "s1")
         key, app_key = service.session_key(APP, "ann", "s1"), service.app_key(APP)
 
-    with sqlite3.connect(path) as db:
-        rows = db.execute("SELECT turn FROM cognitia_turns WHERE key = ? ORDER BY seq", (key,)).fetchall()
-        states = dict(db.execute("SELECT key, state FROM cognitia_sessions").fetchall())
-    db.close()
-    turns = [json.loads(row[0]) for row in rows]
+    state, rows = persistent_backend_factory.stored(key)
+    turns = [json.loads(row) for row in rows]
     assert [turn["author"] for turn in turns] == ["user", "dice", "dice", "dice"]
     assert turns[1]["content"]["parts"][0]["function_call"]["name"] == "roll_die"
     assert [Event.model_validate(turn) for turn in turns] == session.events
-    record = json.loads(states[key])
+    record = json.loads(state)
     assert record["state"] == {"last_roll": 4}
     assert record["updated"] == session.last_update_time
-    assert json.loads(states[app_key]) == {"rolls": 1}
+    app_state, _ = persistent_backend_factory.stored(app_key)
+    assert json.loads(app_state) == {"rolls": 1}
 
 
 async def test_a_stale_session_object_is_refused(store_backend: BackendBase) -> None:
@@ -283,9 +280,8 @@ async def test_a_stale_session_object_is_refused(store_backend: BackendBase) -> 
     assert len((await stored(service, "ann", "s1")).events) == 3
 
 
-async def test_a_writer_in_another_process_is_detected_by_version(tmp_path: Path) -> None:
-    path = tmp_path / "adk.db"
-    async with SqliteSessionBackend(path) as backend_a, SqliteSessionBackend(path) as backend_b:
+async def test_a_writer_in_another_process_is_detected_by_version(persistent_backend_factory: Any) -> None:
+    async with persistent_backend_factory() as backend_a, persistent_backend_factory() as backend_b:
         service_a, service_b = CognitiaSessionService(backend_a), CognitiaSessionService(backend_b)
         await service_a.create_session(app_name=APP, user_id="ann", session_id="s1")
         copy_a = await stored(service_a, "ann", "s1")

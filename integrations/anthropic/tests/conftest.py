@@ -5,16 +5,11 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import socket
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx2
 import pytest
 from anthropic import AsyncAnthropic
-
-from cognitia.session.backends import BackendBase, InMemorySessionBackend, SqliteSessionBackend
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -25,16 +20,9 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test reaches the network: outbound sockets refuse (the SDK talks to the fake API
-    through its HTTP client's MockTransport, which opens none)."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("network access is forbidden in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+def _offline(offline: None) -> None:
+    """No test reaches the network but the test servers' (the SDK talks to the fake API through
+    its HTTP client's MockTransport, which opens no socket)."""
 
 
 class FakeMessagesAPI:
@@ -132,25 +120,3 @@ def _server_sent_events(message: dict[str, Any]) -> bytes:
 @pytest.fixture
 def api() -> FakeMessagesAPI:
     return FakeMessagesAPI()
-
-
-BackendFactory = Callable[[], BackendBase]
-
-
-@pytest.fixture(params=["sqlite", "memory"])
-def reopen(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendFactory]:
-    """Makes a backend over the same storage each call: a process restart for SQLite (a new
-    object on the same file), the same store for the in-memory backend."""
-    opened: list[BackendBase] = []
-    memory = InMemorySessionBackend()
-
-    def factory() -> BackendBase:
-        if request.param == "memory":
-            return memory
-        backend = SqliteSessionBackend(db_path=tmp_path / "sessions.db")
-        opened.append(backend)
-        return backend
-
-    yield factory
-    for backend in opened:
-        backend.close()

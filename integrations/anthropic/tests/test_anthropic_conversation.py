@@ -4,8 +4,6 @@ backend and on asyncio and trio."""
 from __future__ import annotations
 
 import json
-import sqlite3
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,7 +14,6 @@ from anthropic import AsyncAnthropic, beta_async_tool
 from anthropic.lib.tools import BetaAsyncFunctionTool
 
 from cognitia import InMemorySessionManager, MemoryScope, SessionEvent
-from cognitia.session.backends import SqliteSessionBackend
 from cognitia_anthropic import PersistedConversation
 
 pytestmark = pytest.mark.anyio
@@ -90,10 +87,10 @@ async def ask(
 
 
 async def test_multi_turn_tool_run_stores_every_message(
-    reopen: Any, api: Any, get_weather: Any, tool_calls: list[str]
+    backend_factory: Any, api: Any, get_weather: Any, tool_calls: list[str]
 ) -> None:
     """User messages, replies and tool results are stored in order; each tool runs once."""
-    manager = InMemorySessionManager(reopen())
+    manager = InMemorySessionManager(backend_factory())
     conversation = PersistedConversation(manager, "user-1")
     client = api.client()
 
@@ -121,24 +118,24 @@ async def test_multi_turn_tool_run_stores_every_message(
 
 
 async def test_conversation_resumes_after_a_restart_with_its_full_history(
-    reopen: Any, api: Any, get_weather: Any
+    backend_factory: Any, api: Any, get_weather: Any
 ) -> None:
     """A new backend object (and manager) on the same storage continues the conversation."""
-    backend = reopen()
+    backend = backend_factory()
     await ask(
         PersistedConversation(backend, "user-1"), api.client(), get_weather, "What is the weather in Paris?"
     )
-    if isinstance(backend, SqliteSessionBackend):
+    if backend_factory.persistent:  # in memory, the store is the object: it stays open
         await backend.aclose()
 
     # The restart: a new backend, manager, conversation and client; only the storage remains.
-    resumed = PersistedConversation(reopen(), "user-1")
+    resumed = PersistedConversation(backend_factory(), "user-1")
     assert await resumed.messages() == PARIS
     assert await ask(resumed, api.client(), get_weather, "thanks") == "echo: thanks"
 
     first_request_after_restart = api.requests[-1]
     assert first_request_after_restart["messages"] == [*PARIS, {"role": "user", "content": "thanks"}]
-    assert digest(await PersistedConversation(reopen(), "user-1").messages()) == [
+    assert digest(await PersistedConversation(backend_factory(), "user-1").messages()) == [
         "user: What is the weather in Paris?",
         "assistant: Let me look.",
         'call get_weather({"city": "Paris"})',
@@ -149,9 +146,11 @@ async def test_conversation_resumes_after_a_restart_with_its_full_history(
     ]
 
 
-async def test_concurrent_conversations_stay_separate(reopen: Any, api: Any, get_weather: Any) -> None:
+async def test_concurrent_conversations_stay_separate(
+    backend_factory: Any, api: Any, get_weather: Any
+) -> None:
     """Conversations run concurrently on one manager and one client never mix their messages."""
-    manager = InMemorySessionManager(reopen())
+    manager = InMemorySessionManager(backend_factory())
     client = api.client()
     cities = ["Paris", "Oslo", "Lima", "Tokyo", "Cairo", "Quito"]
 
@@ -165,7 +164,7 @@ async def test_concurrent_conversations_stay_separate(reopen: Any, api: Any, get
             tg.start_soon(converse, city)
 
     for city in cities:
-        stored = await PersistedConversation(reopen(), f"user-{city}").messages()
+        stored = await PersistedConversation(backend_factory(), f"user-{city}").messages()
         assert digest(stored) == [
             f"user: What is the weather in {city}?",
             "assistant: Let me look.",
@@ -178,10 +177,10 @@ async def test_concurrent_conversations_stay_separate(reopen: Any, api: Any, get
 
 
 async def test_hooks_and_log_events_fire_for_each_stored_step(
-    reopen: Any, api: Any, get_weather: Any, anyio_backend: str
+    backend_factory: Any, api: Any, get_weather: Any, anyio_backend: str
 ) -> None:
     """The user message, the tool-calling reply with its results, and the answer are three saves."""
-    manager = InMemorySessionManager(reopen(), strict_hooks=True)
+    manager = InMemorySessionManager(backend_factory(), strict_hooks=True)
     saved: list[SessionEvent] = []
     manager.on("saved", saved.append)
     conversation = PersistedConversation(manager, "chat", scope=MemoryScope.AGENT)
@@ -200,10 +199,11 @@ async def test_hooks_and_log_events_fire_for_each_stored_step(
     assert "Paris" not in repr(logs)
 
 
-async def test_stored_messages_are_plain_json_rows(tmp_path: Path, api: Any, get_weather: Any) -> None:
-    """The SQLite file holds each message as a JSON row of cognitia_turns, readable without cognitia."""
-    path = tmp_path / "plain.db"
-    async with SqliteSessionBackend(db_path=path) as backend:
+async def test_stored_messages_are_plain_json_rows(
+    persistent_backend_factory: Any, api: Any, get_weather: Any
+) -> None:
+    """The storage holds each message as a JSON turn, readable without cognitia."""
+    async with persistent_backend_factory() as backend:
         await ask(
             PersistedConversation(backend, "user-1"),
             api.client(),
@@ -211,17 +211,16 @@ async def test_stored_messages_are_plain_json_rows(tmp_path: Path, api: Any, get
             "What is the weather in Paris?",
         )
 
-    with sqlite3.connect(path) as db:
-        rows = db.execute("SELECT key, seq, turn FROM cognitia_turns ORDER BY seq").fetchall()
-    assert {key for key, _, _ in rows} == {"user-1"}
-    assert [json.loads(turn) for _, _, turn in rows] == PARIS
+    state, turns = persistent_backend_factory.stored("user-1")
+    assert state is not None and isinstance(json.loads(state), dict)
+    assert [json.loads(turn) for turn in turns] == PARIS
 
 
 async def test_streaming_runner_is_recorded_too(
-    reopen: Any, api: Any, get_weather: Any, tool_calls: list[str]
+    backend_factory: Any, api: Any, get_weather: Any, tool_calls: list[str]
 ) -> None:
     """With stream=True the streams are handed over unread and their final messages stored."""
-    conversation = PersistedConversation(reopen(), "user-1")
+    conversation = PersistedConversation(backend_factory(), "user-1")
     await conversation.append({"role": "user", "content": "What is the weather in Paris?"})
     runner = api.client().beta.messages.tool_runner(
         model=MODEL, max_tokens=256, tools=[get_weather], messages=await conversation.messages(), stream=True
@@ -238,10 +237,10 @@ async def test_streaming_runner_is_recorded_too(
 
 
 async def test_a_reply_cut_off_in_a_tool_call_is_stored_without_running_it(
-    reopen: Any, api: Any, get_weather: Any, tool_calls: list[str]
+    backend_factory: Any, api: Any, get_weather: Any, tool_calls: list[str]
 ) -> None:
     """A tool_use block in a reply that stopped for max_tokens is stored, and the tool is not run."""
-    conversation = PersistedConversation(reopen(), "user-1")
+    conversation = PersistedConversation(backend_factory(), "user-1")
     await conversation.append({"role": "user", "content": "cut"})
     runner = api.client().beta.messages.tool_runner(
         model=MODEL, max_tokens=256, tools=[get_weather], messages=await conversation.messages()
@@ -256,11 +255,11 @@ async def test_a_reply_cut_off_in_a_tool_call_is_stored_without_running_it(
     ]
 
 
-async def test_unstorable_message_is_refused_with_its_path(reopen: Any) -> None:
+async def test_unstorable_message_is_refused_with_its_path(backend_factory: Any) -> None:
     """A message JSON cannot hold is refused before anything is written, naming where it is."""
     from cognitia import StateNotSerializableError
 
-    conversation = PersistedConversation(reopen(), "user-1")
+    conversation = PersistedConversation(backend_factory(), "user-1")
     with pytest.raises(StateNotSerializableError, match=r"content.*bytes"):
         unstorable: Any = {"role": "user", "content": [{"type": "text", "text": b"raw"}]}
         await conversation.append(unstorable)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import operator
-import sqlite3
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 import anyio
@@ -18,7 +16,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 
 from cognitia import SessionEvent
-from cognitia.session.backends import InMemorySessionBackend, SqliteSessionBackend
+from cognitia.session.backends import InMemorySessionBackend
 from cognitia_langgraph import CognitiaSaver
 
 pytestmark = pytest.mark.anyio
@@ -31,13 +29,12 @@ def config(thread_id: str) -> RunnableConfig:
 
 
 async def test_multi_turn_run_resumes_after_restart(
-    build_agent: Any, tool_call_message: ToolCall, tmp_path: Path
+    build_agent: Any, tool_call_message: ToolCall, persistent_backend_factory: Any
 ) -> None:
-    """A new backend object on the same file resumes the thread with its messages and checkpoint history."""
-    path = tmp_path / "agent.db"
+    """A new backend object over the same storage resumes the thread, its messages and checkpoint history."""
     cfg = config("user-42")
 
-    async with SqliteSessionBackend(db_path=path) as backend:
+    async with persistent_backend_factory() as backend:
         graph = build_agent(
             CognitiaSaver(backend),
             [tool_call_message("Paris", "call-1"), AIMessage(content="It is sunny in Paris.")],
@@ -49,7 +46,7 @@ async def test_multi_turn_run_resumes_after_restart(
             s.config["configurable"]["checkpoint_id"] async for s in graph.aget_state_history(cfg)
         ]
 
-    async with SqliteSessionBackend(db_path=path) as backend:
+    async with persistent_backend_factory() as backend:
         saver = CognitiaSaver(backend)
         graph = build_agent(
             saver, [tool_call_message("Oslo", "call-2"), AIMessage(content="Oslo is sunny too.")]
@@ -82,7 +79,7 @@ async def test_multi_turn_run_resumes_after_restart(
         assert tup is not None and len(tup.checkpoint["channel_values"]["messages"]) == 4
 
 
-async def test_failed_step_keeps_pending_writes_for_resume(tmp_path: Path) -> None:
+async def test_failed_step_keeps_pending_writes_for_resume(persistent_backend_factory: Any) -> None:
     """When one of two parallel nodes fails, the other's writes are stored and not redone on resume."""
     calls = {"fetch": 0, "flaky": 0}
 
@@ -107,12 +104,12 @@ async def test_failed_step_keeps_pending_writes_for_resume(tmp_path: Path) -> No
     builder.add_edge(["fetch", "flaky"], END)
     cfg = config("flaky")
 
-    async with SqliteSessionBackend(db_path=tmp_path / "pending.db") as backend:
+    async with persistent_backend_factory() as backend:
         graph = builder.compile(checkpointer=CognitiaSaver(backend))
         with pytest.raises(ConnectionError):
             await graph.ainvoke({"log": ["start"]}, cfg)
 
-    async with SqliteSessionBackend(db_path=tmp_path / "pending.db") as backend:
+    async with persistent_backend_factory() as backend:
         saver = CognitiaSaver(backend)
         latest = await saver.aget_tuple(cfg)
         assert latest is not None and latest.pending_writes is not None
@@ -125,9 +122,11 @@ async def test_failed_step_keeps_pending_writes_for_resume(tmp_path: Path) -> No
     assert sorted(done["log"]) == ["fetched", "flaky ok", "start"]
 
 
-async def test_concurrent_threads_stay_separate(build_agent: Any, tool_call_message: ToolCall) -> None:
+async def test_concurrent_threads_stay_separate(
+    build_agent: Any, tool_call_message: ToolCall, backend_factory: Any
+) -> None:
     """Threads run at the same time through one saver never see each other's messages."""
-    saver = CognitiaSaver(InMemorySessionBackend())
+    saver = CognitiaSaver(backend_factory())
     cities = ["Lima", "Kyiv", "Baku", "Doha"]
     results: dict[str, list[str]] = {}
 
@@ -175,26 +174,18 @@ async def test_saved_hooks_and_logs_fire_for_graph_steps(
 
 
 async def test_stored_data_is_plain_json(
-    build_agent: Any, tool_call_message: ToolCall, tmp_path: Path
+    build_agent: Any, tool_call_message: ToolCall, persistent_backend_factory: Any
 ) -> None:
-    """The SQLite file holds JSON only: ids and metadata in clear, values as [type, base64], no pickle."""
-    path = tmp_path / "plain.db"
-    async with SqliteSessionBackend(db_path=path) as backend:
+    """The storage holds JSON only: ids and metadata in clear, values as [type, base64], no pickle."""
+    async with persistent_backend_factory() as backend:
         graph = build_agent(
             CognitiaSaver(backend), [tool_call_message("Lagos", "c1"), AIMessage(content="ok")]
         )
         await graph.ainvoke({"messages": [HumanMessage(content="Lagos?")]}, config("json"))
+        assert await backend.list_keys() == ["langgraph:json"]
 
-    with sqlite3.connect(path) as conn:
-        rows = conn.execute("SELECT key, seq, turn FROM cognitia_turns ORDER BY seq").fetchall()
-        (state_text,) = conn.execute(
-            "SELECT state FROM cognitia_sessions WHERE key = 'langgraph:json'"
-        ).fetchone()
-    conn.close()
-
-    turns = [json.loads(turn) for _, _, turn in rows]
-    assert {key for key, _, _ in rows} == {"langgraph:json"}
-    assert [seq for _, seq, _ in rows] == list(range(len(rows)))
+    state_text, rows = persistent_backend_factory.stored("langgraph:json")
+    turns = [json.loads(turn) for turn in rows]
     kinds = {t["kind"] for t in turns}
     assert kinds == {"checkpoint", "writes"}
     for turn in turns:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import socket
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -28,8 +26,6 @@ from agents.items import TResponseInputItem, TResponseOutputItem, TResponseStrea
 from openai.types.responses import ResponseFunctionToolCall, ResponseOutputMessage, ResponseOutputText
 from openai.types.responses.response_prompt_param import ResponsePromptParam
 
-from cognitia.session.backends import BackendBase, InMemorySessionBackend, SqliteSessionBackend
-
 
 @pytest.fixture
 def anyio_backend() -> str:
@@ -39,16 +35,10 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test reaches the network: the SDK's tracing is off and outbound sockets refuse."""
+def _offline(offline: None) -> None:
+    """No test reaches the network but the test servers': the SDK's tracing is off and every
+    other connection fails."""
     set_tracing_disabled(True)
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("network access is forbidden in tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 class RuleModel(Model):
@@ -144,25 +134,3 @@ def model() -> RuleModel:
 @pytest.fixture
 def agent(model: RuleModel) -> Agent[Any]:
     return Agent(name="assistant", instructions="Be brief.", model=model, tools=[get_weather])
-
-
-BackendFactory = Callable[[], BackendBase]
-
-
-@pytest.fixture(params=["sqlite", "memory"])
-def reopen(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendFactory]:
-    """Makes a backend over the same storage each call: a process restart for SQLite (a new
-    object on the same file), the same store for the in-memory backend."""
-    opened: list[BackendBase] = []
-    memory = InMemorySessionBackend()
-
-    def factory() -> BackendBase:
-        if request.param == "memory":
-            return memory
-        backend = SqliteSessionBackend(db_path=tmp_path / "sessions.db")
-        opened.append(backend)
-        return backend
-
-    yield factory
-    for backend in opened:
-        backend.close()

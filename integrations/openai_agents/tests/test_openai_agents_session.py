@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -14,7 +12,6 @@ from agents import Agent, Runner, SessionSettings
 from agents.memory import Session as AgentsSession
 
 from cognitia import InMemorySessionManager, MemoryScope, SessionEvent
-from cognitia.session.backends import SqliteSessionBackend
 from cognitia_openai_agents import CognitiaSession
 
 pytestmark = pytest.mark.anyio
@@ -57,16 +54,16 @@ EXPECTED = [
 ]
 
 
-async def test_the_adapter_is_an_sdk_session(reopen: Any) -> None:
+async def test_the_adapter_is_an_sdk_session(backend_factory: Any) -> None:
     """CognitiaSession satisfies the SDK's runtime-checkable Session protocol."""
-    assert isinstance(CognitiaSession("s", reopen()), AgentsSession)
+    assert isinstance(CognitiaSession("s", backend_factory()), AgentsSession)
 
 
 async def test_multi_turn_run_with_a_tool_call_stores_every_item_as_a_turn(
-    reopen: Any, agent: Agent[Any]
+    backend_factory: Any, agent: Agent[Any]
 ) -> None:
     """Two runs (one calling a tool) store user, tool call, tool result and replies, in order."""
-    manager = InMemorySessionManager(reopen())
+    manager = InMemorySessionManager(backend_factory())
     session = CognitiaSession("user-1", manager)
     first = await Runner.run(agent, "What is the weather in Paris?", session=session)
     assert first.final_output == "It is sunny in Paris."
@@ -82,27 +79,27 @@ async def test_multi_turn_run_with_a_tool_call_stores_every_item_as_a_turn(
 
 
 async def test_conversation_resumes_after_a_restart_with_its_full_history(
-    reopen: Any, agent: Agent[Any]
+    backend_factory: Any, agent: Agent[Any]
 ) -> None:
     """A new backend object (and manager) on the same storage continues the conversation."""
-    backend = reopen()
+    backend = backend_factory()
     await Runner.run(agent, "What is the weather in Paris?", session=CognitiaSession("user-1", backend))
-    if isinstance(backend, SqliteSessionBackend):
+    if backend_factory.persistent:  # in memory, the store is the object: it stays open
         await backend.aclose()
 
     # The restart: nothing survives but the storage. A backend is accepted directly too.
-    resumed = CognitiaSession("user-1", reopen())
+    resumed = CognitiaSession("user-1", backend_factory())
     result = await Runner.run(agent, "thanks", session=resumed)
 
     assert result.final_output == "echo: thanks"
     assert texts(agent.model.inputs[-1]) == EXPECTED[:5]  # type: ignore[union-attr]
     assert texts(await resumed.get_items()) == EXPECTED
-    assert texts(await CognitiaSession("user-1", reopen()).get_items()) == EXPECTED
+    assert texts(await CognitiaSession("user-1", backend_factory()).get_items()) == EXPECTED
 
 
-async def test_concurrent_conversations_stay_separate(reopen: Any, agent: Agent[Any]) -> None:
+async def test_concurrent_conversations_stay_separate(backend_factory: Any, agent: Agent[Any]) -> None:
     """Runs of several conversations interleaved on one manager never mix their items."""
-    manager = InMemorySessionManager(reopen())
+    manager = InMemorySessionManager(backend_factory())
     cities = ["Paris", "Oslo", "Lima", "Tokyo", "Cairo", "Quito"]
 
     async def converse(city: str) -> None:
@@ -115,7 +112,7 @@ async def test_concurrent_conversations_stay_separate(reopen: Any, agent: Agent[
             tg.start_soon(converse, city)
 
     for city in cities:
-        stored = await InMemorySessionManager(reopen()).turns(f"user-{city}")
+        stored = await InMemorySessionManager(backend_factory()).turns(f"user-{city}")
         assert texts(stored) == [
             f"user: What is the weather in {city}?",
             f'call get_weather({{"city": "{city}"}})',
@@ -127,9 +124,9 @@ async def test_concurrent_conversations_stay_separate(reopen: Any, agent: Agent[
     assert sorted(await manager.list_keys("user-")) == sorted(f"user-{city}" for city in cities)
 
 
-async def test_hooks_and_log_events_fire_for_agent_turns(reopen: Any, agent: Agent[Any]) -> None:
+async def test_hooks_and_log_events_fire_for_agent_turns(backend_factory: Any, agent: Agent[Any]) -> None:
     """Every add_items is one manager save: a `saved` hook call and a `session.saved` log event."""
-    manager = InMemorySessionManager(reopen(), strict_hooks=True)
+    manager = InMemorySessionManager(backend_factory(), strict_hooks=True)
     saved: list[SessionEvent] = []
     manager.on("saved", saved.append)
     session = CognitiaSession("chat", manager, scope=MemoryScope.AGENT)
@@ -147,52 +144,50 @@ async def test_hooks_and_log_events_fire_for_agent_turns(reopen: Any, agent: Age
     assert "Paris" not in repr(logs)
 
 
-async def test_stored_turns_are_plain_json_rows(tmp_path: Path, agent: Agent[Any]) -> None:
-    """The SQLite file holds each item as a JSON row of cognitia_turns, readable without cognitia."""
-    path = tmp_path / "plain.db"
-    async with SqliteSessionBackend(db_path=path) as backend:
+async def test_stored_turns_are_plain_json_rows(persistent_backend_factory: Any, agent: Agent[Any]) -> None:
+    """The storage holds each item as a JSON turn, readable without cognitia."""
+    async with persistent_backend_factory() as backend:
         session = CognitiaSession("user-1", backend)
         await Runner.run(agent, "What is the weather in Paris?", session=session)
         await Runner.run(agent, "thanks", session=session)
 
-    with sqlite3.connect(path) as db:
-        rows = db.execute("SELECT key, seq, turn FROM cognitia_turns ORDER BY seq").fetchall()
-    assert {key for key, _, _ in rows} == {"user-1"}
-    items = [json.loads(turn) for _, _, turn in rows]
+    state, turns = persistent_backend_factory.stored("user-1")
+    assert state is not None and isinstance(json.loads(state), dict)
+    items = [json.loads(turn) for turn in turns]
     assert texts(items) == EXPECTED
     assert items[:3] == WEATHER_TURN
 
 
-async def test_get_items_limit_pop_and_clear_are_stored(reopen: Any, agent: Agent[Any]) -> None:
+async def test_get_items_limit_pop_and_clear_are_stored(backend_factory: Any, agent: Agent[Any]) -> None:
     """limit returns the tail; pop_item and clear_session are saved and survive a restart."""
-    session = CognitiaSession("user-1", reopen())
+    session = CognitiaSession("user-1", backend_factory())
     await Runner.run(agent, "What is the weather in Paris?", session=session)
     await Runner.run(agent, "thanks", session=session)
 
     assert texts(await session.get_items(limit=2)) == EXPECTED[-2:]
     assert await session.get_items(limit=0) == []
     assert texts(await session.get_items(limit=-1)) == EXPECTED
-    limited = CognitiaSession("user-1", reopen(), session_settings=SessionSettings(limit=3))
+    limited = CognitiaSession("user-1", backend_factory(), session_settings=SessionSettings(limit=3))
     assert texts(await limited.get_items()) == EXPECTED[-3:]
 
     popped = await session.pop_item()
     assert popped is not None and texts([popped]) == EXPECTED[-1:]
-    assert texts(await CognitiaSession("user-1", reopen()).get_items()) == EXPECTED[:-1]
+    assert texts(await CognitiaSession("user-1", backend_factory()).get_items()) == EXPECTED[:-1]
 
     await session.clear_session()
     assert await session.get_items() == []
-    assert await CognitiaSession("user-1", reopen()).get_items() == []
+    assert await CognitiaSession("user-1", backend_factory()).get_items() == []
     # The conversation goes on from empty.
     await Runner.run(agent, "hello again", session=session)
-    assert texts(await CognitiaSession("user-1", reopen()).get_items()) == [
+    assert texts(await CognitiaSession("user-1", backend_factory()).get_items()) == [
         "user: hello again",
         "assistant: echo: hello again",
     ]
 
 
-async def test_pop_and_clear_of_an_unknown_conversation_store_nothing(reopen: Any) -> None:
+async def test_pop_and_clear_of_an_unknown_conversation_store_nothing(backend_factory: Any) -> None:
     """Popping or clearing a conversation that does not exist creates no session."""
-    manager = InMemorySessionManager(reopen())
+    manager = InMemorySessionManager(backend_factory())
     saved: list[SessionEvent] = []
     manager.on("saved", saved.append)
     session = CognitiaSession("nobody", manager)

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pydantic_ai.models
 import pytest
@@ -17,8 +16,6 @@ from pydantic_ai.messages import (
 )
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
-from cognitia.session.backends import BackendBase, InMemorySessionBackend, SqliteSessionBackend
-
 
 @pytest.fixture
 def anyio_backend() -> str:
@@ -32,15 +29,6 @@ def anyio_backend() -> str:
 def no_model_requests(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the fake models run: a real model's request fails the test."""
     monkeypatch.setattr(pydantic_ai.models, "ALLOW_MODEL_REQUESTS", False)
-
-
-@pytest.fixture(params=["sqlite", "memory"])
-def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendBase]:
-    backend: BackendBase = (
-        SqliteSessionBackend(tmp_path / "chats.db") if request.param == "sqlite" else InMemorySessionBackend()
-    )
-    yield backend
-    backend.close()
 
 
 def user_prompts(messages: list[ModelMessage]) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio.to_thread
 import pytest
@@ -22,10 +23,9 @@ Prompts = Callable[[list[ModelMessage]], list[str]]
 
 
 async def test_history_and_remember_across_a_restart(
-    tmp_path: Path, agent: Agent[None, str], prompts_of: Prompts
+    persistent_backend_factory: Any, agent: Agent[None, str], prompts_of: Prompts
 ) -> None:
-    path = tmp_path / "chats.db"
-    async with SqliteSessionBackend(path) as backend:
+    async with persistent_backend_factory() as backend:
         manager = InMemorySessionManager(backend)
         saved: list[SessionEvent] = []
         manager.on("saved", saved.append)
@@ -35,7 +35,7 @@ async def test_history_and_remember_across_a_restart(
         before = await history(manager, "chat:1")
         assert [event.turns for event in saved] == [4, 4]
 
-    async with SqliteSessionBackend(path) as backend:
+    async with persistent_backend_factory() as backend:
         manager = InMemorySessionManager(backend)
         assert await history(manager, "chat:1") == before
         result = await agent.run("three", message_history=await history(manager, "chat:1"))

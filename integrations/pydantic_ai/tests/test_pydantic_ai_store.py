@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -18,7 +16,7 @@ from pydantic_ai.models.test import TestModel
 
 import cognitia_pydantic_ai
 from cognitia import InMemorySessionManager, SessionEvent
-from cognitia.session.backends import BackendBase, SqliteSessionBackend
+from cognitia.session.backends import BackendBase
 from cognitia_pydantic_ai import CognitiaConversationStore
 
 pytestmark = pytest.mark.anyio
@@ -81,10 +79,9 @@ async def test_test_model_conversation_round_trips(store_backend: BackendBase) -
 
 
 async def test_restart_on_a_new_backend_resumes_the_full_history(
-    tmp_path: Path, agent: Agent[None, str], prompts_of: Prompts
+    persistent_backend_factory: Any, agent: Agent[None, str], prompts_of: Prompts
 ) -> None:
-    path = tmp_path / "chats.db"
-    backend = SqliteSessionBackend(path)
+    backend = persistent_backend_factory()
     store = CognitiaConversationStore(backend)
     await chat(store, agent, "c1", "before restart 1")
     await chat(store, agent, "c1", "before restart 2")
@@ -92,7 +89,7 @@ async def test_restart_on_a_new_backend_resumes_the_full_history(
     await store.manager.aclose()
     await backend.aclose()
 
-    backend = SqliteSessionBackend(path)
+    backend = persistent_backend_factory()
     try:
         store = CognitiaConversationStore(backend)
         after = await store.load_entries("c1")
@@ -147,23 +144,15 @@ async def test_saved_hooks_fire_for_framework_turns(
     ]
 
 
-async def test_stored_rows_are_plain_json(tmp_path: Path, agent: Agent[None, str]) -> None:
-    path = tmp_path / "chats.db"
-    async with SqliteSessionBackend(path) as backend:
+async def test_stored_rows_are_plain_json(persistent_backend_factory: Any, agent: Agent[None, str]) -> None:
+    async with persistent_backend_factory() as backend:
         store = CognitiaConversationStore(backend)
         await chat(store, agent, "c1", "hello")
         loaded = await store.load("c1")
     assert loaded is not None
 
-    with sqlite3.connect(path) as db:
-        rows = db.execute(
-            "SELECT turn FROM cognitia_turns WHERE key = ? ORDER BY seq", ("pydantic_ai:conversation:c1",)
-        ).fetchall()
-        (state,) = db.execute(
-            "SELECT state FROM cognitia_sessions WHERE key = ?", ("pydantic_ai:conversation:c1",)
-        ).fetchone()
-    db.close()
-    turns = [json.loads(row[0]) for row in rows]
+    state, rows = persistent_backend_factory.stored("pydantic_ai:conversation:c1")
+    turns = [json.loads(row) for row in rows]
     assert [turn["message"]["kind"] for turn in turns] == ["request", "response", "request", "response"]
     assert [turn["parent_id"] for turn in turns[1:]] == [turn["id"] for turn in turns[:-1]]
     part_kinds = [part["part_kind"] for turn in turns for part in turn["message"]["parts"]]
@@ -227,10 +216,9 @@ async def test_concurrent_saves_of_one_revision_let_exactly_one_win(
 
 
 async def test_a_writer_in_another_process_is_detected_by_version(
-    tmp_path: Path, agent: Agent[None, str], prompts_of: Prompts
+    persistent_backend_factory: Any, agent: Agent[None, str], prompts_of: Prompts
 ) -> None:
-    path = tmp_path / "chats.db"
-    async with SqliteSessionBackend(path) as backend_a, SqliteSessionBackend(path) as backend_b:
+    async with persistent_backend_factory() as backend_a, persistent_backend_factory() as backend_b:
         conflicts: list[SessionEvent] = []
         manager_a = InMemorySessionManager(backend_a)
         manager_a.on("conflict", conflicts.append)
@@ -308,13 +296,14 @@ class TurnReadsRecorded(InMemorySessionManager):
         return await super().turns(key, last=last)
 
 
-async def test_a_limited_load_reads_only_the_tail(tmp_path: Path, agent: Agent[None, str]) -> None:
-    path = tmp_path / "chats.db"
-    async with SqliteSessionBackend(path) as backend:
+async def test_a_limited_load_reads_only_the_tail(
+    persistent_backend_factory: Any, agent: Agent[None, str]
+) -> None:
+    async with persistent_backend_factory() as backend:
         store = CognitiaConversationStore(backend)
         for turn in range(5):
             await chat(store, agent, "c1", f"turn {turn}")
-    async with SqliteSessionBackend(path) as backend:
+    async with persistent_backend_factory() as backend:
         manager = TurnReadsRecorded(backend)
         store = CognitiaConversationStore(manager)
         window = await store.load("c1", limit=2)
