@@ -66,6 +66,7 @@ def check(uv: str) -> int:
     """mypy --strict over the core, its tests and the examples, then each integration on its
     own (their test folders each have a conftest), then ruff over everything."""
     failed = run(uv, "mypy")
+    failed |= run(uv, "mypy", "--strict", "conftest.py")  # apart: tests/ has a conftest too
     for integration in sorted((ROOT / "integrations").glob("*/pyproject.toml")):
         failed |= run(uv, "mypy", "--strict", str(integration.parent.relative_to(ROOT)))
     lint = ("cognitia", "tests", "examples", "integrations", "benchmarks", "scripts", "conftest.py")
