@@ -14,7 +14,7 @@ import functools
 import inspect
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, Literal, Protocol, TypeVar, cast, overload
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast, overload
 
 from ._json import check_key, loads
 from .errors import VersionConflictError
@@ -28,6 +28,7 @@ __all__ = ["PersistedDecorator", "PersistedHandler", "PersistedStream", "persist
 R = TypeVar("R")
 T = TypeVar("T")
 R_co = TypeVar("R_co", covariant=True)
+P = ParamSpec("P")
 KeySpec = str | Callable[[inspect.BoundArguments], str]
 
 
@@ -159,46 +160,50 @@ class _Persister:
             del self.manager._live[session.key]
 
 
-class PersistedHandler(Protocol[R_co]):
-    """A handler decorated by :func:`persisted_session`: call it without ``session``."""
+class PersistedHandler(Protocol[P, R_co]):
+    """A handler decorated by :func:`persisted_session`: call it without ``session``.
+
+    ``P`` is what callers pass: the handler's parameters minus ``session`` when mypy runs
+    with the ``cognitia.mypy`` plugin, any arguments otherwise.
+    """
 
     manager: InMemorySessionManager
     """The manager that loads and saves this handler's sessions."""
     __name__: str
     __qualname__: str
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, R_co]: ...
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R_co]: ...
 
 
-class PersistedStream(Protocol[R_co]):
+class PersistedStream(Protocol[P, R_co]):
     """A streaming (async generator) handler decorated by :func:`persisted_session`."""
 
     manager: InMemorySessionManager
     __name__: str
     __qualname__: str
 
-    def __call__(self, *args: Any, **kwargs: Any) -> AsyncGenerator[R_co, None]: ...
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> AsyncGenerator[R_co, None]: ...
 
 
 class PersistedDecorator(Protocol):
     """What ``persisted_session(...)`` returns: turns a handler into a persisted async one.
 
     The decorated function keeps the handler's return type. Its parameters are the
-    handler's minus ``session`` (``inspect.signature`` shows exactly that); Python's type
-    system cannot express removing a keyword parameter, so static checkers accept any
-    arguments.
+    handler's minus ``session``: ``inspect.signature`` shows exactly that, and so does mypy
+    with the plugin (``plugins = ["cognitia.mypy"]``). Python's type system cannot express
+    removing a keyword parameter, so other checkers accept any arguments.
     """
 
     @overload
     def __call__(  # type: ignore[overload-overlap]
         self, handler: Callable[..., AsyncIterator[T]]
-    ) -> PersistedStream[T]: ...
+    ) -> PersistedStream[..., T]: ...
 
     @overload
-    def __call__(self, handler: Callable[..., Awaitable[R]]) -> PersistedHandler[R]: ...
+    def __call__(self, handler: Callable[..., Awaitable[R]]) -> PersistedHandler[..., R]: ...
 
     @overload
-    def __call__(self, handler: Callable[..., R]) -> PersistedHandler[R]: ...
+    def __call__(self, handler: Callable[..., R]) -> PersistedHandler[..., R]: ...
 
 
 def persisted_session(

@@ -242,9 +242,9 @@ async def test_the_caller_cannot_pass_the_session() -> None:
         raise AssertionError("not called")
 
     with pytest.raises(TypeError, match="passes the session itself"):
-        await chat(session_id="k", session=Session("k", {}))
+        await chat(session_id="k", session=Session("k", {}))  # type: ignore[call-arg]
     with pytest.raises(TypeError):
-        await chat()  # the key argument is missing
+        await chat()  # type: ignore[call-arg]  # the key argument is missing
 
 
 async def test_state_persists_across_a_restart(tmp_path: Path) -> None:
@@ -476,7 +476,7 @@ async def test_initial_state_and_record_turns(backend: BackendBase) -> None:
     assert await greet(session_id="three") == "hello"
 
 
-Workers = tuple[list[SqliteSessionBackend], list[PersistedHandler[str]]]
+Workers = tuple[list[SqliteSessionBackend], list[PersistedHandler[..., str]]]
 
 
 def _two_workers(tmp_path: Path, **options: Any) -> Workers:
