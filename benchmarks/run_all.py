@@ -24,7 +24,10 @@ SCRIPTS = [
     "bench_langgraph.py",
     "bench_adk.py",
 ]
-SERVER_SCRIPTS = {"bench_postgres.py": "COGNITIA_TEST_POSTGRES_DSN", "bench_redis.py": "COGNITIA_TEST_REDIS_URL"}
+SERVER_SCRIPTS = {
+    "bench_postgres.py": "COGNITIA_TEST_POSTGRES_DSN",
+    "bench_redis.py": "COGNITIA_TEST_REDIS_URL",
+}
 
 
 def main() -> int:
