@@ -589,3 +589,27 @@ def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError):
         InMemorySessionBackend(ttl=0)
     assert "backend=none" in repr(InMemorySessionManager())
+
+
+async def test_locked_holds_off_writers_of_that_key_only(anyio_backend: str) -> None:
+    manager = InMemorySessionManager(backend=InMemorySessionBackend())
+    await manager.register("agent:a", {"n": 0})
+    await manager.register("agent:b", {"n": 0})
+    order: list[str] = []
+
+    async def bump(key: str) -> None:
+        await manager.update(key, lambda s: s.state.update(n=s.state["n"] + 1))
+        order.append(key)
+
+    async with anyio.create_task_group() as tg:
+        async with manager.locked("agent:a") as session:
+            assert session is not None and session.state == {"n": 0}
+            tg.start_soon(bump, "agent:a")
+            tg.start_soon(bump, "agent:b")
+            await anyio.wait_all_tasks_blocked()
+            assert order == ["agent:b"]  # a waits for the lock; b does not
+            assert session.state == {"n": 0}
+    assert order == ["agent:b", "agent:a"]
+    assert (await manager.get("agent:a")).state == {"n": 1}
+    async with manager.locked("agent:none") as missing:
+        assert missing is None

@@ -10,7 +10,8 @@ from __future__ import annotations
 import inspect
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
@@ -416,6 +417,21 @@ class InMemorySessionManager:
         stored = await self._store.keys(prefix)
         live = [k for k in self._live if k.startswith(prefix)]
         return sorted(set(stored).union(live))
+
+    @asynccontextmanager
+    async def locked(self, key: str) -> AsyncIterator[Session | None]:
+        """Hold ``key``'s lock and yield its session (rehydrated if needed), or ``None``.
+
+        For reading consistently: no save, update or decorated call of the same key runs
+        until the block ends. Do not call the manager for the same key inside the block
+        (it would wait for this lock); save after leaving it.
+
+        >>> async with manager.locked("agent:user:42") as session:  # doctest: +SKIP
+        ...     tail = [] if session is None else await session.turns.last(2)
+        """
+        check_key(key)
+        async with self._operation(key):
+            yield await self._get_locked(key)
 
     async def turns(self, key: str, *, last: int | None = None) -> list[dict[str, Any]]:
         """The session's turns, oldest first; only the newest ``last`` if given.

@@ -335,11 +335,9 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
     @asynccontextmanager
     async def _locked(self, key: str) -> AsyncIterator[Session | None]:
         # Reads take the manager's per-key lock, as its writes do: loading the turn log
-        # while a save of the same session commits would interleave the two. cognitia has
-        # no public read-under-lock call yet, so this uses the two internals the core's
-        # own decorator uses.
-        async with self.manager._operation(key):
-            yield await self.manager._get_locked(key)
+        # while a save of the same session commits would interleave the two.
+        async with self.manager.locked(key) as session:
+            yield session
 
     async def _find(
         self, key: str, ns: str, checkpoint_id: str | None
