@@ -8,6 +8,9 @@ operation, on either runtime, and no event-loop-specific code here.
 A worker given a ``batch`` function receives every job that queued up while it was busy
 and may run them together, e.g. in one database transaction: under concurrency the cost
 of a commit is shared by all the writes waiting for it.
+
+An ``idle`` function runs after each batch's waiters have been woken (housekeeping such as
+a database checkpoint), so it never delays an operation that already finished.
 """
 
 from __future__ import annotations
@@ -89,12 +92,14 @@ class ThreadWorker(Generic[R]):
         close: Callable[[R], None],
         *,
         batch: Callable[[R, list[Job]], None] | None = None,
+        idle: Callable[[R, bool], None] | None = None,
         max_batch: int = 512,
     ) -> None:
         self.name = name
         self._open = open
         self._close = close
         self._batch = batch
+        self._idle = idle
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -196,6 +201,13 @@ class ThreadWorker(Generic[R]):
                 for job in jobs:
                     job.run(resource)
             _notify(jobs)
+            if self._idle is not None:
+                # Housekeeping after the waiters are woken, never on their path; told
+                # whether more work is already queued.
+                try:
+                    self._idle(resource, self._queue.empty())
+                except Exception:
+                    pass
         if resource is not None:
             try:
                 self._close(resource)

@@ -373,3 +373,15 @@ async def test_inline_reads_can_be_turned_off(anyio_backend: str, tmp_path: Path
         assert await backend.load("agent:k") == {"n": 1}
         assert await backend.load_turns("agent:k", last=1) == [{"i": 0}]
         assert not backend._inline_conns
+
+
+async def test_the_wal_is_checkpointed_and_stays_small(anyio_backend: str, tmp_path: Path) -> None:
+    """The writer checkpoints between saves (not inside one), and the WAL starts over."""
+    path = tmp_path / "busy.db"
+    state = {"text": "x" * 1000}
+    async with SqliteSessionBackend(db_path=path) as backend:
+        for i in range(3000):
+            await backend.save(f"agent:{i % 50}", state)
+        # 3,000 saves of 1 KB would leave 12+ MB of WAL if it were never reset.
+        assert os.path.getsize(f"{path}-wal") < 2 * 1024 * 1024
+        assert await backend.load("agent:7") == state
