@@ -383,5 +383,5 @@ async def test_the_wal_is_checkpointed_and_stays_small(anyio_backend: str, tmp_p
         for i in range(3000):
             await backend.save(f"agent:{i % 50}", state)
         # 3,000 saves of 1 KB would leave 12+ MB of WAL if it were never reset.
-        assert os.path.getsize(f"{path}-wal") < 2 * 1024 * 1024
+        assert (await anyio.Path(f"{path}-wal").stat()).st_size < 2 * 1024 * 1024
         assert await backend.load("agent:7") == state
