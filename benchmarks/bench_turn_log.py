@@ -120,7 +120,9 @@ def main() -> int:
     def best(name: str) -> list[float]:
         return min(runs[name], key=sum)
 
-    cognitia_rate = min(n / sum(best(name)) for name in list(subjects)[:2])
+    # The peers run on asyncio only, so each is compared with cognitia on the same runtime;
+    # cognitia's trio figure is printed too, and held to the same flat-cost target.
+    cognitia_rate = {runtime: n / sum(best(name)) for name, (_, runtime) in list(subjects.items())[:2]}
     lines = [
         (
             "subject",
@@ -144,7 +146,7 @@ def main() -> int:
         if is_cognitia:
             target, met, versus = "last/first <= 1.30", growth <= 1.3, ""
         else:
-            ratio = cognitia_rate / rate
+            ratio = cognitia_rate[runtime] / rate
             target, met, versus = ">= 2.00x", ratio >= 2.0, f"{ratio:.2f}x"
         all_met &= met
         lines.append(
@@ -166,7 +168,7 @@ def main() -> int:
         if i == 0:
             print("  ".join("-" * width for width in widths))
     print()
-    print("'cognitia vs this' = the slower of cognitia's two runtimes, in turns/s, divided by this subject's")
+    print("'cognitia vs this' = cognitia's turns/s on the same runtime divided by this subject's")
     print("all targets met" if all_met else "SOME TARGETS MISSED")
     return 0
 
