@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._json import loads
-from ..errors import StateNotSerializableError, VersionConflictError
-from .backends._base import BackendBase
+from ..errors import StateNotSerializableError
+from .backends._base import BackendBase, check_version
 from .backends._protocol import Capability, SessionBackend, StoreBackend, capabilities_of
 
 __all__ = ["META_KEY", "Loaded", "Store", "open_store"]
@@ -192,10 +192,7 @@ class EnvelopeStore(Store):
             )
         found = await self._split(key)
         actual = None if found is None else found[1]
-        if expected is not None and (
-            (expected == 0 and actual is not None) or (expected > 0 and actual != expected)
-        ):
-            raise VersionConflictError(key, expected, actual)
+        check_version(key, expected, actual)
         version = (actual or 0) + 1
         old_turns = [] if found is None else found[2]
         if truncate is not None:

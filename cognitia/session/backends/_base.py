@@ -7,14 +7,44 @@ from types import TracebackType
 from typing import Any, ClassVar, Self
 
 from ..._json import check_key, dumps, loads
-from ...errors import BackendClosedError, CognitiaError, StorageError
+from ...errors import BackendClosedError, CognitiaError, StorageError, VersionConflictError
 from ._protocol import Capability, SessionRecord
 from ._scope import MemoryScope
 
-__all__ = ["BackendBase", "RawRecord"]
+__all__ = ["BackendBase", "RawRecord", "check_version", "prefix_bounds"]
 
 RawRecord = tuple[str, int, int, float, "float | None"]
 """What a storage engine returns for a session: state JSON, version, turn count, updated_at, expires_at."""
+
+
+def check_version(key: str, expected: int | None, actual: int | None) -> None:
+    """The optimistic-concurrency rule every backend applies before it writes.
+
+    ``expected=None``: no check. ``0``: the key must not exist (``actual is None``).
+    ``n``: the stored version must be ``n``. Otherwise :class:`VersionConflictError`.
+    """
+    if expected is not None and (
+        (expected == 0 and actual is not None) or (expected > 0 and actual != expected)
+    ):
+        raise VersionConflictError(key, expected, actual)
+
+
+def prefix_bounds(prefix: str) -> tuple[str, str | None]:
+    """The half-open key range ``[low, high)`` holding every key that starts with ``prefix``.
+
+    Keys compared as UTF-8 bytes (SQLite's BINARY collation, PostgreSQL's "C") order like
+    code points, so bumping the last code point gives the upper bound and a range scan on
+    the key index finds exactly the prefix. ``high`` is ``None`` when there is no bound.
+    """
+    if not prefix:
+        return "", None
+    last = ord(prefix[-1])
+    if last >= 0x10FFFF:
+        return prefix, None
+    bumped = last + 1
+    if 0xD800 <= bumped <= 0xDFFF:
+        bumped = 0xE000
+    return prefix, prefix[:-1] + chr(bumped)
 
 
 class BackendBase(ABC):

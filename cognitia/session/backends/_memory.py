@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 
 import anyio.lowlevel
 
-from ...errors import VersionConflictError
-from ._base import BackendBase, RawRecord
+from ._base import BackendBase, RawRecord, check_version
 
 __all__ = ["InMemorySessionBackend"]
 
@@ -66,12 +65,7 @@ class InMemorySessionBackend(BackendBase):
         await anyio.lowlevel.checkpoint()
         entry = self._entries.get(key)
         live = entry if entry is not None and entry.alive(now) else None
-        if expected_version is not None:
-            actual = None if live is None else live.version
-            if (expected_version == 0 and actual is not None) or (
-                expected_version > 0 and actual != expected_version
-            ):
-                raise VersionConflictError(key, expected_version, actual)
+        check_version(key, expected_version, None if live is None else live.version)
         if entry is None:
             self._entries[key] = _Entry(state, 1, now, expires_at, list(turns))
             bisect.insort(self._sorted_keys, key)

@@ -9,8 +9,7 @@ from typing import Any
 
 from ..._worker import Job, ThreadWorker
 from ...errors import MissingDependencyError, StateNotSerializableError, StorageError, VersionConflictError
-from ._base import BackendBase, RawRecord
-from ._sqlite import _prefix_bounds
+from ._base import BackendBase, RawRecord, prefix_bounds
 
 try:
     import psycopg
@@ -552,7 +551,7 @@ def _delete(conn: Connection, q: _Statements, key: str, now: float) -> bool:
 
 
 def _list_keys(q: _Statements, prefix: str, now: float) -> Query:
-    low, high = _prefix_bounds(prefix)
+    low, high = prefix_bounds(prefix)
     if high is None:
         return (
             q.keys_from,

@@ -11,7 +11,7 @@ import anyio.lowlevel
 
 from ..._worker import Job, ThreadWorker
 from ...errors import StorageError, VersionConflictError
-from ._base import BackendBase, RawRecord
+from ._base import BackendBase, RawRecord, check_version, prefix_bounds
 
 __all__ = ["SCHEMA_VERSION", "SqliteSessionBackend"]
 
@@ -80,23 +80,6 @@ _UPDATE_AT_VERSION = (
     "AND version = ?6 RETURNING version, turn_count"
 )
 _INSERT_TURN = "INSERT INTO cognitia_turns (key, seq, turn) VALUES (?, ?, ?)"
-
-
-def _prefix_bounds(prefix: str) -> tuple[str, str | None]:
-    """The half-open key range ``[low, high)`` holding every key that starts with ``prefix``.
-
-    Keys compare as UTF-8 bytes (SQLite's BINARY collation), which orders like code points,
-    so bumping the last code point gives the upper bound and the primary key index is used.
-    """
-    if not prefix:
-        return "", None
-    last = ord(prefix[-1])
-    if last >= 0x10FFFF:
-        return prefix, None
-    bumped = last + 1
-    if 0xD800 <= bumped <= 0xDFFF:
-        bumped = 0xE000
-    return prefix, prefix[:-1] + chr(bumped)
 
 
 class SqliteSessionBackend(BackendBase):
@@ -475,12 +458,7 @@ def _commit_general(
         "SELECT version, turn_count, expires_at FROM cognitia_sessions WHERE key = ?", (key,)
     ).fetchone()
     alive = row is not None and (row[2] is None or row[2] > now)
-    if expected_version is not None:
-        actual = row[0] if alive else None
-        if (expected_version == 0 and actual is not None) or (
-            expected_version > 0 and actual != expected_version
-        ):
-            raise VersionConflictError(key, expected_version, actual)
+    check_version(key, expected_version, row[0] if alive else None)
     if row is None:
         version, first_seq = 1, 0
         conn.execute(
@@ -526,7 +504,7 @@ def _delete(conn: sqlite3.Connection, key: str, now: float) -> bool:
 
 
 def _list_keys(conn: sqlite3.Connection, prefix: str, now: float) -> list[str]:
-    low, high = _prefix_bounds(prefix)
+    low, high = prefix_bounds(prefix)
     if high is None:
         rows = conn.execute(
             f"SELECT key FROM cognitia_sessions WHERE key >= ? AND {_ALIVE} ORDER BY key", (low, now)
