@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import InvalidKeyError, StateNotSerializableError
 
-__all__ = ["MAX_KEY_LENGTH", "check_key", "dumps", "loads"]
+__all__ = ["MAX_KEY_LENGTH", "byte_size", "check_key", "dumps", "loads"]
 
 MAX_KEY_LENGTH = 1024
 
@@ -80,6 +80,11 @@ def dumps(
     except (TypeError, ValueError, RecursionError) as exc:
         path, problem = _locate(value, root, default)
         raise StateNotSerializableError(key, path, problem) from exc
+
+
+def byte_size(text: str) -> int:
+    """Bytes of ``text`` in UTF-8, without encoding it when it is ASCII (the usual case)."""
+    return len(text) if text.isascii() else len(text.encode())
 
 
 def loads(text: str | bytes) -> Any:

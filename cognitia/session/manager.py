@@ -19,7 +19,7 @@ import anyio
 import anyio.lowlevel
 import structlog
 
-from .._json import check_key, dumps, loads
+from .._json import byte_size, check_key, dumps, loads
 from ..errors import BackendClosedError, SessionNotFound, VersionConflictError
 from ._events import EVENTS, EventName, Hook, HookRegistry, SessionEvent, Subscription
 from ._session import Session, Turns
@@ -607,7 +607,7 @@ class InMemorySessionManager:
             name, version, size, count, reason = "conflict", session.version, 0, 0, f"found {conflict.actual}"
         else:
             name, reason = event, None
-            size = len(state_json) if state_json.isascii() else len(state_json.encode())
+            size = byte_size(state_json)
         # Hooks run after the deadline scope (a slow hook cannot fail a committed save) but
         # still shielded, so a committed save is always reported. With no hook for the
         # event, emitting never suspends (structlog logs synchronously), so nothing can

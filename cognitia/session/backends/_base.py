@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
-from ..._json import check_key, dumps, loads
+from ..._json import byte_size, check_key, dumps, loads
 from ...errors import BackendClosedError, CognitiaError, StorageError, VersionConflictError
 from ._protocol import Capability, SessionRecord
 from ._scope import MemoryScope
@@ -107,9 +107,7 @@ class BackendBase(ABC):
         if raw is None:
             return None
         state, version, turn_count, updated_at, expires_at = raw
-        return SessionRecord(
-            key, loads(state), version, turn_count, updated_at, expires_at, len(state.encode())
-        )
+        return SessionRecord(key, loads(state), version, turn_count, updated_at, expires_at, byte_size(state))
 
     async def commit(
         self,
