@@ -1,9 +1,10 @@
 """A thread that owns a blocking resource (a database connection) and runs jobs on it.
 
-Async code submits a job and waits on an event; the thread runs the job and wakes the
-waiting task through the event loop's thread-safe scheduler (``call_soon_threadsafe`` on
-asyncio, the trio token on trio, both reached through anyio). One thread hop per
-operation, on either runtime, and no event-loop-specific code here.
+Async code submits a job and sleeps; the thread runs the job and wakes the sleeping task
+through the event loop's thread-safe scheduler: ``call_soon_threadsafe`` resolving a future
+on asyncio, ``TrioToken.run_sync_soon`` rescheduling the task on trio. These are the two
+primitives anyio's own events are built from, used directly because this is the path every
+database operation takes: one thread hop per operation, one scheduler call per batch.
 
 A worker given a ``batch`` function receives every job that queued up while it was busy
 and may run them together, e.g. in one database transaction: under concurrency the cost
@@ -15,9 +16,11 @@ a database checkpoint), so it never delays an operation that already finished.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -25,29 +28,70 @@ import anyio.lowlevel
 
 from .errors import BackendClosedError
 
-__all__ = ["Job", "ThreadWorker"]
+__all__ = ["Job", "ThreadWorker", "checkpoint"]
 
 R = TypeVar("R")
 T = TypeVar("T")
 
 _STOP = object()
+_trio: ModuleType | None = None
+
+
+def _trio_lowlevel() -> ModuleType:
+    """``trio.lowlevel``, imported on first use: trio is optional."""
+    global _trio
+    if _trio is None:
+        try:
+            import trio.lowlevel
+        except ImportError:
+            raise RuntimeError(
+                "cognitia's async methods must be called from an asyncio or trio task"
+            ) from None
+        _trio = trio.lowlevel
+    return _trio
+
+
+async def checkpoint() -> None:
+    """Yield to the event loop (and let a pending cancellation in): ``anyio.lowlevel.checkpoint``
+    without its runtime lookup, for operations that finished without waiting."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        await _trio_lowlevel().checkpoint()
+    else:
+        await asyncio.sleep(0)
 
 
 class Job:
-    """One call to run on the worker's resource, and its outcome."""
+    """One call to run on the worker's resource, its outcome, and the task waiting for it.
 
-    __slots__ = ("abandoned", "args", "error", "event", "fn", "result", "token")
+    ``loop`` is the waiting task's event loop (asyncio) or trio token; ``waiter`` is the
+    future it awaits (asyncio) or the task itself (trio), ``None`` once nobody waits.
+    ``done``, ``waiter`` and ``abandoned`` are only touched on the event loop's thread.
+    """
+
+    __slots__ = ("abandoned", "args", "done", "error", "fn", "loop", "result", "trio", "waiter")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self.fn = fn
         self.args = args
         self.result: Any = None
         self.error: BaseException | None = None
-        self.token = token = anyio.lowlevel.current_token()
-        # The token already knows the running backend: asking it for the event saves a
-        # second runtime lookup on every operation.
-        self.event: anyio.Event = token.backend_class.create_event()
         self.abandoned = False
+        self.done = False
+        self.loop: Any
+        self.waiter: Any
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            trio = _trio_lowlevel()
+            self.loop = trio.current_trio_token()  # RuntimeError outside a trio task
+            self.waiter = trio.current_task()
+            self.trio = True
+        else:
+            self.loop = loop
+            self.waiter = loop.create_future()
+            self.trio = False
 
     def run(self, resource: Any) -> None:
         try:
@@ -55,26 +99,76 @@ class Job:
         except BaseException as exc:  # handed to the waiting task, which re-raises it
             self.error = exc
 
+    async def wait(self, shield: bool) -> None:
+        """Sleep until the worker has run this job.
 
-def _wake(jobs: list[Job]) -> None:
+        Cancelled while waiting: without ``shield`` the job is marked abandoned (skipped
+        if the worker has not started it) and the cancellation propagates at once; with
+        ``shield`` the job runs to completion first, then the cancellation propagates.
+        """
+        if not self.trio:
+            try:
+                await self.waiter
+            except BaseException:
+                if not shield:
+                    self.abandoned = True
+                    raise
+                if not self.done:
+                    self.waiter = self.loop.create_future()
+                    with anyio.CancelScope(shield=True):
+                        await self.waiter
+                raise
+        else:
+            trio = _trio_lowlevel()
+            cancelled = False
+
+            def abort(raise_cancel: Any) -> Any:
+                nonlocal cancelled
+                if shield:
+                    cancelled = True
+                    return trio.Abort.FAILED  # stays asleep until the job is done
+                self.abandoned = True
+                self.waiter = None
+                return trio.Abort.SUCCEEDED
+
+            await trio.wait_task_rescheduled(abort)
+            if cancelled:
+                await trio.checkpoint_if_cancelled()
+
+
+def _wake_asyncio(jobs: list[Job]) -> None:
     for job in jobs:
-        job.event.set()
+        job.done = True
+        if not job.waiter.done():
+            job.waiter.set_result(None)
+
+
+def _wake_trio(jobs: list[Job]) -> None:
+    reschedule = _trio_lowlevel().reschedule
+    for job in jobs:
+        job.done = True
+        if job.waiter is not None:
+            task, job.waiter = job.waiter, None
+            reschedule(task)
 
 
 def _notify(jobs: list[Job]) -> None:
     """Wake the tasks waiting on ``jobs``: one scheduler call per event loop, not per job."""
-    native = jobs[0].token.native_token
-    if all(job.token.native_token is native for job in jobs):
+    loop = jobs[0].loop
+    if all(job.loop is loop for job in jobs):
         groups: Any = (jobs,)  # the usual case: one event loop uses the backend
     else:
         by_loop: dict[int, list[Job]] = {}
         for job in jobs:
-            by_loop.setdefault(id(job.token.native_token), []).append(job)
+            by_loop.setdefault(id(job.loop), []).append(job)
         groups = by_loop.values()
     for group in groups:
-        token = group[0].token
+        loop = group[0].loop
         try:
-            token.backend_class.run_sync_soon(_wake, (group,), token.native_token)
+            if group[0].trio:
+                loop.run_sync_soon(_wake_trio, group)
+            else:
+                loop.call_soon_threadsafe(_wake_asyncio, group)
         except Exception:  # the loop is gone: nobody is waiting any more
             pass
 
@@ -113,10 +207,13 @@ class ThreadWorker(Generic[R]):
         has been handed over and will run; cancellation is delivered afterwards), so a
         write is either done completely or not submitted at all.
         """
+        job = Job(fn, args)
         if shield:
             # A write that is already cancelled is not submitted at all.
-            await anyio.lowlevel.checkpoint_if_cancelled()
-        job = Job(fn, args)
+            if job.trio:
+                await _trio_lowlevel().checkpoint_if_cancelled()
+            else:
+                await anyio.lowlevel.checkpoint_if_cancelled()
         with self._lock:
             if self._stopping:
                 raise BackendClosedError(f"{self.name} is closed")
@@ -124,17 +221,7 @@ class ThreadWorker(Generic[R]):
                 self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
                 self._thread.start()
             self._queue.put(job)
-        try:
-            await job.event.wait()
-        except BaseException:
-            if not shield:
-                job.abandoned = True  # a read nobody waits for is skipped if not started
-                raise
-            # A submitted write finishes before the cancellation goes on; the shield is only
-            # paid for on this path, not on every call.
-            with anyio.CancelScope(shield=True):
-                await job.event.wait()
-            raise
+        await job.wait(shield)
         if job.error is not None:
             raise job.error
         return job.result  # type: ignore[no-any-return]

@@ -307,3 +307,24 @@ async def test_missing_session_is_a_lookup_error() -> None:
         await manager.get("nobody")
     with pytest.raises(SessionNotFound):
         await manager.save("nobody")
+
+
+def test_the_json_codec_matches_the_standard_library() -> None:
+    """States are encoded with the standard library's C encoder built once (not per call)
+    and decoded with its scanner; both give exactly what ``json`` gives."""
+    import json
+    import platform
+
+    from cognitia import _json
+
+    if platform.python_implementation() == "CPython":
+        assert _json._encode is not _json._encoder.encode  # the prebuilt encoder is in use
+    value = {"a": [1, -2.5, 1e300, None, True, "é\n\"q"], "nested": {"t": (1, 2)}, "big": 10**40, "": {}}
+    text = _json.dumps("k", value)
+    assert text == json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    assert _json.loads(text) == json.loads(text)
+    assert _json.loads(' {"a": 1} \n') == {"a": 1}  # whitespace around the value
+    with pytest.raises(json.JSONDecodeError, match="Extra data"):
+        _json.loads('{"a": 1} {}')
+    with pytest.raises(json.JSONDecodeError):
+        _json.loads("")

@@ -8,6 +8,7 @@ import sqlite3
 import stat
 import sys
 import textwrap
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,8 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from cognitia import BackendClosedError, StorageError
-from cognitia.session.backends import MemoryScope, SqliteSessionBackend
+from cognitia import BackendClosedError, StorageError, VersionConflictError
+from cognitia.session.backends import MemoryScope, SqliteSessionBackend, _sqlite
 from cognitia.session.backends._sqlite import SCHEMA_VERSION
 
 pytestmark = pytest.mark.anyio
@@ -385,3 +386,117 @@ async def test_the_wal_is_checkpointed_and_stays_small(anyio_backend: str, tmp_p
         # 3,000 saves of 1 KB would leave 12+ MB of WAL if it were never reset.
         assert (await anyio.Path(f"{path}-wal").stat()).st_size < 2 * 1024 * 1024
         assert await backend.load("agent:7") == state
+
+
+@pytest.mark.parametrize("with_expired", [False, True], ids=["all-live", "one-expired"])
+async def test_writes_queued_together_end_exactly_as_if_run_one_at_a_time(
+    anyio_backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_expired: bool
+) -> None:
+    """Saves queued behind a busy writer are committed together (plain saves as multi-row
+    statements); an expired key, a repeated key, a version conflict and commits with turns
+    in the same batch all come out as they do one by one."""
+    now = [1000.0]
+    ops: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
+        ("save", "a", {"n": 1}, {}),
+        ("save", "b", {"n": 1}, {}),
+        ("save", "a", {"n": 2}, {}),
+        ("save", "expired", {"n": 3}, {}),
+        ("commit", "c", {"n": 1}, {"expected_version": 0, "turns": [{"t": 1}]}),
+        ("save", "c", {"n": 2}, {}),
+        ("save", "b", {"n": 2}, {}),
+        ("commit", "a", {"n": 3}, {"expected_version": 1}),  # a is at version 3 by now
+        ("commit", "a", {"n": 4}, {"expected_version": 3, "turns": [{"t": 2}]}),
+        ("save", "d", {"n": 1}, {}),
+        ("save", "d", {"n": 2}, {}),
+    ]
+    if not with_expired:
+        ops.remove(("save", "expired", {"n": 3}, {}))
+    multi_row: list[bool] = []
+    save_many = _sqlite._save_many
+
+    def spy(conn: sqlite3.Connection, jobs: list[Any]) -> bool:
+        multi_row.append(save_many(conn, jobs))
+        return multi_row[-1]
+
+    monkeypatch.setattr(_sqlite, "_save_many", spy)
+
+    async def run(
+        backend: SqliteSessionBackend, op: tuple[str, str, dict[str, Any], dict[str, Any]]
+    ) -> object:
+        kind, key, state, kwargs = op
+        try:
+            if kind == "save":
+                await backend.save(key, state)
+                return None
+            return await backend.commit(key, state, **kwargs)
+        except VersionConflictError as exc:
+            return ("conflict", exc.expected, exc.actual)
+
+    async def prepared(name: str) -> SqliteSessionBackend:
+        backend = SqliteSessionBackend(db_path=tmp_path / name, ttl=10, clock=lambda: now[0])
+        now[0] = 1000.0
+        await backend.commit("expired", {"old": True}, turns=[{"t": 0}, {"t": 0}])
+        await backend.save("b", {"n": 0})
+        return backend
+
+    one_by_one = await prepared("one.db")
+    now[0] = 1005.0  # b is still alive, "expired" is not
+    await one_by_one.save("b", {"n": 0})
+    now[0] = 1011.0
+    expected = [await run(one_by_one, op) for op in ops]
+
+    together = await prepared("together.db")
+    now[0] = 1005.0
+    await together.save("b", {"n": 0})
+    now[0] = 1011.0
+    batches: list[int] = []
+    run_batch = together._writer._batch
+    assert run_batch is not None
+
+    def counting(conn: sqlite3.Connection, jobs: list[Any]) -> None:
+        batches.append(len(jobs))
+        run_batch(conn, jobs)
+
+    together._writer._batch = counting
+    gate, holding = threading.Event(), threading.Event()
+    outcomes: dict[int, object] = {}
+    async with anyio.create_task_group() as tg:
+
+        def hold(conn: sqlite3.Connection) -> None:
+            holding.set()
+            gate.wait(10)
+
+        tg.start_soon(lambda: together._writer.call(hold))
+        await anyio.to_thread.run_sync(holding.wait)
+
+        async def one(i: int) -> None:
+            outcomes[i] = await run(together, ops[i])
+
+        for i in range(len(ops)):  # queued in this order behind the held writer
+            tg.start_soon(one, i)
+            await anyio.wait_all_tasks_blocked()
+        gate.set()
+    assert batches[-1] == len(ops)
+    # The expired key makes the first multi-row statement write less than asked: the batch
+    # is rolled back and its jobs run one by one. Otherwise every run of saves is one statement.
+    assert multi_row == ([False] if with_expired else [True, True, True])
+    assert [outcomes[i] for i in range(len(ops))] == expected
+
+    for key in ("a", "b", "c", "d", "expired"):
+        mine, theirs = await together.load_record(key), await one_by_one.load_record(key)
+        if mine is None or theirs is None:
+            assert mine is theirs is None and key == "expired" and not with_expired
+            continue
+        assert (mine.state, mine.version, mine.turn_count) == (
+            theirs.state,
+            theirs.version,
+            theirs.turn_count,
+        ), key
+        assert await together.load_turns(key) == await one_by_one.load_turns(key), key
+    expired = await together.load_record("expired")
+    if with_expired:
+        assert expired is not None and (expired.state, expired.turn_count) == ({"n": 3}, 0)
+    else:
+        assert expired is None
+    await together.aclose()
+    await one_by_one.aclose()

@@ -71,12 +71,19 @@ class BackendBase(ABC):
 
     async def save(self, key: str, state: dict[str, Any]) -> None:
         """Store ``state`` under ``key``, replacing what was there."""
-        await self.commit(key, state)
+        check_key(key)
+        encoded = dumps(key, state)
+        now = self._clock()
+        expires_at = None if self.ttl is None else now + self.ttl
+        with self._errors("save", key):
+            await self._raw_save(key, encoded, now, expires_at)
 
     async def load(self, key: str) -> dict[str, Any] | None:
         """The state stored under ``key``, or ``None``."""
-        record = await self.load_record(key)
-        return None if record is None else record.state
+        check_key(key)
+        with self._errors("load", key):
+            raw = await self._raw_load(key, self._clock())
+        return None if raw is None else loads(raw[0])
 
     async def delete(self, key: str) -> bool:
         """Delete the session and its turns; ``True`` if it existed."""
@@ -229,6 +236,10 @@ class BackendBase(ABC):
         now: float,
         expires_at: float | None,
     ) -> int: ...
+
+    async def _raw_save(self, key: str, state: str, now: float, expires_at: float | None) -> None:
+        """An unconditional write whose new version nobody asks for (``save``)."""
+        await self._raw_commit(key, state, None, [], None, now, expires_at)
 
     @abstractmethod
     async def _raw_load_turns(self, key: str, last: int | None, now: float) -> list[str]: ...

@@ -7,9 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import anyio.lowlevel
-
-from ..._worker import Job, ThreadWorker
+from ..._worker import Job, ThreadWorker, checkpoint
 from ...errors import StorageError, VersionConflictError
 from ._base import BackendBase, RawRecord, check_version, prefix_bounds
 
@@ -247,7 +245,7 @@ class SqliteSessionBackend(BackendBase):
             except sqlite3.OperationalError:
                 pass  # busy or locked: the reader thread waits for it with the busy timeout
             else:
-                await anyio.lowlevel.checkpoint()
+                await checkpoint()
                 return result
         return await self._read(fn, *args)
 
@@ -269,6 +267,9 @@ class SqliteSessionBackend(BackendBase):
         return await self._writer.call(
             _commit, key, state, expected_version, turns, truncate, now, expires_at, shield=True
         )
+
+    async def _raw_save(self, key: str, state: str, now: float, expires_at: float | None) -> None:
+        await self._writer.call(_save, key, state, now, expires_at, shield=True)
 
     async def _raw_load_turns(self, key: str, last: int | None, now: float) -> list[str]:
         if last is not None and last <= _INLINE_TAIL:
@@ -353,6 +354,47 @@ class _Transaction:
             self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
 
 
+def _save(conn: sqlite3.Connection, key: str, state: str, now: float, expires_at: float | None) -> None:
+    """A plain ``save``: ``_commit`` without a version check, turns or a result."""
+    _commit(conn, key, state, None, [], None, now, expires_at)
+
+
+# Queued plain saves are written by one multi-row statement per chunk: SQLite does the whole
+# chunk in one call, without the GIL, while the event loop goes on encoding the next states.
+# The statement writes exactly what _save would for a new or live key; a row it leaves
+# alone (an expired session, which _save resets) shows up in the change count, and then the
+# batch is run again one job at a time.
+_SAVE_ROWS = (64, 16, 4, 1)
+_SAVE_MANY = {
+    n: "INSERT INTO cognitia_sessions (key, state, version, turn_count, created_at, updated_at, expires_at) "
+    "VALUES " + ", ".join(["(?, ?, 1, 0, ?, ?, ?)"] * n) + " ON CONFLICT (key) DO UPDATE SET "
+    "state = excluded.state, version = version + 1, updated_at = excluded.updated_at, "
+    "expires_at = excluded.expires_at WHERE expires_at IS NULL OR expires_at > excluded.updated_at"
+    for n in _SAVE_ROWS
+}
+
+
+def _save_many(conn: sqlite3.Connection, jobs: list[Job]) -> bool:
+    """Write ``_save`` jobs in the open transaction; ``False`` if any row was not written."""
+    done = 0
+    while done < len(jobs):
+        left = len(jobs) - done
+        n = next(n for n in _SAVE_ROWS if n <= left)
+        params: list[object] = []
+        for job in jobs[done : done + n]:
+            key, state, now, expires_at = job.args
+            params += (key, state, now, now, expires_at)
+        before = conn.total_changes
+        try:
+            conn.execute(_SAVE_MANY[n], params)
+        except sqlite3.Error:
+            return False  # each job, run alone, gets its own outcome
+        if conn.total_changes - before != n:
+            return False
+        done += n
+    return True
+
+
 def _run_batch(conn: sqlite3.Connection, jobs: list[Job]) -> None:
     """Run queued writes: one alone as is, several in one shared transaction.
 
@@ -365,11 +407,7 @@ def _run_batch(conn: sqlite3.Connection, jobs: list[Job]) -> None:
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for job in jobs:
-            job.run(conn)
-            if job.error is not None and not isinstance(job.error, VersionConflictError):
-                break
-        else:
+        if _run_together(conn, jobs):
             conn.execute("COMMIT")
             return
         conn.execute("ROLLBACK")
@@ -380,6 +418,27 @@ def _run_batch(conn: sqlite3.Connection, jobs: list[Job]) -> None:
     for job in jobs:
         job.result = job.error = None
         job.run(conn)
+
+
+def _run_together(conn: sqlite3.Connection, jobs: list[Job]) -> bool:
+    """Run ``jobs`` in order in the open transaction; ``False`` if it must be rolled back."""
+    i = 0
+    while i < len(jobs):
+        if _FAST_COMMITS and jobs[i].fn is _save:
+            j = i + 1
+            while j < len(jobs) and jobs[j].fn is _save:
+                j += 1
+            if j - i > 1:
+                if not _save_many(conn, jobs[i:j]):
+                    return False
+                i = j
+                continue
+        job = jobs[i]
+        job.run(conn)
+        if job.error is not None and not isinstance(job.error, VersionConflictError):
+            return False
+        i += 1
+    return True
 
 
 def _load(conn: sqlite3.Connection, key: str, now: float) -> RawRecord | None:
