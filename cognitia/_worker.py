@@ -35,6 +35,9 @@ T = TypeVar("T")
 
 _STOP = object()
 _trio: ModuleType | None = None
+# The running asyncio loop or None, without raising when there is none (on trio): the same
+# function asyncio.get_running_loop() is built on.
+_running_loop = asyncio._get_running_loop
 
 
 def _trio_lowlevel() -> ModuleType:
@@ -54,9 +57,7 @@ def _trio_lowlevel() -> ModuleType:
 async def checkpoint() -> None:
     """Yield to the event loop (and let a pending cancellation in): ``anyio.lowlevel.checkpoint``
     without its runtime lookup, for operations that finished without waiting."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
+    if _running_loop() is None:
         await _trio_lowlevel().checkpoint()
     else:
         await asyncio.sleep(0)
@@ -81,9 +82,8 @@ class Job:
         self.done = False
         self.loop: Any
         self.waiter: Any
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        loop = _running_loop()
+        if loop is None:
             trio = _trio_lowlevel()
             self.loop = trio.current_trio_token()  # RuntimeError outside a trio task
             self.waiter = trio.current_task()

@@ -500,3 +500,19 @@ async def test_writes_queued_together_end_exactly_as_if_run_one_at_a_time(
         assert expired is None
     await together.aclose()
     await one_by_one.aclose()
+
+
+async def test_backends_opening_a_new_file_at_the_same_moment_all_succeed(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """Switching a new file to WAL takes an exclusive lock that SQLite does not wait for;
+    a backend that meets another one doing the same waits its busy timeout instead of failing."""
+    for round_ in range(10):
+        db = tmp_path / f"race-{round_}.db"
+        backends = [SqliteSessionBackend(db_path=db) for _ in range(6)]
+        async with anyio.create_task_group() as tg:
+            for i, backend in enumerate(backends):
+                tg.start_soon(backend.save, f"agent:{i}", {"i": i})
+        assert await backends[0].list_keys() == [f"agent:{i}" for i in range(6)]
+        for backend in backends:
+            await backend.aclose()

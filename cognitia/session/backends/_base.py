@@ -82,8 +82,8 @@ class BackendBase(ABC):
         """The state stored under ``key``, or ``None``."""
         check_key(key)
         with self._errors("load", key):
-            raw = await self._raw_load(key, self._clock())
-        return None if raw is None else loads(raw[0])
+            text = await self._raw_load_state(key, self._clock())
+        return None if text is None else loads(text)
 
     async def delete(self, key: str) -> bool:
         """Delete the session and its turns; ``True`` if it existed."""
@@ -236,6 +236,11 @@ class BackendBase(ABC):
         now: float,
         expires_at: float | None,
     ) -> int: ...
+
+    async def _raw_load_state(self, key: str, now: float) -> str | None:
+        """Only the state's JSON (``load``); an engine may read less than the whole record."""
+        raw = await self._raw_load(key, now)
+        return None if raw is None else raw[0]
 
     async def _raw_save(self, key: str, state: str, now: float, expires_at: float | None) -> None:
         """An unconditional write whose new version nobody asks for (``save``)."""

@@ -43,6 +43,7 @@ _SELECT_RECORD = (
     "SELECT state, version, turn_count, updated_at, expires_at FROM cognitia_sessions "
     f"WHERE key = ? AND {_ALIVE}"
 )
+_SELECT_STATE = f"SELECT state FROM cognitia_sessions WHERE key = ? AND {_ALIVE}"
 _SELECT_TURNS_TAIL = (
     "SELECT t.turn FROM cognitia_turns AS t JOIN cognitia_sessions AS s ON s.key = t.key "
     "WHERE t.key = ? AND (s.expires_at IS NULL OR s.expires_at > ?) AND t.seq >= s.turn_count - ? "
@@ -170,7 +171,7 @@ class SqliteSessionBackend(BackendBase):
         conn = self._connect()
         try:
             if not self._memory:
-                conn.execute("PRAGMA journal_mode = WAL")
+                self._switch_to_wal(conn)
                 # The writer checkpoints when it is idle (see _checkpoint), not inside a save.
                 conn.execute("PRAGMA wal_autocheckpoint = 0")
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
@@ -180,6 +181,26 @@ class SqliteSessionBackend(BackendBase):
             raise
         self._schema_ready.set()
         return conn
+
+    def _switch_to_wal(self, conn: sqlite3.Connection) -> None:
+        """``PRAGMA journal_mode = WAL``, waiting out other connections for the busy timeout.
+
+        Switching a new file to WAL needs an exclusive lock, and SQLite reports "database is
+        locked" at once instead of calling the busy handler; two processes opening a new
+        file together would otherwise fail one of them.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        pause = 0.001
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                busy = exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                if not busy or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)  # the writer thread's own time, not the event loop's
+            pause = min(pause * 2, 0.05)
 
     def _write_batch(self, conn: sqlite3.Connection, jobs: list[Job]) -> None:
         _run_batch(conn, jobs)
@@ -253,6 +274,9 @@ class SqliteSessionBackend(BackendBase):
 
     async def _raw_load(self, key: str, now: float) -> RawRecord | None:
         return await self._point_read(_load, key, now)  # type: ignore[return-value]
+
+    async def _raw_load_state(self, key: str, now: float) -> str | None:
+        return await self._point_read(_load_state, key, now)  # type: ignore[return-value]
 
     async def _raw_commit(
         self,
@@ -443,6 +467,11 @@ def _run_together(conn: sqlite3.Connection, jobs: list[Job]) -> bool:
 
 def _load(conn: sqlite3.Connection, key: str, now: float) -> RawRecord | None:
     return conn.execute(_SELECT_RECORD, (key, now)).fetchone()  # type: ignore[no-any-return]
+
+
+def _load_state(conn: sqlite3.Connection, key: str, now: float) -> str | None:
+    row = conn.execute(_SELECT_STATE, (key, now)).fetchone()
+    return None if row is None else row[0]
 
 
 def _commit(
