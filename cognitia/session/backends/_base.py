@@ -73,8 +73,7 @@ class BackendBase(ABC):
         """Store ``state`` under ``key``, replacing what was there."""
         check_key(key)
         encoded = dumps(key, state)
-        now = self._clock()
-        expires_at = None if self.ttl is None else now + self.ttl
+        now, expires_at = self._write_times()
         with self._errors("save", key):
             await self._raw_save(key, encoded, now, expires_at)
 
@@ -155,8 +154,7 @@ class BackendBase(ABC):
             raise ValueError(f"expected_version must be None or an int >= 0, got {expected_version!r}")
         if truncate is not None and (type(truncate) is not int or truncate < 0):
             raise ValueError(f"truncate must be None or an int >= 0, got {truncate!r}")
-        now = self._clock()
-        expires_at = None if self.ttl is None else now + self.ttl
+        now, expires_at = self._write_times()
         with self._errors("save", key):
             return await self._raw_commit(
                 key, state, expected_version, list(turns), truncate, now, expires_at
@@ -214,6 +212,11 @@ class BackendBase(ABC):
 
     def _describe(self) -> str:
         return ""
+
+    def _write_times(self) -> tuple[float, float | None]:
+        """A write's timestamp and the expiry it gives the session (``None`` without a TTL)."""
+        now = self._clock()
+        return now, None if self.ttl is None else now + self.ttl
 
     def _errors(self, operation: str, key: str) -> _ErrorBoundary:
         if self._closed:
