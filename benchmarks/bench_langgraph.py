@@ -11,6 +11,10 @@ scenario, in a rotated order, so drift of a shared machine hits them alike):
   with a growing message list (what the graph stores) and once with a constant-size value
   (the storage cost alone, without the growing payload).
 
+The graph scenario also runs LangGraph with a saver that stores nothing (it keeps the latest
+checkpoint's objects in a dict): the framework's own cost per turn, hence the best ratio any
+saver can reach end to end, and the growth that is LangGraph's rather than the saver's.
+
 For each: turns per second, the median turn, and the growth of the per-turn cost (median of
 the last 50 turns over the median of the first 50; 1.0 is flat), each the median over the
 rounds. Ratios are cognitia over AsyncSqliteSaver. The durability setting of every saver is
@@ -30,7 +34,7 @@ import sqlite3
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -39,7 +43,13 @@ import anyio
 import structlog
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.runnables import RunnableConfig
-from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint
+from langgraph.checkpoint.base import (
+    BaseCheckpointSaver,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+    empty_checkpoint,
+)
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from langgraph.graph import START, MessagesState, StateGraph
 
@@ -47,6 +57,7 @@ from cognitia.session.backends import SqliteSessionBackend
 from cognitia_langgraph import CognitiaSaver
 
 WINDOW = 50
+GRAPH = "graph (ainvoke per turn)"
 
 
 SYNCHRONOUS = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
@@ -91,11 +102,60 @@ async def langgraph_saver(path: Path) -> AsyncIterator[BaseCheckpointSaver[Any]]
     DURABILITY.setdefault(BASELINE, f"journal_mode={sqlite_settings(path)} synchronous={level} (its default)")
 
 
+class FloorSaver(BaseCheckpointSaver[str]):
+    """Keeps the latest checkpoint's objects in a dict: no encoding, no storage, no history.
+
+    Not a usable checkpointer; it measures what LangGraph itself costs per turn, which is
+    the best any saver can do end to end (and how much of the growth is the framework's).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.latest: dict[tuple[str, str], CheckpointTuple] = {}
+        self.version = 0
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        conf = config["configurable"]
+        return self.latest.get((conf["thread_id"], conf.get("checkpoint_ns", "")))
+
+    async def aput(
+        self, config: RunnableConfig, checkpoint: Checkpoint, metadata: CheckpointMetadata, new_versions: Any
+    ) -> RunnableConfig:
+        conf = config["configurable"]
+        ns = conf.get("checkpoint_ns", "")
+        saved: RunnableConfig = {
+            "configurable": {
+                "thread_id": conf["thread_id"],
+                "checkpoint_ns": ns,
+                "checkpoint_id": checkpoint["id"],
+            }
+        }
+        self.latest[(conf["thread_id"], ns)] = CheckpointTuple(saved, checkpoint, metadata, config, [])
+        return saved
+
+    async def aput_writes(
+        self, config: RunnableConfig, writes: Sequence[tuple[str, Any]], task_id: str, task_path: str = ""
+    ) -> None:
+        return None
+
+    def get_next_version(self, current: str | None, channel: None) -> str:
+        self.version += 1
+        return f"{self.version:032}"
+
+
+@asynccontextmanager
+async def floor_saver(path: Path) -> AsyncIterator[BaseCheckpointSaver[Any]]:
+    yield FloorSaver()
+    DURABILITY.setdefault(FLOOR, "nothing stored")
+
+
 BASELINE = "AsyncSqliteSaver"
+FLOOR = "no saver (floor)"
 SAVERS: dict[str, Callable[[Path], Any]] = {
     "cognitia": cognitia_saver,
     "cognitia (FULL)": cognitia_saver_full,
     BASELINE: langgraph_saver,
+    FLOOR: floor_saver,
 }
 
 
@@ -167,7 +227,7 @@ def summarize(durations: list[float]) -> tuple[float, float, float]:
 
 async def bench(steps: int, rounds: int) -> None:
     scenarios: dict[str, Callable[[BaseCheckpointSaver[Any]], Awaitable[list[float]]]] = {
-        "graph (ainvoke per turn)": lambda saver: run_graph(saver, steps),
+        GRAPH: lambda saver: run_graph(saver, steps),
         "direct, growing messages": lambda saver: run_direct(saver, steps, growing=True),
         "direct, constant payload": lambda saver: run_direct(saver, steps, growing=False),
     }
@@ -178,6 +238,8 @@ async def bench(steps: int, rounds: int) -> None:
             for label, scenario in scenarios.items():
                 shift = round_ % len(names)
                 for name in names[shift:] + names[:shift]:
+                    if name == FLOOR and label != GRAPH:
+                        continue
                     path = Path(tmp) / f"{len(runs)}-{round_}-{time.monotonic_ns()}.db"
                     async with SAVERS[name](path) as saver:
                         durations = await scenario(saver)
@@ -193,16 +255,21 @@ async def bench(steps: int, rounds: int) -> None:
         results = {
             name: tuple(statistics.median(r[i] for r in runs[(label, name)]) for i in range(3))
             for name in names
+            if (label, name) in runs
         }
         for name, (rate, p50, growth) in results.items():
             print(f"{label:28} {name:18} {rate:9.1f} {p50:8.2f} {growth:7.2f}")
         base = results[BASELINE]
         for name, (rate, p50, growth) in results.items():
-            if name != BASELINE:
+            if name not in (BASELINE, FLOOR):
                 print(
                     f"{'':28} {name + ' / base':18} {rate / base[0]:8.2f}x {base[1] / p50:7.2f}x"
                     f" {growth:.2f} vs {base[2]:.2f}"
                 )
+        if FLOOR in results:
+            floor = results[FLOOR]
+            print(f"{'':28} the best any saver could reach end to end: {floor[0] / base[0]:.2f}x {BASELINE}")
+            print(f"{'':28} LangGraph's own growth (no saver): {floor[2]:.2f}")
         print()
 
 

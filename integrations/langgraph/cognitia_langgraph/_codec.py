@@ -31,7 +31,8 @@ A batch of pending writes (one ``put_writes`` call)::
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any, cast
 
 from langgraph.checkpoint.base import (
@@ -49,6 +50,7 @@ from cognitia._json import dumps
 __all__ = [
     "CHECKPOINT",
     "WRITES",
+    "Encode",
     "Pair",
     "PickleRefusedError",
     "Source",
@@ -61,6 +63,7 @@ __all__ = [
     "resolve",
     "sources",
     "stored_values",
+    "typed",
     "writes_turn",
 ]
 
@@ -95,16 +98,30 @@ def refuse_pickle(serde: SerializerProtocol) -> None:
             return
 
 
-def _dump(serde: SerializerProtocol, value: Any, key: str, path: str) -> Pair:
-    try:
+Encode = Callable[[Any], tuple[str, str]]
+"""Encodes a value as ``(type, base64)``; the saver passes one that reuses earlier encodings."""
+
+
+def typed(serde: SerializerProtocol) -> Encode:
+    """The plain encoder: ``serde.dumps_typed``, base64."""
+
+    def encode(value: Any) -> tuple[str, str]:
         kind, data = serde.dumps_typed(value)
+        return kind, base64.b64encode(data).decode("ascii")
+
+    return encode
+
+
+def _dump(encode: Encode, value: Any, key: str, path: str) -> Pair:
+    try:
+        kind, text = encode(value)
     except Exception as exc:
         raise StateNotSerializableError(
             key, path, f"is a {type(value).__name__} that LangGraph's serializer rejected ({exc})"
         ) from exc
     if "pickle" in kind:
         raise PickleRefusedError(f"session {key!r}: the serializer pickled {path}; refusing to store it")
-    return [kind, base64.b64encode(data).decode("ascii")]
+    return [kind, text]
 
 
 def load_value(serde: SerializerProtocol, pair: Sequence[str]) -> Any:
@@ -123,12 +140,15 @@ def checkpoint_turn(
     parent_id: str | None,
     metadata: CheckpointMetadata,
     stored: Mapping[str, Any],
+    encode_channel: Callable[[str, Any], tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     """The turn that stores one checkpoint, validated as JSON before anything is written.
 
     ``stored`` maps channels to the version whose value the namespace's log already holds
     within reach: a channel still at that version is carried, not encoded again.
+    ``encode_channel(channel, value)`` encodes a channel value (default: ``serde``'s).
     """
+    plain = typed(serde)
     # Metadata is the one part that is not JSON by construction (it may carry user values
     # from the config); check it here so a bad value fails before the session is touched.
     dumps(key, metadata, root="metadata")
@@ -147,7 +167,8 @@ def checkpoint_turn(
         if version is not None and channel in stored and stored[channel] == version:
             kept.append(channel)
         else:
-            values[channel] = _dump(serde, value, key, f'checkpoint["channel_values"][{channel!r}]')
+            encode = plain if encode_channel is None else partial(encode_channel, channel)
+            values[channel] = _dump(encode, value, key, f'checkpoint["channel_values"][{channel!r}]')
     fields["channel_values"] = values
     if kept:
         fields["carried"] = kept
@@ -160,7 +181,7 @@ def checkpoint_turn(
         "metadata": metadata,
     }
     if extra:
-        turn["extra"] = _dump(serde, extra, key, "checkpoint (fields beyond LangGraph's standard ones)")
+        turn["extra"] = _dump(plain, extra, key, "checkpoint (fields beyond LangGraph's standard ones)")
     return turn
 
 
@@ -174,6 +195,7 @@ def writes_turn(
     writes: Sequence[tuple[str, Any]],
 ) -> dict[str, Any]:
     """The turn that stores one ``put_writes`` batch; special channels get LangGraph's fixed indexes."""
+    encode = typed(serde)
     return {
         "kind": WRITES,
         "ns": ns,
@@ -184,7 +206,7 @@ def writes_turn(
             [
                 WRITES_IDX_MAP.get(channel, idx),
                 channel,
-                *_dump(serde, value, key, f"writes[{idx}] ({channel})"),
+                *_dump(encode, value, key, f"writes[{idx}] ({channel})"),
             ]
             for idx, (channel, value) in enumerate(writes)
         ],

@@ -37,6 +37,7 @@ from ._codec import (
     sources,
     writes_turn,
 )
+from ._reuse import Encoded, Encodings
 from ._sync import SyncBridge
 
 __all__ = ["DEFAULT_KEY_PREFIX", "CognitiaSaver"]
@@ -50,6 +51,8 @@ Found = tuple[Turn, Log]
 """A checkpoint's newest turn and the turns holding its pending writes."""
 Values = dict[str, dict[str, tuple[Any, Any]]]
 """Per namespace, per channel: the version and the object of the latest value saved."""
+Memo = dict[tuple[str, str], Encoded]
+"""Per (namespace, channel): the last encoding made, to extend or to check an object against."""
 
 REACH = 64
 """How far back in the log a checkpoint may carry a channel value from, in turns.
@@ -113,6 +116,11 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         # still encode to the stored bytes (the caller of ainvoke holds the same objects and
         # may have changed them). Dropped with the live session (eviction, reload).
         self._saved: WeakKeyDictionary[Session, Values] = WeakKeyDictionary()
+        # Per live session, the last encoding of each channel with its fingerprint (see
+        # _reuse): a growing list is encoded by extending it, and a saved object is proven
+        # unchanged without encoding it again.
+        self._encodings = Encodings(self.serde)
+        self._memos: WeakKeyDictionary[Session, Memo] = WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"<CognitiaSaver key_prefix={self.key_prefix!r} manager={self.manager!r}>"
@@ -130,7 +138,9 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         if found is None:
             return None
         session, (turn, writes), values = found
-        return self._tuple(thread_id, turn, writes, values, self._saved.get(session))
+        return self._tuple(
+            thread_id, turn, writes, values, self._saved.get(session), self._memos.get(session)
+        )
 
     async def alist(
         self,
@@ -165,7 +175,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
                     if remaining <= 0:
                         return
                     remaining -= 1
-                yield self._tuple(thread_id, turn, writes, _resolved(turn, stored), None)
+                yield self._tuple(thread_id, turn, writes, _resolved(turn, stored), None, None)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -186,7 +196,12 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
             # Encoded under the thread's lock: which values the log already holds is only
             # known there.
             stored = index.values(session.state, ns, since=len(session.turns) - REACH)
-            turn = checkpoint_turn(self.serde, key, ns, checkpoint, parent_id, serializable, stored)
+            memo = self._memos.setdefault(session, {})
+
+            def encode(channel: str, value: Any) -> tuple[str, str]:
+                return self._encodings.encode(memo, (ns, channel), value)
+
+            turn = checkpoint_turn(self.serde, key, ns, checkpoint, parent_id, serializable, stored, encode)
             _appender([turn])(session)
 
         session = await self.manager.update(key, change)
@@ -395,13 +410,14 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         writes: Log,
         values: dict[str, Pair],
         saved: Values | None,
+        memo: Memo | None,
     ) -> CheckpointTuple:
         ns = checkpoint["ns"]
         parent = checkpoint["parent"]
         recent = {} if saved is None else saved.get(ns, {})
         versions = checkpoint["checkpoint"]["channel_versions"]
         decoded = {
-            channel: self._value(recent, channel, versions.get(channel), pair)
+            channel: self._value(recent, memo, (ns, channel), versions.get(channel), pair)
             for channel, pair in values.items()
         }
         return CheckpointTuple(
@@ -422,18 +438,30 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
             pending_writes=pending_writes(self.serde, writes),
         )
 
-    def _value(self, recent: dict[str, tuple[Any, Any]], channel: str, version: Any, pair: Pair) -> Any:
+    def _value(
+        self,
+        recent: dict[str, tuple[Any, Any]],
+        memo: Memo | None,
+        name: tuple[str, str],
+        version: Any,
+        pair: Pair,
+    ) -> Any:
         """Decode ``pair``, or serve the object last saved as it if it still encodes to it exactly."""
+        channel = name[1]
         saved = recent.get(channel)
         if saved is not None and version is not None and saved[0] == version:
-            try:
-                kind, data = self.serde.dumps_typed(saved[1])
-            except Exception:
-                kind, data = "", b""
-            # Encoding is some three times cheaper than decoding for LangGraph's serializer,
-            # and proves the object equals what storage holds; a serializer that does not
-            # encode twice alike (encryption with a random nonce) just falls back to decoding.
-            if kind == pair[0] and base64.b64encode(data).decode("ascii") == pair[1]:
+            same = None if memo is None else self._encodings.unchanged(memo, name, saved[1], pair)
+            if same is None:
+                # No fingerprint to compare: encoding is some three times cheaper than
+                # decoding for LangGraph's serializer, and proves the object equals what
+                # storage holds; a serializer that does not encode twice alike (encryption
+                # with a random nonce) just falls back to decoding.
+                try:
+                    kind, data = self.serde.dumps_typed(saved[1])
+                except Exception:
+                    kind, data = "", b""
+                same = kind == pair[0] and base64.b64encode(data).decode("ascii") == pair[1]
+            if same:
                 return saved[1]
             del recent[channel]
         return load_value(self.serde, pair)

@@ -1,0 +1,228 @@
+"""Reused encodings are exact: byte for byte what LangGraph's serializer makes of the value now."""
+
+from __future__ import annotations
+
+import base64
+import enum
+import random
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+from pydantic import BaseModel, PrivateAttr
+
+from cognitia.session.backends import InMemorySessionBackend
+from cognitia_langgraph import CognitiaSaver
+from cognitia_langgraph._reuse import Encoded, Encodings, array_header, fingerprint
+
+SERDE = JsonPlusSerializer()
+
+
+def expected(value: Any) -> tuple[str, str]:
+    kind, data = SERDE.dumps_typed(value)
+    return kind, base64.b64encode(data).decode("ascii")
+
+
+class Point(BaseModel):
+    x: int
+    tags: list[str] = []
+
+
+class Spot(BaseModel):
+    """Same fields as Point, another class: it encodes differently."""
+
+    x: int
+    tags: list[str] = []
+
+
+class Secretive(BaseModel):
+    x: int
+    _note: str = PrivateAttr(default="")
+
+
+class Open(BaseModel, extra="allow"):
+    x: int
+
+
+class Dumped(BaseModel):
+    """A model with its own model_dump: not fingerprinted."""
+
+    x: int
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        return {"x": self.x * 2}
+
+
+class Colour(enum.Enum):
+    RED = 1
+    BLUE = 2
+
+
+class Shade(enum.Enum):
+    RED = 1
+    BLUE = 2
+
+
+def point_class() -> type[BaseModel]:
+    class Point(BaseModel):  # same qualified name each call, a different class each time
+        x: int
+
+    return Point
+
+
+def test_array_header_is_msgpacks() -> None:
+    import ormsgpack
+
+    for length in (0, 1, 15, 16, 65535, 65536):
+        assert array_header(length) == ormsgpack.packb([0] * length)[: len(array_header(length))]
+        assert ormsgpack.packb([0] * length) == array_header(length) + b"\x00" * length
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ([Point(x=1)], [Spot(x=1)]),
+        ([Colour.RED], [Shade.RED]),
+        ([Colour.RED], [1]),
+        ([Point(x=1)], [{"x": 1, "tags": []}]),
+        ([HumanMessage(content="hi", id="1")], [AIMessage(content="hi", id="1")]),
+        ([[1, 2]], [[1, 2, None]]),
+        ([{"a": 1}], [{1: 1}]),
+        ([1], [1.0]),
+        ([True], [1]),
+    ],
+)
+def test_values_that_encode_differently_have_different_fingerprints(before: Any, after: Any) -> None:
+    assert SERDE.dumps_typed(before) != SERDE.dumps_typed(after)
+    assert fingerprint(before) is not None and fingerprint(after) is not None
+    assert fingerprint(before) != fingerprint(after)
+
+
+def test_classes_are_told_apart_by_identity_not_name() -> None:
+    """Stricter than the serializer, which names the class: a fingerprint never claims equal wrongly."""
+    assert fingerprint([point_class()(x=1)]) != fingerprint([point_class()(x=1)])
+
+
+def test_private_and_extra_fields_are_part_of_the_fingerprint() -> None:
+    one, two = Secretive(x=1), Secretive(x=1)
+    assert fingerprint(one) == fingerprint(two)
+    two._note = "changed"
+    assert fingerprint(one) != fingerprint(two)
+    wide, wider = Open.model_validate({"x": 1, "y": 2}), Open.model_validate({"x": 1, "y": 3})
+    assert SERDE.dumps_typed(wide) != SERDE.dumps_typed(wider)
+    assert fingerprint(wide) != fingerprint(wider)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [Dumped(x=1), [datetime.now(UTC)], [b"raw"[:0] + b"x", _S := type("S", (str,), {})("sub")]],
+)
+def test_what_the_fingerprint_cannot_describe_takes_the_full_path(value: Any) -> None:
+    assert fingerprint(value) is None
+    memo: dict[Any, Encoded] = {}
+    assert Encodings(SERDE).encode(memo, "c", value) == expected(value)
+    assert memo == {}
+
+
+def message(rng: random.Random, n: int) -> BaseMessage:
+    if rng.random() < 0.5:
+        return HumanMessage(content=f"message {n}", id=f"m{n}", additional_kwargs={"n": n})
+    return AIMessage(content=f"message {n}", id=f"m{n}", additional_kwargs={"n": n})
+
+
+def mutate(rng: random.Random, items: list[Any], n: int) -> list[Any]:
+    """One change of the kinds a graph (or a caller holding its result) may make."""
+    op = rng.randrange(10)
+    if op <= 3 or not items:  # append, like add_messages: a new list, the same items
+        return [*items, *(message(rng, n + i) for i in range(rng.randint(1, 3)))]
+    target = rng.randrange(len(items))
+    item = items[target]
+    if op == 4 and isinstance(item, BaseMessage):
+        item.content = f"edited {n}"  # in place: the list does not change, the item does
+    elif op == 5 and isinstance(item, BaseMessage):
+        item.additional_kwargs["seen"] = n  # deeper in place
+    elif op == 6:
+        items[target] = Spot(x=n) if isinstance(item, Point) else Point(x=n)
+    elif op == 7:
+        return items[:target]  # shorter
+    elif op == 8:
+        return [*items[:target], message(rng, n), *items[target:]]  # inserted in the middle
+    else:
+        items.append(rng.choice([Colour.BLUE, datetime(2026, 1, 1), {"nested": [Point(x=n)]}, None, (1, 2)]))
+    return items
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_encodings_are_exact_through_appends_and_changes(seed: int) -> None:
+    rng = random.Random(seed)
+    encodings = Encodings(SERDE)
+    assert encodings.enabled
+    memo: dict[Any, Encoded] = {}
+    items: list[Any] = []
+    reused = 0
+    verdicts: set[bool] = set()
+    for n in range(0, 600, 3):
+        before = memo.get("c")
+        items = mutate(rng, items, n)
+        pair = encodings.encode(memo, "c", items)
+        assert pair == expected(items), f"step {n}"
+        reused += before is not None and memo.get("c") is not None
+        # The read-back check agrees with a full encode, whatever happens to the items next.
+        items_then = items
+        items = mutate(rng, items, n + 1000) if rng.random() < 0.3 else items
+        same = encodings.unchanged(memo, "c", items_then, list(pair))
+        if same is not None:
+            assert same == (expected(items_then) == pair)
+            verdicts.add(same)
+    assert reused > 50, "appends extend the previous encoding"
+    assert verdicts == {True, False}
+
+
+def test_a_list_crossing_msgpack_header_sizes_is_encoded_exactly() -> None:
+    encodings = Encodings(SERDE)
+    memo: dict[Any, Encoded] = {}
+    for length in (10, 15, 16, 17, 65530, 65535, 65536, 65540):
+        value = list(range(length))
+        assert encodings.encode(memo, "c", value) == expected(value)
+
+
+def test_a_serializer_with_its_own_dumps_typed_is_not_second_guessed() -> None:
+    class Prefixed(JsonPlusSerializer):
+        def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
+            kind, data = super().dumps_typed(obj)
+            return kind, b"\x00" + data
+
+    assert not Encodings(Prefixed()).enabled
+    memo: dict[Any, Encoded] = {}
+    assert Encodings(Prefixed()).encode(memo, "c", [1])[1] == base64.b64encode(b"\x00\x91\x01").decode()
+    assert memo == {}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_the_saver_stores_exactly_what_the_serializer_makes(anyio_backend: str) -> None:
+    """Growing, edited and shrinking lists: each put stores the serializer's bytes for the value then."""
+    saver = CognitiaSaver(InMemorySessionBackend())
+    rng = random.Random(7)
+    config: Any = {"configurable": {"thread_id": "t", "checkpoint_ns": ""}}
+    items: list[Any] = []
+    version: Any = None
+    from langgraph.checkpoint.base import empty_checkpoint
+
+    for n in range(120):
+        items = mutate(rng, items, n)
+        version = saver.get_next_version(version, None)
+        cp = empty_checkpoint()
+        cp["channel_values"] = {"messages": items}
+        cp["channel_versions"] = {"messages": version}
+        want = expected(items)
+        config = await saver.aput(config, cp, {"step": n}, {"messages": version})
+        turn = (await saver.manager.turns(saver.key("t")))[-1]
+        assert tuple(turn["checkpoint"]["channel_values"]["messages"]) == want, f"step {n}"
+        latest = await saver.aget_tuple({"configurable": {"thread_id": "t"}})
+        assert latest is not None
+        assert SERDE.dumps_typed(latest.checkpoint["channel_values"]["messages"]) == SERDE.dumps_typed(
+            SERDE.loads_typed((want[0], base64.b64decode(want[1])))
+        )
