@@ -1,12 +1,15 @@
 """LangGraph checkpointing: cognitia's saver on SQLite against LangGraph's own AsyncSqliteSaver.
 
-Two measurements, every saver in the same run, each run on a fresh SQLite file in WAL mode in
+Three measurements, every saver in the same run, each run on a fresh SQLite file in WAL mode in
 the same temporary directory, in interleaved rounds (each round runs every saver once per
 scenario, in a rotated order, so drift of a shared machine hits them alike):
 
 * graph: a conversation of ``--steps`` turns, one ``graph.ainvoke`` per turn, each appending a
   user message and a reply to the thread's messages (LangGraph reads the latest checkpoint,
   then saves the input and loop checkpoints and the node's writes).
+* graph, DeltaChannel messages: the same conversation with its messages in LangGraph's
+  (beta) ``DeltaChannel``, whose checkpoints store the writes and a snapshot every 100
+  updates; reading a thread rebuilds the list from the writes since the last snapshot.
 * direct: the saver alone, per step ``aput`` + ``aput_writes`` + ``aget_tuple`` (latest), once
   with a growing message list (what the graph stores) and once with a constant-size value
   (the storage cost alone, without the growing payload).
@@ -37,12 +40,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypedDict, cast
 
 import anyio
 import structlog
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage
 from langchain_core.runnables import RunnableConfig
+from langgraph.channels import DeltaChannel
 from langgraph.checkpoint.base import (
     BaseCheckpointSaver,
     Checkpoint,
@@ -52,6 +56,7 @@ from langgraph.checkpoint.base import (
 )
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from langgraph.graph import START, MessagesState, StateGraph
+from langgraph.graph.message import add_messages
 
 from cognitia.session.backends import SqliteSessionBackend
 from cognitia_langgraph import CognitiaSaver
@@ -171,6 +176,30 @@ def conversation_graph(saver: BaseCheckpointSaver[Any]) -> Any:
     return builder.compile(checkpointer=saver)
 
 
+def _fold(state: list[Any], batches: Sequence[list[Any]]) -> list[Any]:
+    for batch in batches:
+        state = cast(list[Any], add_messages(state, batch))
+    return state
+
+
+class DeltaChat(TypedDict):
+    """Messages in LangGraph's DeltaChannel: checkpoints store writes, with a snapshot every 100."""
+
+    messages: Annotated[list[AnyMessage], DeltaChannel(_fold)]
+
+
+def delta_graph(saver: BaseCheckpointSaver[Any]) -> Any:
+    """The same conversation, its messages in a DeltaChannel."""
+
+    def reply(state: DeltaChat) -> dict[str, list[BaseMessage]]:
+        return {"messages": [AIMessage(content=f"reply to {state['messages'][-1].content}")]}
+
+    builder = StateGraph(DeltaChat)
+    builder.add_node("reply", reply)
+    builder.add_edge(START, "reply")
+    return builder.compile(checkpointer=saver)
+
+
 async def timed(steps: int, step: Callable[[int], Awaitable[None]]) -> list[float]:
     durations = []
     for i in range(steps):
@@ -180,8 +209,8 @@ async def timed(steps: int, step: Callable[[int], Awaitable[None]]) -> list[floa
     return durations
 
 
-async def run_graph(saver: BaseCheckpointSaver[Any], steps: int) -> list[float]:
-    graph = conversation_graph(saver)
+async def run_graph(saver: BaseCheckpointSaver[Any], steps: int, *, delta: bool = False) -> list[float]:
+    graph = delta_graph(saver) if delta else conversation_graph(saver)
     config: RunnableConfig = {"configurable": {"thread_id": "bench-graph"}}
 
     async def step(i: int) -> None:
@@ -228,6 +257,7 @@ def summarize(durations: list[float]) -> tuple[float, float, float]:
 async def bench(steps: int, rounds: int) -> None:
     scenarios: dict[str, Callable[[BaseCheckpointSaver[Any]], Awaitable[list[float]]]] = {
         GRAPH: lambda saver: run_graph(saver, steps),
+        "graph, DeltaChannel messages": lambda saver: run_graph(saver, steps, delta=True),
         "direct, growing messages": lambda saver: run_direct(saver, steps, growing=True),
         "direct, constant payload": lambda saver: run_direct(saver, steps, growing=False),
     }

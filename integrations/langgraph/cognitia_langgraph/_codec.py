@@ -31,7 +31,7 @@ A batch of pending writes (one ``put_writes`` call)::
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, cast
 
@@ -268,11 +268,14 @@ def load_checkpoint(
     return cast(Checkpoint, checkpoint)
 
 
-def pending_writes(serde: SerializerProtocol, turns: Iterable[dict[str, Any]]) -> list[PendingWrite]:
+def pending_writes(
+    serde: SerializerProtocol, turns: Iterable[dict[str, Any]], channels: Container[str] | None = None
+) -> list[PendingWrite]:
     """The pending writes in ``turns`` (oldest first), deduplicated and in ``writes_sort_key`` order.
 
     Like LangGraph's own savers, a repeated regular write (same task, same index) keeps the
-    first value, and a repeated special write (error, interrupt, ...) the last one.
+    first value, and a repeated special write (error, interrupt, ...) the last one. With
+    ``channels``, only the writes to those channels are decoded and returned.
     """
     chosen: dict[tuple[str, int], tuple[str, str, int, str, list[str]]] = {}
     for turn in turns:
@@ -282,4 +285,8 @@ def pending_writes(serde: SerializerProtocol, turns: Iterable[dict[str, Any]]) -
                 continue
             chosen[(task, idx)] = (path, task, idx, channel, [kind, data])
     ordered = sorted(chosen.values(), key=lambda w: writes_sort_key(w[0], w[1], w[2]))
-    return [(task, channel, load_value(serde, value)) for _, task, _, channel, value in ordered]
+    return [
+        (task, channel, load_value(serde, value))
+        for _, task, _, channel, value in ordered
+        if channels is None or channel in channels
+    ]

@@ -8,7 +8,7 @@ conversation with LangGraph's serializer, whose cost is mostly ``model_dump`` pe
 A *fingerprint* is a msgpack encoding of a value, made in native code, that captures
 everything ``JsonPlusSerializer`` reads from it: a pydantic model becomes a list that starts
 with an ext record of its class identity, followed by its ``__dict__``, extra and private
-fields (what ``model_dump`` reads); an enum is an ext record of its class and value; any
+fields (what ``model_dump`` reads); an enum is its class's ext record and its value; any
 other kind of object (a dataclass, a datetime, a subclass of a built-in type, a model with
 its own ``model_dump``, ...) makes the fingerprint unavailable. Two values with equal
 fingerprints therefore encode to equal bytes, which gives two exact shortcuts, each about
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,7 @@ from pydantic import BaseModel
 
 __all__ = ["Encoded", "Encodings", "array_header", "fingerprint"]
 
-_MODEL, _ENUM = 1, 2
+_CLASS = 1
 _OPTIONS = (
     ormsgpack.OPT_NON_STR_KEYS
     | ormsgpack.OPT_PASSTHROUGH_DATACLASS
@@ -51,30 +52,50 @@ _OPTIONS = (
     | ormsgpack.OPT_PASSTHROUGH_UUID
     | ormsgpack.OPT_PASSTHROUGH_SUBCLASS
 )
+_MAX_CLASSES = 4096
 _markers: dict[type[Any], ormsgpack.Ext | None] = {}
-"""Per pydantic class: the ext record that starts its instances' fingerprints (``None``: no fingerprint)."""
+"""Per class met: the ext record standing for it in fingerprints (``None``: not fingerprinted).
+
+Each record holds a number never given to another class in this process, so a class
+created again under the same name (or at a reused address) never shares one. The dict
+holds its classes alive; it starts over past ``_MAX_CLASSES`` (graphs that make model
+classes on the fly), which only costs the next fingerprints their match with older ones.
+"""
+_serials = itertools.count()
+_UNSEEN = ormsgpack.Ext(0, b"")
 
 
 def _pack(value: Any) -> bytes:
     return ormsgpack.packb(value, default=_default, option=_OPTIONS)
 
 
+def _marker(cls: type[Any]) -> ormsgpack.Ext | None:
+    if len(_markers) >= _MAX_CLASSES:
+        _markers.clear()
+    if issubclass(cls, BaseModel):
+        plain = cls.model_dump is BaseModel.model_dump
+    else:
+        plain = issubclass(cls, enum.Enum)
+    marker = _markers[cls] = (
+        ormsgpack.Ext(_CLASS, _pack([next(_serials), cls.__qualname__])) if plain else None
+    )
+    return marker
+
+
 def _default(obj: Any) -> Any:
     cls = type(obj)
-    marker = _markers.get(cls)
-    if marker is not None:
-        # A list that starts with an ext record: no other value's fingerprint starts so.
-        return [marker, obj.__dict__, obj.__pydantic_extra__, obj.__pydantic_private__]
-    if cls not in _markers and isinstance(obj, BaseModel):
-        plain = cls.model_dump is BaseModel.model_dump
-        _markers[cls] = ormsgpack.Ext(_MODEL, _pack([id(cls), cls.__qualname__])) if plain else None
-        return _default(obj)
+    marker = _markers.get(cls, _UNSEEN)
+    if marker is _UNSEEN:
+        marker = _marker(cls)
+    if marker is None:
+        # Anything else (dataclasses, datetimes, UUIDs, subclasses of built-in types, a
+        # model with its own model_dump, ...) is rare in a message list and takes the
+        # serializer's full path.
+        raise TypeError(f"no fingerprint for {cls.__name__}")
+    # A list that starts with an ext record: no other value's fingerprint starts so.
     if isinstance(obj, enum.Enum):
-        return ormsgpack.Ext(_ENUM, _pack([id(cls), cls.__qualname__, obj.value]))
-    # Anything else (dataclasses, datetimes, UUIDs, subclasses of built-in types, a model
-    # with its own model_dump, ...) is rare in a message list and takes the serializer's
-    # full path.
-    raise TypeError(f"no fingerprint for {cls.__name__}")
+        return [marker, obj.value]
+    return [marker, obj.__dict__, obj.__pydantic_extra__, obj.__pydantic_private__]
 
 
 def fingerprint(value: Any) -> bytes | None:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from random import random
 from typing import Any
@@ -14,6 +14,7 @@ from langgraph.checkpoint.base import (
     Checkpoint,
     CheckpointMetadata,
     CheckpointTuple,
+    DeltaChannelHistory,
     get_checkpoint_id,
     get_serializable_checkpoint_metadata,
 )
@@ -53,6 +54,11 @@ Values = dict[str, dict[str, tuple[Any, Any]]]
 """Per namespace, per channel: the version and the object of the latest value saved."""
 Memo = dict[tuple[str, str], Encoded]
 """Per (namespace, channel): the last encoding made, to extend or to check an object against."""
+
+_WALK_SPAN = 512
+"""How many of a log's newest turns a ``DeltaChannel`` history read starts with (then 4x, ...)."""
+_WALK_MARGIN = 64
+"""A walk reaching this close to the start of the turns read reads further back."""
 
 REACH = 64
 """How far back in the log a checkpoint may carry a channel value from, in turns.
@@ -234,6 +240,52 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         checkpoint_id = config["configurable"]["checkpoint_id"]
         turn = writes_turn(self.serde, key, ns, checkpoint_id, task_id, task_path, writes)
         await self.manager.update(key, _appender([turn]))
+
+    async def aget_delta_channel_history(
+        self, *, config: RunnableConfig, channels: Sequence[str]
+    ) -> Mapping[str, DeltaChannelHistory]:
+        """For LangGraph's ``DeltaChannel``: each channel's writes since its nearest stored value.
+
+        Walks the parent chain of the checkpoint ``config`` names (the latest by default), as
+        LangGraph's default does, but over the thread's log in one read instead of one
+        ``get_tuple`` per ancestor; only the writes to ``channels`` and the seeds are decoded.
+        """
+        if not channels:
+            return {}
+        thread_id, ns = _thread_and_ns(config)
+        wanted = set(channels)
+        async with self._locked(self.key(thread_id)) as session:
+            if session is None:
+                return {channel: {"writes": []} for channel in channels}
+            stored = len(session.turns) - len(session.turns.pending)
+            span = _WALK_SPAN
+            while True:
+                since = max(0, stored - span)
+                turns = await _committed(session, since=since)
+                walk = _delta_walk(turns, ns, get_checkpoint_id(config), wanted, complete=since == 0)
+                if walk is not None:
+                    break
+                span *= 4
+        chain, seeds, stored_values = walk
+        result: dict[str, DeltaChannelHistory] = {}
+        decoded = [
+            w for batch, open_channels in chain for w in pending_writes(self.serde, batch, open_channels)
+        ]
+        for channel in channels:
+            entry: DeltaChannelHistory = {"writes": [w for w in decoded if w[1] == channel]}
+            if channel in seeds:
+                entry["seed"] = load_value(self.serde, stored_values[seeds[channel]])
+            result[channel] = entry
+        return result
+
+    def get_delta_channel_history(
+        self, *, config: RunnableConfig, channels: Sequence[str]
+    ) -> Mapping[str, DeltaChannelHistory]:
+        """Sync :meth:`aget_delta_channel_history`."""
+        return self._bridge.run(
+            "get_delta_channel_history",
+            lambda: self.aget_delta_channel_history(config=config, channels=channels),
+        )
 
     async def adelete_thread(self, thread_id: str) -> None:
         """Delete the thread: its session, every checkpoint and every write."""
@@ -532,6 +584,68 @@ def _self_contained(kept: Log, stored: dict[Source, Pair]) -> Log:
                 available.add((turn["ns"], channel, versions.get(channel)))
         result.append(turn)
     return result
+
+
+Walk = tuple[list[tuple[Log, frozenset[str]]], dict[str, Source], dict[Source, Pair]]
+"""Per checkpoint of a parent chain (oldest first), its writes turns and the channels whose
+writes count there; where each seed is; and the encoded values found."""
+
+
+def _delta_walk(
+    turns: Log, ns: str, checkpoint_id: str | None, channels: set[str], *, complete: bool
+) -> Walk | None:
+    """The parent chain of a checkpoint, back to each channel's nearest stored value (its seed).
+
+    Each ancestor contributes its writes to the channels still without a seed, as
+    LangGraph's default walk does. ``None`` when ``turns`` is a tail of the log that does
+    not reach far enough (the caller reads more).
+    """
+    checkpoints: dict[str, tuple[int, Turn]] = {}
+    writes: dict[str, Log] = {}
+    for seq, turn in enumerate(turns):
+        if turn["ns"] != ns:
+            continue
+        if turn["kind"] == CHECKPOINT:
+            checkpoints[turn["id"]] = (seq, turn)
+        else:
+            writes.setdefault(turn["checkpoint"], []).append(turn)
+    target = checkpoints.get(checkpoint_id if checkpoint_id is not None else max(checkpoints, default=""))
+    if target is None:
+        return None if not complete else ([], {}, {})
+    stored = sources(turns)
+    chain: list[tuple[Log, frozenset[str]]] = []
+    seeds: dict[str, Source] = {}
+    remaining = set(channels)
+    cursor = target[1]["parent"]
+    while cursor is not None and remaining:
+        found = checkpoints.get(cursor)
+        if found is None or (not complete and found[0] < _WALK_MARGIN):
+            # Not in this tail, or so close to its start that some of its writes (saved
+            # before it, as LangGraph's background saves may) could be further back.
+            return None if not complete else _walk_result(chain, seeds, stored)
+        seq, turn = found
+        chain.append((writes.get(cursor, []), frozenset(remaining)))
+        versions = turn["checkpoint"]["channel_versions"]
+        values = resolve(turn, stored)
+        if values is None:
+            if complete:
+                raise CognitiaError(
+                    f"checkpoint {cursor!r} carries a channel value its thread's log does not hold"
+                )
+            return None
+        for channel in list(remaining):
+            if channel in values:
+                seeds[channel] = (ns, channel, versions.get(channel))
+                stored.setdefault(seeds[channel], values[channel])
+                remaining.discard(channel)
+        cursor = turn["parent"]
+    return _walk_result(chain, seeds, stored)
+
+
+def _walk_result(
+    chain: list[tuple[Log, frozenset[str]]], seeds: dict[str, Source], stored: dict[Source, Pair]
+) -> Walk:
+    return chain[::-1], seeds, stored
 
 
 def _select(turns: Log, ns: str, checkpoint_id: str) -> Found | None:

@@ -14,7 +14,7 @@ from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from pydantic import BaseModel, PrivateAttr
 
 from cognitia.session.backends import InMemorySessionBackend
-from cognitia_langgraph import CognitiaSaver
+from cognitia_langgraph import CognitiaSaver, _reuse
 from cognitia_langgraph._reuse import Encoded, Encodings, array_header, fingerprint
 
 SERDE = JsonPlusSerializer()
@@ -103,6 +103,20 @@ def test_values_that_encode_differently_have_different_fingerprints(before: Any,
 def test_classes_are_told_apart_by_identity_not_name() -> None:
     """Stricter than the serializer, which names the class: a fingerprint never claims equal wrongly."""
     assert fingerprint([point_class()(x=1)]) != fingerprint([point_class()(x=1)])
+
+
+def test_a_class_seen_again_after_the_class_table_starts_over_gets_a_new_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_reuse, "_MAX_CLASSES", 3)
+    monkeypatch.setattr(_reuse, "_markers", {})
+    first = fingerprint([Point(x=1)])
+    for _ in range(5):
+        assert fingerprint([point_class()(x=1)]) is not None
+    assert len(_reuse._markers) <= 3
+    assert fingerprint([Point(x=1)]) != first  # no match with older fingerprints: a miss, never a wrong hit
+    memo: dict[Any, Encoded] = {}
+    assert Encodings(SERDE).encode(memo, "c", [Point(x=1)]) == expected([Point(x=1)])
 
 
 def test_private_and_extra_fields_are_part_of_the_fingerprint() -> None:
