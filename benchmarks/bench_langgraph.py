@@ -164,18 +164,6 @@ SAVERS: dict[str, Callable[[Path], Any]] = {
 }
 
 
-def conversation_graph(saver: BaseCheckpointSaver[Any]) -> Any:
-    """One node that answers the newest message: each invocation adds two messages."""
-
-    def reply(state: MessagesState) -> dict[str, list[BaseMessage]]:
-        return {"messages": [AIMessage(content=f"reply to {state['messages'][-1].content}")]}
-
-    builder = StateGraph(MessagesState)
-    builder.add_node("reply", reply)
-    builder.add_edge(START, "reply")
-    return builder.compile(checkpointer=saver)
-
-
 def _fold(state: list[Any], batches: Sequence[list[Any]]) -> list[Any]:
     for batch in batches:
         state = cast(list[Any], add_messages(state, batch))
@@ -188,13 +176,16 @@ class DeltaChat(TypedDict):
     messages: Annotated[list[AnyMessage], DeltaChannel(_fold)]
 
 
-def delta_graph(saver: BaseCheckpointSaver[Any]) -> Any:
-    """The same conversation, its messages in a DeltaChannel."""
+def conversation_graph(saver: BaseCheckpointSaver[Any], *, delta: bool = False) -> Any:
+    """One node that answers the newest message: each invocation adds two messages.
 
-    def reply(state: DeltaChat) -> dict[str, list[BaseMessage]]:
+    With ``delta``, the messages live in a DeltaChannel instead of MessagesState's channel.
+    """
+
+    def reply(state: Any) -> dict[str, list[BaseMessage]]:
         return {"messages": [AIMessage(content=f"reply to {state['messages'][-1].content}")]}
 
-    builder = StateGraph(DeltaChat)
+    builder: StateGraph[Any] = StateGraph(DeltaChat if delta else MessagesState)
     builder.add_node("reply", reply)
     builder.add_edge(START, "reply")
     return builder.compile(checkpointer=saver)
@@ -210,7 +201,7 @@ async def timed(steps: int, step: Callable[[int], Awaitable[None]]) -> list[floa
 
 
 async def run_graph(saver: BaseCheckpointSaver[Any], steps: int, *, delta: bool = False) -> list[float]:
-    graph = delta_graph(saver) if delta else conversation_graph(saver)
+    graph = conversation_graph(saver, delta=delta)
     config: RunnableConfig = {"configurable": {"thread_id": "bench-graph"}}
 
     async def step(i: int) -> None:
