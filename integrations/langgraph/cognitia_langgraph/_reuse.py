@@ -8,7 +8,8 @@ conversation with LangGraph's serializer, whose cost is mostly ``model_dump`` pe
 A *fingerprint* is a msgpack encoding of a value, made in native code, that captures
 everything ``JsonPlusSerializer`` reads from it: a pydantic model becomes a list that starts
 with an ext record of its class identity, followed by its ``__dict__``, extra and private
-fields (what ``model_dump`` reads); an enum is its class's ext record and its value; any
+fields (what ``model_dump`` reads); an enum or a named tuple is its class's ext record and
+its value or fields; any
 other kind of object (a dataclass, a datetime, a subclass of a built-in type, a model with
 its own ``model_dump``, ...) makes the fingerprint unavailable. Two values with equal
 fingerprints therefore encode to equal bytes, which gives two exact shortcuts, each about
@@ -75,7 +76,7 @@ def _marker(cls: type[Any]) -> ormsgpack.Ext | None:
     if issubclass(cls, BaseModel):
         plain = cls.model_dump is BaseModel.model_dump
     else:
-        plain = issubclass(cls, enum.Enum)
+        plain = issubclass(cls, enum.Enum) or (issubclass(cls, tuple) and hasattr(cls, "_fields"))
     marker = _markers[cls] = (
         ormsgpack.Ext(_CLASS, _pack([next(_serials), cls.__qualname__])) if plain else None
     )
@@ -95,6 +96,8 @@ def _default(obj: Any) -> Any:
     # A list that starts with an ext record: no other value's fingerprint starts so.
     if isinstance(obj, enum.Enum):
         return [marker, obj.value]
+    if isinstance(obj, tuple):  # a named tuple
+        return [marker, list(obj)]
     return [marker, obj.__dict__, obj.__pydantic_extra__, obj.__pydantic_private__]
 
 

@@ -38,7 +38,7 @@ from ._codec import (
     sources,
     writes_turn,
 )
-from ._reuse import Encoded, Encodings
+from ._reuse import Encoded, Encodings, fingerprint
 from ._sync import SyncBridge
 
 __all__ = ["DEFAULT_KEY_PREFIX", "CognitiaSaver"]
@@ -127,6 +127,11 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         # unchanged without encoding it again.
         self._encodings = Encodings(self.serde)
         self._memos: WeakKeyDictionary[Session, Memo] = WeakKeyDictionary()
+        # Per live session and DeltaChannel: the seed decoded last, served again while its
+        # fingerprint still equals the one taken when it was decoded.
+        self._seeds: WeakKeyDictionary[Session, dict[tuple[str, str], tuple[str, Any, bytes]]] = (
+            WeakKeyDictionary()
+        )
 
     def __repr__(self) -> str:
         return f"<CognitiaSaver key_prefix={self.key_prefix!r} manager={self.manager!r}>"
@@ -274,9 +279,23 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         for channel in channels:
             entry: DeltaChannelHistory = {"writes": [w for w in decoded if w[1] == channel]}
             if channel in seeds:
-                entry["seed"] = load_value(self.serde, stored_values[seeds[channel]])
+                entry["seed"] = self._seed(session, (ns, channel), stored_values[seeds[channel]])
             result[channel] = entry
         return result
+
+    def _seed(self, session: Session, name: tuple[str, str], pair: Pair) -> Any:
+        """Decode a DeltaChannel seed, or serve the one decoded last if it is unchanged since."""
+        cache = self._seeds.setdefault(session, {})
+        last = cache.get(name)
+        if last is not None and last[0] == pair[1] and fingerprint(last[1]) == last[2]:
+            return last[1]
+        value = load_value(self.serde, pair)
+        mark = fingerprint(value)
+        if mark is None:
+            cache.pop(name, None)
+        else:
+            cache[name] = (pair[1], value, mark)
+        return value
 
     def get_delta_channel_history(
         self, *, config: RunnableConfig, channels: Sequence[str]

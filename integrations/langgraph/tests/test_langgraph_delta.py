@@ -11,6 +11,7 @@ from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.channels import DeltaChannel
 from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.graph import START, StateGraph
 from langgraph.graph.message import add_messages
 
@@ -163,3 +164,61 @@ def test_graph_invoke_rebuilds_delta_channels_through_the_sync_api(tmp_path: Pat
         ]
     finally:
         backend.close()
+
+
+class CountingSerializer(JsonPlusSerializer):
+    """LangGraph's serializer, counting the decodes of DeltaChannel snapshots."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.snapshots = 0
+
+    def loads_typed(self, data: tuple[str, bytes]) -> Any:
+        value = super().loads_typed(data)
+        self.snapshots += type(value).__name__ == "_DeltaSnapshot"
+        return value
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # LangGraph's graph loop is asyncio-only
+async def test_a_seed_is_decoded_once_and_served_again_only_while_unchanged() -> None:
+    serde = CountingSerializer()
+    saver = CognitiaSaver(InMemorySessionBackend(), serde=serde)
+    graph = chat_graph(saver)
+    config: RunnableConfig = {"configurable": {"thread_id": "seeds"}}
+    for i in range(12):
+        await graph.ainvoke({"messages": [HumanMessage(content=f"m{i}", id=f"h{i}")]}, config)
+
+    first = await saver.aget_delta_channel_history(config=config, channels=["messages"])
+    decoded = serde.snapshots
+    again = await saver.aget_delta_channel_history(config=config, channels=["messages"])
+    assert again["messages"]["seed"] is first["messages"]["seed"]
+    assert serde.snapshots == decoded, "served, not decoded again"
+
+    # Whoever got the seed changes it in place: the next read decodes the stored one.
+    stored = [m.content for m in first["messages"]["seed"].value]
+    first["messages"]["seed"].value.append(HumanMessage(content="stray"))
+    fresh = await saver.aget_delta_channel_history(config=config, channels=["messages"])
+    assert [m.content for m in fresh["messages"]["seed"].value] == stored
+    assert serde.snapshots == decoded + 1
+    first["messages"]["seed"].value[0].content = "edited"
+    assert (await saver.aget_delta_channel_history(config=config, channels=["messages"])) == fresh
+    assert serde.snapshots == decoded + 1, "an unrelated object's change does not matter"
+
+    state = await graph.aget_state(config)
+    assert [m.content for m in state.values["messages"]][:2] == ["m0", "re: m0"]
+
+
+def test_named_tuples_are_told_apart_by_class() -> None:
+    from typing import NamedTuple
+
+    from cognitia_langgraph._reuse import fingerprint
+
+    class One(NamedTuple):
+        value: Any
+
+    class Two(NamedTuple):
+        value: Any
+
+    assert fingerprint(One([1])) == fingerprint(One([1]))
+    assert fingerprint(One([1])) != fingerprint(Two([1]))
+    assert fingerprint(One([1])) != fingerprint(One([2]))
