@@ -22,6 +22,16 @@ one an earlier checkpoint turn of the same namespace stored under the same versi
 (``channel_versions[name]``). A graph step that changes one channel encodes and stores that
 channel only.
 
+A list that grew from a version stored earlier (a chat's messages) is stored as that version
+plus its new items: ``extends`` (present only when not empty) maps such a channel to
+``[base version, length]``, and its entry in ``channel_values`` holds the encodings of the new
+items only. The value's bytes are a msgpack array header for ``length`` items, the items of
+the base version's bytes, then these: exactly what the serializer makes for the whole list.
+So a turn costs what it adds, not the conversation's length::
+
+    "channel_values": {"messages": ["msgpack", "<base64 of the two new messages>"]},
+    "extends": {"messages": ["00...0041.0.73", 84]}
+
 A batch of pending writes (one ``put_writes`` call)::
 
     {"kind": "writes", "ns": "", "checkpoint": "1f0...", "task": "<task id>", "path": "<task path>",
@@ -32,8 +42,9 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, cast
+from typing import Any, NamedTuple, TypeAlias, cast
 
 from langgraph.checkpoint.base import (
     WRITES_IDX_MAP,
@@ -51,14 +62,21 @@ __all__ = [
     "CHECKPOINT",
     "WRITES",
     "Encode",
+    "Encoding",
+    "Extension",
     "Pair",
     "PickleRefusedError",
     "Source",
+    "Stored",
+    "array_header",
     "carried",
     "checkpoint_turn",
+    "extended",
     "load_checkpoint",
     "load_value",
+    "pair_of",
     "pending_writes",
+    "raw",
     "refuse_pickle",
     "resolve",
     "sources",
@@ -71,6 +89,30 @@ Pair = list[str]
 """A stored value: ``[type, base64]`` as LangGraph's serializer typed it."""
 Source = tuple[str, str, Any]
 """Where a stored channel value is found: ``(namespace, channel, version)``."""
+
+
+class Encoding(NamedTuple):
+    """An encoded value as ``(type, base64)``; with ``extends``, only the new items of a list."""
+
+    kind: str
+    text: str
+    extends: tuple[Any, int] | None = None
+    """``(base version, length)``: ``text`` encodes the items past the base version's."""
+
+
+@dataclass(frozen=True, slots=True)
+class Extension:
+    """A stored list value: the value stored as ``base`` plus new items (see the module docstring)."""
+
+    base: Stored
+    length: int
+    kind: str
+    tail: str
+    """The new items' encodings, concatenated, in base64."""
+
+
+Stored: TypeAlias = Pair | Extension
+"""A channel value as the log holds it: ``[type, base64]``, or an :class:`Extension` of one."""
 
 CHECKPOINT = "checkpoint"
 WRITES = "writes"
@@ -98,38 +140,76 @@ def refuse_pickle(serde: SerializerProtocol) -> None:
             return
 
 
-Encode = Callable[[Any], tuple[str, str]]
-"""Encodes a value as ``(type, base64)``; the saver passes one that reuses earlier encodings."""
+Encode = Callable[[Any], Encoding]
+"""Encodes a value; the saver passes one that reuses (and extends) earlier encodings."""
 
 
 def typed(serde: SerializerProtocol) -> Encode:
     """The plain encoder: ``serde.dumps_typed``, base64."""
 
-    def encode(value: Any) -> tuple[str, str]:
+    def encode(value: Any) -> Encoding:
         kind, data = serde.dumps_typed(value)
-        return kind, base64.b64encode(data).decode("ascii")
+        return Encoding(kind, base64.b64encode(data).decode("ascii"))
 
     return encode
 
 
-def _dump(encode: Encode, value: Any, key: str, path: str) -> Pair:
+def _dump(encode: Encode, value: Any, key: str, path: str) -> Encoding:
     try:
-        kind, text = encode(value)
+        encoded = encode(value)
     except Exception as exc:
         raise StateNotSerializableError(
             key, path, f"is a {type(value).__name__} that LangGraph's serializer rejected ({exc})"
         ) from exc
-    if "pickle" in kind:
+    if "pickle" in encoded.kind:
         raise PickleRefusedError(f"session {key!r}: the serializer pickled {path}; refusing to store it")
-    return [kind, text]
+    return encoded
 
 
-def load_value(serde: SerializerProtocol, pair: Sequence[str]) -> Any:
-    """Decode one stored ``[type, base64]`` value; refuses pickle."""
-    kind, data = pair
+def array_header(length: int) -> bytes:
+    """The msgpack header of an array of ``length`` items."""
+    if length < 16:
+        return bytes((0x90 | length,))
+    if length < 1 << 16:
+        return b"\xdc" + length.to_bytes(2, "big")
+    return b"\xdd" + length.to_bytes(4, "big")
+
+
+_HEADER_SIZES = {**{0x90 | n: 1 for n in range(16)}, 0xDC: 3, 0xDD: 5}
+
+
+def raw(value: Stored) -> tuple[str, bytes]:
+    """The type and bytes of a stored value, an extension's assembled from its chain."""
+    if not isinstance(value, Extension):
+        return value[0], base64.b64decode(value[1])
+    tails: list[str] = []
+    node: Stored = value
+    while isinstance(node, Extension):
+        tails.append(node.tail)
+        node = node.base
+    root = base64.b64decode(node[1])
+    size = _HEADER_SIZES.get(root[0]) if root else None
+    if size is None or node[0] != value.kind:
+        raise CognitiaError("a stored list extends a value that is not a msgpack list; the log is damaged")
+    parts = [array_header(value.length), root[size:]]
+    parts.extend(base64.b64decode(tail) for tail in reversed(tails))
+    return value.kind, b"".join(parts)
+
+
+def pair_of(value: Stored) -> Pair:
+    """A stored value as a self-contained ``[type, base64]``."""
+    if not isinstance(value, Extension):
+        return value
+    kind, data = raw(value)
+    return [kind, base64.b64encode(data).decode("ascii")]
+
+
+def load_value(serde: SerializerProtocol, value: Stored) -> Any:
+    """Decode one stored value; refuses pickle."""
+    kind = value.kind if isinstance(value, Extension) else value[0]
     if "pickle" in kind:
         raise PickleRefusedError("a stored value is marked as pickled; cognitia never loads pickle")
-    return serde.loads_typed((kind, base64.b64decode(data)))
+    return serde.loads_typed(raw(value))
 
 
 def checkpoint_turn(
@@ -140,13 +220,14 @@ def checkpoint_turn(
     parent_id: str | None,
     metadata: CheckpointMetadata,
     stored: Mapping[str, Any],
-    encode_channel: Callable[[str, Any], tuple[str, str]] | None = None,
+    encode_channel: Callable[[str, Any], Encoding] | None = None,
 ) -> dict[str, Any]:
     """The turn that stores one checkpoint, validated as JSON before anything is written.
 
     ``stored`` maps channels to the version whose value the namespace's log already holds
     within reach: a channel still at that version is carried, not encoded again.
-    ``encode_channel(channel, value)`` encodes a channel value (default: ``serde``'s).
+    ``encode_channel(channel, value)`` encodes a channel value (default: ``serde``'s); it
+    may return an extension of the version ``stored`` names for the channel.
     """
     plain = typed(serde)
     # Metadata is the one part that is not JSON by construction (it may carry user values
@@ -162,16 +243,25 @@ def checkpoint_turn(
     versions = checkpoint["channel_versions"]
     values: dict[str, Pair] = {}
     kept: list[str] = []
+    extends: dict[str, list[Any]] = {}
     for channel, value in checkpoint["channel_values"].items():
         version = versions.get(channel)
         if version is not None and channel in stored and stored[channel] == version:
             kept.append(channel)
-        else:
-            encode = plain if encode_channel is None else partial(encode_channel, channel)
-            values[channel] = _dump(encode, value, key, f'checkpoint["channel_values"][{channel!r}]')
+            continue
+        encode = plain if encode_channel is None else partial(encode_channel, channel)
+        encoded = _dump(encode, value, key, f'checkpoint["channel_values"][{channel!r}]')
+        values[channel] = [encoded.kind, encoded.text]
+        if encoded.extends is not None:
+            base, length = encoded.extends
+            if version is None or channel not in stored or stored[channel] != base:
+                raise CognitiaError(f"session {key!r}: {channel!r} extends a value the log does not hold")
+            extends[channel] = [base, length]
     fields["channel_values"] = values
     if kept:
         fields["carried"] = kept
+    if extends:
+        fields["extends"] = extends
     turn: dict[str, Any] = {
         "kind": CHECKPOINT,
         "ns": ns,
@@ -181,7 +271,8 @@ def checkpoint_turn(
         "metadata": metadata,
     }
     if extra:
-        turn["extra"] = _dump(plain, extra, key, "checkpoint (fields beyond LangGraph's standard ones)")
+        encoded = _dump(plain, extra, key, "checkpoint (fields beyond LangGraph's standard ones)")
+        turn["extra"] = [encoded.kind, encoded.text]
     return turn
 
 
@@ -206,7 +297,7 @@ def writes_turn(
             [
                 WRITES_IDX_MAP.get(channel, idx),
                 channel,
-                *_dump(encode, value, key, f"writes[{idx}] ({channel})"),
+                *_dump(encode, value, key, f"writes[{idx}] ({channel})")[:2],
             ]
             for idx, (channel, value) in enumerate(writes)
         ],
@@ -225,33 +316,46 @@ def carried(turn: dict[str, Any]) -> list[str]:
     return names
 
 
-def sources(turns: Iterable[dict[str, Any]]) -> dict[Source, Pair]:
-    """Every channel value stored in ``turns``, by namespace, channel and version."""
-    found: dict[Source, Pair] = {}
+def extended(turn: dict[str, Any]) -> dict[str, list[Any]]:
+    """The channels a checkpoint turn stores as an earlier version plus new items: ``[base, length]``."""
+    links: dict[str, list[Any]] = turn["checkpoint"].get("extends", {})
+    return links
+
+
+def sources(turns: Iterable[dict[str, Any]]) -> dict[Source, Stored]:
+    """Every channel value stored in ``turns``, by namespace, channel and version.
+
+    An extension whose base is not in ``turns`` (an older part of the log) is left out.
+    """
+    found: dict[Source, Stored] = {}
     for turn in turns:
         if turn["kind"] == CHECKPOINT:
             versions = turn["checkpoint"]["channel_versions"]
+            links = extended(turn)
             ns = turn["ns"]
             for channel, pair in turn["checkpoint"]["channel_values"].items():
                 version = versions.get(channel)
-                if version is not None:
+                if version is None:
+                    continue
+                link = links.get(channel)
+                if link is None:
                     found[(ns, channel, version)] = pair
+                else:
+                    base = found.get((ns, channel, link[0]))
+                    if base is not None:
+                        found[(ns, channel, version)] = Extension(base, link[1], pair[0], pair[1])
     return found
 
 
-def resolve(turn: dict[str, Any], found: Mapping[Source, Pair]) -> dict[str, Pair] | None:
-    """Every encoded channel value of a checkpoint turn, or ``None`` if a carried one is not in ``found``."""
-    values = stored_values(turn)
-    names = carried(turn)
-    if not names:
-        return values
-    values = dict(values)
+def resolve(turn: dict[str, Any], found: Mapping[Source, Stored]) -> dict[str, Stored] | None:
+    """Every stored channel value of a checkpoint turn; ``None`` if one it refers to is not in ``found``."""
+    values: dict[str, Stored] = dict(stored_values(turn))
     versions = turn["checkpoint"]["channel_versions"]
-    for channel in names:
-        pair = found.get((turn["ns"], channel, versions.get(channel)))
-        if pair is None:
+    for channel in (*carried(turn), *extended(turn)):
+        value = found.get((turn["ns"], channel, versions.get(channel)))
+        if value is None:
             return None
-        values[channel] = pair
+        values[channel] = value
     return values
 
 
@@ -277,7 +381,7 @@ def pending_writes(
     first value, and a repeated special write (error, interrupt, ...) the last one. With
     ``channels``, only the writes to those channels are decoded and returned.
     """
-    chosen: dict[tuple[str, int], tuple[str, str, int, str, list[str]]] = {}
+    chosen: dict[tuple[str, int], tuple[str, str, int, str, Pair]] = {}
     for turn in turns:
         task, path = turn["task"], turn["path"]
         for idx, channel, kind, data in turn["writes"]:

@@ -10,7 +10,10 @@ latest and from which position of the log it (and its pending writes) can be rea
 
 ``at`` is the log position of the latest checkpoint's turn. ``values`` says, for each channel
 of the latest checkpoint, which version of its value the log holds and at which position
-(an earlier turn, for a channel the latest checkpoint carries). LangGraph saves checkpoints in
+(an earlier turn, for a channel the latest checkpoint carries); a value stored as an
+extension of an earlier one has a third number, the position of the turn that stores its
+chain's first, whole value (``"messages": ["00...09.0.52", 48, 17]``): reading from there
+reads all of it. LangGraph saves checkpoints in
 the background, so the writes of a step's tasks can be saved before that step's checkpoint:
 ``writes`` remembers, for the latest checkpoint and any newer one not saved yet, the position
 of its first writes. The index is a hint: readers check what they find and fall back to the
@@ -57,13 +60,28 @@ def record(state: dict[str, Any], turn: dict[str, Any], seq: int) -> None:
             entry.setdefault("writes", {}).setdefault(checkpoint_id, seq)
 
 
+def _root(where: list[Any]) -> int:
+    """The log position a value's chain starts at (its own, for a value stored whole)."""
+    start: int = where[-1]
+    return start
+
+
 def _record_values(entry: dict[str, Any], turn: dict[str, Any], seq: int) -> None:
     known: dict[str, list[Any]] = entry.get("values", {})
     versions = turn["checkpoint"]["channel_versions"]
+    links = turn["checkpoint"].get("extends", {})
     now: dict[str, list[Any]] = {}
     for channel in turn["checkpoint"]["channel_values"]:
-        if versions.get(channel) is not None:
+        if versions.get(channel) is None:
+            continue
+        link = links.get(channel)
+        if link is None:
             now[channel] = [versions[channel], seq]
+            continue
+        base = known.get(channel)
+        # An extension of a value the index does not know (copied threads) is not listed.
+        if base is not None and base[0] == link[0]:
+            now[channel] = [versions[channel], seq, _root(base)]
     for channel in turn["checkpoint"].get("carried", ()):
         where = known.get(channel)
         # A carried value the index lost track of is simply not listed: readers then fall
@@ -83,16 +101,16 @@ def latest(state: dict[str, Any], ns: str) -> tuple[str, int] | None:
         return None
     at: int = entry["at"]
     first_write: int = entry.get("writes", {}).get(entry["latest"], at)
-    oldest_value = min((where[1] for where in entry.get("values", {}).values()), default=at)
+    oldest_value = min((_root(where) for where in entry.get("values", {}).values()), default=at)
     return entry["latest"], min(at, first_write, oldest_value)
 
 
 def values(state: dict[str, Any], ns: str, since: int) -> dict[str, Any]:
-    """The channel versions whose value the log of ``ns`` holds at position ``since`` or later."""
+    """The channel versions whose value the log of ``ns`` holds whole from position ``since`` on."""
     entry = state.get("namespaces", {}).get(ns)
     if entry is None:
         return {}
-    return {channel: where[0] for channel, where in entry.get("values", {}).items() if where[1] >= since}
+    return {channel: where[0] for channel, where in entry.get("values", {}).items() if _root(where) >= since}
 
 
 def rebuild(state: dict[str, Any], turns: Iterable[dict[str, Any]]) -> None:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import base64
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from random import random
@@ -26,13 +25,17 @@ from cognitia.session.backends import SessionBackend
 from . import _index as index
 from ._codec import (
     CHECKPOINT,
-    Pair,
+    Encoding,
     Source,
+    Stored,
     carried,
     checkpoint_turn,
+    extended,
     load_checkpoint,
     load_value,
+    pair_of,
     pending_writes,
+    raw,
     refuse_pickle,
     resolve,
     sources,
@@ -61,10 +64,11 @@ _WALK_MARGIN = 64
 """A walk reaching this close to the start of the turns read reads further back."""
 
 REACH = 64
-"""How far back in the log a checkpoint may carry a channel value from, in turns.
+"""How far back in the log a checkpoint may carry or extend a channel value from, in turns.
 
-A channel unchanged for longer is stored again (once per ``REACH`` turns), so resuming a
-thread in a fresh process never reads more than this many turns of its log.
+A channel unchanged for longer is stored again, and a list extended for longer is stored
+whole again (once per ``REACH`` turns), so resuming a thread in a fresh process never reads
+more than this many turns of its log.
 """
 
 
@@ -127,9 +131,9 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         # unchanged without encoding it again.
         self._encodings = Encodings(self.serde)
         self._memos: WeakKeyDictionary[Session, Memo] = WeakKeyDictionary()
-        # Per live session and DeltaChannel: the seed decoded last, served again while its
-        # fingerprint still equals the one taken when it was decoded.
-        self._seeds: WeakKeyDictionary[Session, dict[tuple[str, str], tuple[str, Any, bytes]]] = (
+        # Per live session and DeltaChannel: the seed decoded last (with its version), served
+        # again while its fingerprint still equals the one taken when it was decoded.
+        self._seeds: WeakKeyDictionary[Session, dict[tuple[str, str], tuple[Any, Any, bytes]]] = (
             WeakKeyDictionary()
         )
 
@@ -206,11 +210,14 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         def change(session: Session) -> None:
             # Encoded under the thread's lock: which values the log already holds is only
             # known there.
-            stored = index.values(session.state, ns, since=len(session.turns) - REACH)
+            stored = index.values(session.state, ns, since=len(session.turns) + 1 - REACH)
             memo = self._memos.setdefault(session, {})
+            versions = checkpoint["channel_versions"]
 
-            def encode(channel: str, value: Any) -> tuple[str, str]:
-                return self._encodings.encode(memo, (ns, channel), value)
+            def encode(channel: str, value: Any) -> Encoding:
+                return self._encodings.encode(
+                    memo, (ns, channel), value, version=versions.get(channel), base=stored.get(channel)
+                )
 
             turn = checkpoint_turn(self.serde, key, ns, checkpoint, parent_id, serializable, stored, encode)
             _appender([turn])(session)
@@ -279,22 +286,23 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         for channel in channels:
             entry: DeltaChannelHistory = {"writes": [w for w in decoded if w[1] == channel]}
             if channel in seeds:
-                entry["seed"] = self._seed(session, (ns, channel), stored_values[seeds[channel]])
+                entry["seed"] = self._seed(session, seeds[channel], stored_values[seeds[channel]])
             result[channel] = entry
         return result
 
-    def _seed(self, session: Session, name: tuple[str, str], pair: Pair) -> Any:
+    def _seed(self, session: Session, source: Source, stored: Stored) -> Any:
         """Decode a DeltaChannel seed, or serve the one decoded last if it is unchanged since."""
         cache = self._seeds.setdefault(session, {})
+        name, version = source[:2], source[2]
         last = cache.get(name)
-        if last is not None and last[0] == pair[1] and fingerprint(last[1]) == last[2]:
+        if last is not None and last[0] == version and fingerprint(last[1]) == last[2]:
             return last[1]
-        value = load_value(self.serde, pair)
+        value = load_value(self.serde, stored)
         mark = fingerprint(value)
         if mark is None:
             cache.pop(name, None)
         else:
-            cache[name] = (pair[1], value, mark)
+            cache[name] = (version, value, mark)
         return value
 
     def get_delta_channel_history(
@@ -427,7 +435,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
 
     async def _find(
         self, key: str, ns: str, checkpoint_id: str | None
-    ) -> tuple[Session, Found, dict[str, Pair]] | None:
+    ) -> tuple[Session, Found, dict[str, Stored]] | None:
         """The checkpoint, its writes and its encoded channel values, read from the log's tail if possible."""
         async with self._locked(key) as session:
             if session is None:
@@ -479,7 +487,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         thread_id: object,
         checkpoint: Turn,
         writes: Log,
-        values: dict[str, Pair],
+        values: dict[str, Stored],
         saved: Values | None,
         memo: Memo | None,
     ) -> CheckpointTuple:
@@ -515,27 +523,27 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         memo: Memo | None,
         name: tuple[str, str],
         version: Any,
-        pair: Pair,
+        stored: Stored,
     ) -> Any:
-        """Decode ``pair``, or serve the object last saved as it if it still encodes to it exactly."""
+        """Decode ``stored``, or serve the object last saved as it if it still encodes to it exactly."""
         channel = name[1]
         saved = recent.get(channel)
         if saved is not None and version is not None and saved[0] == version:
-            same = None if memo is None else self._encodings.unchanged(memo, name, saved[1], pair)
+            same = None if memo is None else self._encodings.unchanged(memo, name, saved[1], version)
             if same is None:
                 # No fingerprint to compare: encoding is some three times cheaper than
                 # decoding for LangGraph's serializer, and proves the object equals what
                 # storage holds; a serializer that does not encode twice alike (encryption
                 # with a random nonce) just falls back to decoding.
                 try:
-                    kind, data = self.serde.dumps_typed(saved[1])
+                    encoded: tuple[str, bytes] | None = self.serde.dumps_typed(saved[1])
                 except Exception:
-                    kind, data = "", b""
-                same = kind == pair[0] and base64.b64encode(data).decode("ascii") == pair[1]
+                    encoded = None
+                same = encoded == raw(stored)
             if same:
                 return saved[1]
             del recent[channel]
-        return load_value(self.serde, pair)
+        return load_value(self.serde, stored)
 
 
 def _thread_and_ns(config: RunnableConfig) -> tuple[str, str]:
@@ -569,7 +577,7 @@ async def _committed(session: Session, *, since: int) -> Log:
     return turns[: len(turns) - queued] if queued else turns
 
 
-def _resolved(turn: Turn, stored: dict[Source, Pair]) -> dict[str, Pair]:
+def _resolved(turn: Turn, stored: dict[Source, Stored]) -> dict[str, Stored]:
     values = resolve(turn, stored)
     if values is None:
         raise CognitiaError(
@@ -579,33 +587,39 @@ def _resolved(turn: Turn, stored: dict[Source, Pair]) -> dict[str, Pair]:
     return values
 
 
-def _self_contained(kept: Log, stored: dict[Source, Pair]) -> Log:
-    """``kept`` with every carried value whose turn was dropped stored again (already encoded)."""
+def _self_contained(kept: Log, stored: dict[Source, Stored]) -> Log:
+    """``kept`` with every value it refers to in a dropped turn stored whole (already encoded).
+
+    A carried value whose turn was dropped, and an extension whose base was, are stored
+    whole in the turn that refers to them.
+    """
     available: set[Source] = set()
     result = []
     for turn in kept:
         if turn["kind"] == CHECKPOINT:
-            versions = turn["checkpoint"]["channel_versions"]
-            missing = [c for c in carried(turn) if (turn["ns"], c, versions.get(c)) not in available]
+            ns, versions = turn["ns"], turn["checkpoint"]["channel_versions"]
+            links = extended(turn)
+            missing = [c for c in carried(turn) if (ns, c, versions.get(c)) not in available]
+            missing += [c for c, (base, _) in links.items() if (ns, c, base) not in available]
             if missing:
                 fields = dict(turn["checkpoint"])
                 values = dict(fields["channel_values"])
                 for channel in missing:
-                    values[channel] = stored[(turn["ns"], channel, versions.get(channel))]
+                    values[channel] = pair_of(stored[(ns, channel, versions.get(channel))])
                 fields["channel_values"] = values
-                still = [c for c in carried(turn) if c not in missing]
-                if still:
-                    fields["carried"] = still
-                else:
-                    fields.pop("carried", None)
+                fields["carried"] = [c for c in carried(turn) if c not in missing]
+                fields["extends"] = {c: link for c, link in links.items() if c not in missing}
+                for name in ("carried", "extends"):
+                    if not fields[name]:
+                        del fields[name]  # present only when not empty
                 turn = {**turn, "checkpoint": fields}
             for channel in turn["checkpoint"]["channel_values"]:
-                available.add((turn["ns"], channel, versions.get(channel)))
+                available.add((ns, channel, versions.get(channel)))
         result.append(turn)
     return result
 
 
-Walk = tuple[list[tuple[Log, frozenset[str]]], dict[str, Source], dict[Source, Pair]]
+Walk = tuple[list[tuple[Log, frozenset[str]]], dict[str, Source], dict[Source, Stored]]
 """Per checkpoint of a parent chain (oldest first), its writes turns and the channels whose
 writes count there; where each seed is; and the encoded values found."""
 
@@ -662,7 +676,7 @@ def _delta_walk(
 
 
 def _walk_result(
-    chain: list[tuple[Log, frozenset[str]]], seeds: dict[str, Source], stored: dict[Source, Pair]
+    chain: list[tuple[Log, frozenset[str]]], seeds: dict[str, Source], stored: dict[Source, Stored]
 ) -> Walk:
     return chain[::-1], seeds, stored
 

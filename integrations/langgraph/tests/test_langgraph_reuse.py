@@ -15,14 +15,15 @@ from pydantic import BaseModel, PrivateAttr
 
 from cognitia.session.backends import InMemorySessionBackend
 from cognitia_langgraph import CognitiaSaver, _reuse
-from cognitia_langgraph._reuse import Encoded, Encodings, array_header, fingerprint
+from cognitia_langgraph._codec import Encoding, Extension, array_header, raw, sources
+from cognitia_langgraph._reuse import Encoded, Encodings, fingerprint
 
 SERDE = JsonPlusSerializer()
 
 
-def expected(value: Any) -> tuple[str, str]:
+def expected(value: Any) -> Encoding:
     kind, data = SERDE.dumps_typed(value)
-    return kind, base64.b64encode(data).decode("ascii")
+    return Encoding(kind, base64.b64encode(data).decode("ascii"))
 
 
 class Point(BaseModel):
@@ -110,6 +111,7 @@ def test_a_class_seen_again_after_the_class_table_starts_over_gets_a_new_record(
 ) -> None:
     monkeypatch.setattr(_reuse, "_MAX_CLASSES", 3)
     monkeypatch.setattr(_reuse, "_markers", {})
+    monkeypatch.setattr(_reuse, "_models", {})
     first = fingerprint([Point(x=1)])
     for _ in range(5):
         assert fingerprint([point_class()(x=1)]) is not None
@@ -124,9 +126,25 @@ def test_private_and_extra_fields_are_part_of_the_fingerprint() -> None:
     assert fingerprint(one) == fingerprint(two)
     two._note = "changed"
     assert fingerprint(one) != fingerprint(two)
+    assert fingerprint([one]) != fingerprint([two])  # a list's items are described in Python
     wide, wider = Open.model_validate({"x": 1, "y": 2}), Open.model_validate({"x": 1, "y": 3})
     assert SERDE.dumps_typed(wide) != SERDE.dumps_typed(wider)
     assert fingerprint(wide) != fingerprint(wider)
+    assert fingerprint([wide]) != fingerprint([wider])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_lists_items_are_described_as_the_encoder_describes_them(seed: int) -> None:
+    """The fast path for a list's items makes the same bytes as the encoder's call back per item."""
+    rng = random.Random(seed)
+    items: list[Any] = []
+    for n in range(60):
+        items = mutate(rng, items, n)
+        try:
+            slow: bytes | None = _reuse._pack(items)
+        except Exception:
+            slow = None
+        assert fingerprint(items) == slow
 
 
 @pytest.mark.parametrize(
@@ -175,22 +193,35 @@ def test_encodings_are_exact_through_appends_and_changes(seed: int) -> None:
     assert encodings.enabled
     memo: dict[Any, Encoded] = {}
     items: list[Any] = []
-    reused = 0
+    reused = extensions = 0
     verdicts: set[bool] = set()
+    # What storage holds per version: whole values, and extensions of the version before.
+    held: dict[int, Extension | list[str]] = {}
     for n in range(0, 600, 3):
         before = memo.get("c")
         items = mutate(rng, items, n)
-        pair = encodings.encode(memo, "c", items)
-        assert pair == expected(items), f"step {n}"
+        base = n - 3 if n - 3 in held and rng.random() < 0.9 else None
+        encoding = encodings.encode(memo, "c", items, version=n, base=base)
+        if encoding.extends is None:
+            assert encoding == expected(items), f"step {n}"
+            held[n] = [encoding.kind, encoding.text]
+        else:
+            assert encoding.extends == (base, len(items))
+            assert base is not None
+            held[n] = Extension(held[base], len(items), encoding.kind, encoding.text)
+            extensions += 1
+        assert raw(held[n]) == SERDE.dumps_typed(items), f"step {n}"
         reused += before is not None and memo.get("c") is not None
         # The read-back check agrees with a full encode, whatever happens to the items next.
         items_then = items
         items = mutate(rng, items, n + 1000) if rng.random() < 0.3 else items
-        same = encodings.unchanged(memo, "c", items_then, list(pair))
+        assert encodings.unchanged(memo, "c", items_then, n - 3) is None  # another version
+        same = encodings.unchanged(memo, "c", items_then, n)
         if same is not None:
-            assert same == (expected(items_then) == pair)
+            assert same == (SERDE.dumps_typed(items_then) == raw(held[n]))
             verdicts.add(same)
     assert reused > 50, "appends extend the previous encoding"
+    assert extensions > 40, "appends to a stored version store the new items only"
     assert verdicts == {True, False}
 
 
@@ -223,6 +254,7 @@ async def test_the_saver_stores_exactly_what_the_serializer_makes(anyio_backend:
     config: Any = {"configurable": {"thread_id": "t", "checkpoint_ns": ""}}
     items: list[Any] = []
     version: Any = None
+    extended = 0
     from langgraph.checkpoint.base import empty_checkpoint
 
     for n in range(120):
@@ -231,12 +263,31 @@ async def test_the_saver_stores_exactly_what_the_serializer_makes(anyio_backend:
         cp = empty_checkpoint()
         cp["channel_values"] = {"messages": items}
         cp["channel_versions"] = {"messages": version}
-        want = expected(items)
+        want = SERDE.dumps_typed(items)
         config = await saver.aput(config, cp, {"step": n}, {"messages": version})
-        turn = (await saver.manager.turns(saver.key("t")))[-1]
-        assert tuple(turn["checkpoint"]["channel_values"]["messages"]) == want, f"step {n}"
+        turns = await saver.manager.turns(saver.key("t"))
+        assert raw(sources(turns)[("", "messages", version)]) == want, f"step {n}"
+        extended += "extends" in turns[-1]["checkpoint"]
         latest = await saver.aget_tuple({"configurable": {"thread_id": "t"}})
         assert latest is not None
         assert SERDE.dumps_typed(latest.checkpoint["channel_values"]["messages"]) == SERDE.dumps_typed(
-            SERDE.loads_typed((want[0], base64.b64decode(want[1])))
+            SERDE.loads_typed(want)
         )
+    assert extended > 30, "appends are stored as the new items"
+
+
+def test_only_the_version_the_last_encoding_was_made_for_is_extended() -> None:
+    """An extension names its base version: it must be the one whose bytes it continues."""
+    encodings = Encodings(SERDE)
+    memo: dict[Any, Encoded] = {}
+    first = [Point(x=1)]
+    encodings.encode(memo, "c", first, version=1)
+    forked = [*first, Point(x=2)]
+    assert encodings.encode(memo, "c", forked, version=2).extends is None  # storage holds no base
+    later = [*forked, Point(x=3)]
+    # Storage holds version 1, but the last encoding is version 2's: stored whole.
+    assert encodings.encode(memo, "c", later, version=3, base=1) == expected(later)
+    longer = [*later, Point(x=4)]
+    extension = encodings.encode(memo, "c", longer, version=4, base=3)
+    assert extension.extends == (3, 4)
+    assert base64.b64decode(extension.text) == SERDE.dumps_typed([Point(x=4)])[1][1:]
