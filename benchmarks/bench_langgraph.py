@@ -18,9 +18,9 @@ The graph scenario also runs LangGraph with a saver that stores nothing (it keep
 checkpoint's objects in a dict): the framework's own cost per turn, hence the best ratio any
 saver can reach end to end, and the growth that is LangGraph's rather than the saver's.
 
-For each: turns per second, the median turn, and the growth of the per-turn cost (median of
+For each: turns per second, the median turn, the growth of the per-turn cost (median of
 the last 50 turns over the median of the first 50; 1.0 is flat), each the median over the
-rounds. Ratios are cognitia over AsyncSqliteSaver. The durability setting of every saver is
+rounds, and the size of the SQLite file (with its WAL) the run leaves. Ratios are cognitia over AsyncSqliteSaver. The durability setting of every saver is
 read back from its SQLite connection and printed; cognitia's info-level structlog events are
 filtered out (an application's logging choice, printed too).
 
@@ -233,6 +233,12 @@ async def run_direct(saver: BaseCheckpointSaver[Any], steps: int, *, growing: bo
     return await timed(steps, step)
 
 
+def stored_mb(path: Path) -> float:
+    """The size of a SQLite database and its write-ahead log, in MB (0 when nothing was stored)."""
+    files = [path, path.with_name(path.name + "-wal")]
+    return sum(f.stat().st_size for f in files if f.exists()) / 1e6
+
+
 def summarize(durations: list[float]) -> tuple[float, float, float]:
     """Turns per second, the median turn in ms, and the growth of the per-turn cost.
 
@@ -253,7 +259,7 @@ async def bench(steps: int, rounds: int) -> None:
         "direct, constant payload": lambda saver: run_direct(saver, steps, growing=False),
     }
     names = list(SAVERS)
-    runs: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    runs: dict[tuple[str, str], list[tuple[float, ...]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(rounds):
             for label, scenario in scenarios.items():
@@ -264,24 +270,24 @@ async def bench(steps: int, rounds: int) -> None:
                     path = Path(tmp) / f"{len(runs)}-{round_}-{time.monotonic_ns()}.db"
                     async with SAVERS[name](path) as saver:
                         durations = await scenario(saver)
-                    runs.setdefault((label, name), []).append(summarize(durations))
+                    runs.setdefault((label, name), []).append((*summarize(durations), stored_mb(path)))
     print(f"{steps} turns per scenario, {rounds} interleaved rounds, median over rounds;")
     print(f"growth = median of the last {WINDOW} turns / median of the first {WINDOW} (1.0 is flat)")
     print("cognitia's info-level structlog events are filtered out (structlog level WARNING)")
     for name in names:
         print(f"durability  {name:18} {DURABILITY.get(name, '?')}")
     print()
-    print(f"{'scenario':28} {'saver':18} {'turns/s':>9} {'p50 ms':>8} {'growth':>7}")
+    print(f"{'scenario':28} {'saver':18} {'turns/s':>9} {'p50 ms':>8} {'growth':>7} {'file MB':>8}")
     for label in scenarios:
         results = {
-            name: tuple(statistics.median(r[i] for r in runs[(label, name)]) for i in range(3))
+            name: tuple(statistics.median(r[i] for r in runs[(label, name)]) for i in range(4))
             for name in names
             if (label, name) in runs
         }
-        for name, (rate, p50, growth) in results.items():
-            print(f"{label:28} {name:18} {rate:9.1f} {p50:8.2f} {growth:7.2f}")
+        for name, (rate, p50, growth, size) in results.items():
+            print(f"{label:28} {name:18} {rate:9.1f} {p50:8.2f} {growth:7.2f} {size:8.2f}")
         base = results[BASELINE]
-        for name, (rate, p50, growth) in results.items():
+        for name, (rate, p50, growth, _) in results.items():
             if name not in (BASELINE, FLOOR):
                 print(
                     f"{'':28} {name + ' / base':18} {rate / base[0]:8.2f}x {base[1] / p50:7.2f}x"
