@@ -9,7 +9,8 @@ scenario, in a rotated order, so drift of a shared machine hits them alike):
   then saves the input and loop checkpoints and the node's writes).
 * graph, DeltaChannel messages: the same conversation with its messages in LangGraph's
   (beta) ``DeltaChannel``, whose checkpoints store the writes and a snapshot every 100
-  updates; reading a thread rebuilds the list from the writes since the last snapshot.
+  updates; reading a thread rebuilds the list from the writes since the last snapshot, in
+  one ``add_messages`` call.
 * direct: the saver alone, per step ``aput`` + ``aput_writes`` + ``aget_tuple`` (latest), once
   with a growing message list (what the graph stores) and once with a constant-size value
   (the storage cost alone, without the growing payload).
@@ -20,9 +21,10 @@ saver can reach end to end, and the growth that is LangGraph's rather than the s
 
 For each: turns per second, the median turn, the growth of the per-turn cost (median of
 the last 50 turns over the median of the first 50; 1.0 is flat), each the median over the
-rounds, and the size of the SQLite file (with its WAL) the run leaves. Ratios are cognitia over AsyncSqliteSaver. The durability setting of every saver is
-read back from its SQLite connection and printed; cognitia's info-level structlog events are
-filtered out (an application's logging choice, printed too).
+rounds, and the size of the SQLite file (with its WAL) the run leaves. Ratios are cognitia
+over AsyncSqliteSaver. The durability setting of every saver is read back from its SQLite
+connection and printed; cognitia's info-level structlog events are filtered out (an
+application's logging choice, printed too).
 
     python benchmarks/bench_langgraph.py [--steps 500] [--rounds 3]
 
@@ -164,10 +166,12 @@ SAVERS: dict[str, Callable[[Path], Any]] = {
 }
 
 
-def _fold(state: list[Any], batches: Sequence[list[Any]]) -> list[Any]:
+def _fold(state: list[Any], batches: Sequence[list[Any] | Any]) -> list[Any]:
+    """All the writes since the snapshot in one ``add_messages`` call, as DeltaChannel asks of reducers."""
+    flat: list[Any] = []
     for batch in batches:
-        state = cast(list[Any], add_messages(state, batch))
-    return state
+        flat.extend(batch if isinstance(batch, list) else [batch])
+    return cast(list[Any], add_messages(state, flat))
 
 
 class DeltaChat(TypedDict):
