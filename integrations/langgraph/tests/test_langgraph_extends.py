@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sqlite3
 import statistics
 from pathlib import Path
 from typing import Any
@@ -79,18 +78,18 @@ def same(value: Any, expected: Any) -> bool:
     return SERDE.dumps_typed(value) == SERDE.dumps_typed(expected)
 
 
-def stored_turns(path: Path) -> list[dict[str, Any]]:
-    with sqlite3.connect(path) as conn:
-        rows = conn.execute("SELECT turn FROM cognitia_turns ORDER BY seq").fetchall()
-    conn.close()
-    return [json.loads(row[0]) for row in rows]
+async def stored_turns(path: Path) -> list[dict[str, Any]]:
+    """The log of thread "t" as a new backend object on the file reads it."""
+    async with SqliteSessionBackend(db_path=path) as backend:
+        saver = CognitiaSaver(backend)
+        return await saver.manager.turns(saver.key("t"))
 
 
 async def test_a_growing_list_is_stored_as_its_new_items(tmp_path: Path) -> None:
     path = tmp_path / "grow.db"
     async with SqliteSessionBackend(db_path=path) as backend:
         history = await converse(CognitiaSaver(backend), "t", 30)
-    turns = stored_turns(path)
+    turns = await stored_turns(path)
     extensions = [(i, t) for i, t in enumerate(turns) if "messages" in extended(t)]
     assert len(extensions) >= 25
     for i, turn in extensions:
@@ -126,7 +125,7 @@ async def test_a_chain_reaches_a_whole_value_within_reach(tmp_path: Path) -> Non
         session = await saver.manager.get(saver.key("t"))
         assert isinstance(session, Session)
         hint = index.latest(session.state, "")
-    turns = stored_turns(path)
+    turns = await stored_turns(path)
     at: dict[str, int] = {}  # the log position of each version of messages
     roots: list[int] = []
     for seq, turn in enumerate(turns):
