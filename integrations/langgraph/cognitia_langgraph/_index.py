@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ._codec import CHECKPOINT, WRITES
+from ._codec import CHECKPOINT, WRITES, extended
 
 __all__ = ["FORMAT", "latest", "rebuild", "record", "values"]
 
@@ -69,7 +69,7 @@ def _root(where: list[Any]) -> int:
 def _record_values(entry: dict[str, Any], turn: dict[str, Any], seq: int) -> None:
     known: dict[str, list[Any]] = entry.get("values", {})
     versions = turn["checkpoint"]["channel_versions"]
-    links = turn["checkpoint"].get("extends", {})
+    links = extended(turn)
     now: dict[str, list[Any]] = {}
     for channel in turn["checkpoint"]["channel_values"]:
         if versions.get(channel) is None:
