@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import pytest
 import structlog
 from agents import Agent, Runner, SessionSettings
 from agents.memory import Session as AgentsSession
 
 from cognitia import InMemorySessionManager, MemoryScope, SessionEvent
+from cognitia.session.backends import SqliteSessionBackend
 from cognitia_openai_agents import CognitiaSession
 
 pytestmark = pytest.mark.anyio
@@ -196,3 +200,23 @@ async def test_pop_and_clear_of_an_unknown_conversation_store_nothing(backend_fa
     assert await session.get_items() == []
     assert saved == []
     assert await manager.list_keys() == []
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_run_sync_from_trio_through_a_thread(tmp_path: Path, agent: Agent[Any]) -> None:
+    """cognitia on trio; the SDK's Runner.run_sync runs its own asyncio loop in a worker thread.
+
+    The session handed to the runner has a manager of its own (a manager serves one event loop
+    at a time); both managers share the SQLite backend, which serves any runtime and thread.
+    """
+    async with SqliteSessionBackend(tmp_path / "chats.db") as backend:
+        session = CognitiaSession("user-1", InMemorySessionManager(backend))
+        finals = []
+        for text in ("What is the weather in Paris?", "thanks"):
+            run = functools.partial(Runner.run_sync, agent, text, session=session)
+            finals.append((await anyio.to_thread.run_sync(run)).final_output)
+
+        assert finals == ["It is sunny in Paris.", "echo: thanks"]
+        # The second run saw the first as history, and trio reads what the thread stored.
+        assert texts(agent.model.inputs[-1]) == EXPECTED[:5]  # type: ignore[union-attr]
+        assert texts(await InMemorySessionManager(backend).turns("user-1")) == EXPECTED
