@@ -6,11 +6,12 @@ import base64
 import enum
 import random
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+from langgraph.checkpoint.serde.types import _DeltaSnapshot
 from pydantic import BaseModel, PrivateAttr
 
 from cognitia.session.backends import InMemorySessionBackend
@@ -54,6 +55,11 @@ class Dumped(BaseModel):
 
     def model_dump(self, **kwargs: Any) -> dict[str, Any]:
         return {"x": self.x * 2}
+
+
+class Pair(NamedTuple):
+    first: list[Any]
+    second: list[Any]
 
 
 class Colour(enum.Enum):
@@ -135,16 +141,18 @@ def test_private_and_extra_fields_are_part_of_the_fingerprint() -> None:
 
 @pytest.mark.parametrize("seed", range(3))
 def test_a_lists_items_are_described_as_the_encoder_describes_them(seed: int) -> None:
-    """The fast path for a list's items makes the same bytes as the encoder's call back per item."""
+    """The fast path for a list's items makes the same bytes as the encoder's call back per item,
+    for a list and for a named tuple holding one (LangGraph's DeltaChannel snapshot)."""
     rng = random.Random(seed)
     items: list[Any] = []
     for n in range(60):
         items = mutate(rng, items, n)
-        try:
-            slow: bytes | None = _reuse._pack(items)
-        except Exception:
-            slow = None
-        assert fingerprint(items) == slow
+        for value in (items, _DeltaSnapshot(items), Pair(items, [*items, "x"])):
+            try:
+                slow: bytes | None = _reuse._pack(value)
+            except Exception:
+                slow = None
+            assert fingerprint(value) == slow
 
 
 @pytest.mark.parametrize(
