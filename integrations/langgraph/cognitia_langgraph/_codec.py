@@ -71,6 +71,7 @@ __all__ = [
     "array_header",
     "carried",
     "checkpoint_turn",
+    "chosen_writes",
     "extended",
     "load_checkpoint",
     "load_value",
@@ -372,14 +373,15 @@ def load_checkpoint(
     return cast(Checkpoint, checkpoint)
 
 
-def pending_writes(
-    serde: SerializerProtocol, turns: Iterable[dict[str, Any]], channels: Container[str] | None = None
-) -> list[PendingWrite]:
-    """The pending writes in ``turns`` (oldest first), deduplicated and in ``writes_sort_key`` order.
+def chosen_writes(
+    turns: Iterable[dict[str, Any]], channels: Container[str] | None = None
+) -> list[tuple[str, int, str, Pair]]:
+    """The writes in ``turns`` as ``(task, idx, channel, [kind, data])``, still encoded.
 
-    Like LangGraph's own savers, a repeated regular write (same task, same index) keeps the
-    first value, and a repeated special write (error, interrupt, ...) the last one. With
-    ``channels``, only the writes to those channels are decoded and returned.
+    Oldest first, deduplicated and in ``writes_sort_key`` order: like LangGraph's own savers,
+    a repeated regular write (same task, same index) keeps the first value, and a repeated
+    special write (error, interrupt, ...) the last one. With ``channels``, only the writes
+    to those channels.
     """
     chosen: dict[tuple[str, int], tuple[str, str, int, str, Pair]] = {}
     for turn in turns:
@@ -390,7 +392,17 @@ def pending_writes(
             chosen[(task, idx)] = (path, task, idx, channel, [kind, data])
     ordered = sorted(chosen.values(), key=lambda w: writes_sort_key(w[0], w[1], w[2]))
     return [
-        (task, channel, load_value(serde, value))
-        for _, task, _, channel, value in ordered
+        (task, idx, channel, value)
+        for _, task, idx, channel, value in ordered
         if channels is None or channel in channels
+    ]
+
+
+def pending_writes(
+    serde: SerializerProtocol, turns: Iterable[dict[str, Any]], channels: Container[str] | None = None
+) -> list[PendingWrite]:
+    """The pending writes in ``turns``, decoded (see :func:`chosen_writes`)."""
+    return [
+        (task, channel, load_value(serde, value))
+        for task, _, channel, value in chosen_writes(turns, channels)
     ]

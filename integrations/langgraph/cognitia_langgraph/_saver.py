@@ -14,6 +14,7 @@ from langgraph.checkpoint.base import (
     CheckpointMetadata,
     CheckpointTuple,
     DeltaChannelHistory,
+    PendingWrite,
     get_checkpoint_id,
     get_serializable_checkpoint_metadata,
 )
@@ -30,6 +31,7 @@ from ._codec import (
     Stored,
     carried,
     checkpoint_turn,
+    chosen_writes,
     extended,
     load_checkpoint,
     load_value,
@@ -57,6 +59,8 @@ Values = dict[str, dict[str, tuple[Any, Any]]]
 """Per namespace, per channel: the version and the object of the latest value saved."""
 Memo = dict[tuple[str, str], Encoded]
 """Per (namespace, channel): the last encoding made, to extend or to check an object against."""
+WriteAt = tuple[str, str, str, int, str, str]
+"""A pending write as stored: namespace, checkpoint id, task id, index, type and data."""
 
 _WALK_SPAN = 512
 """How many of a log's newest turns a ``DeltaChannel`` history read starts with (then 4x, ...)."""
@@ -136,6 +140,10 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         self._seeds: WeakKeyDictionary[Session, dict[tuple[str, str], tuple[Any, Any, bytes]]] = (
             WeakKeyDictionary()
         )
+        # Per live session, the DeltaChannel writes its last history read decoded, keyed by
+        # where they are stored and their stored data, each with its fingerprint: the next
+        # read serves a write again while its fingerprint is unchanged.
+        self._written: WeakKeyDictionary[Session, dict[WriteAt, tuple[Any, bytes]]] = WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"<CognitiaSaver key_prefix={self.key_prefix!r} manager={self.manager!r}>"
@@ -280,15 +288,46 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
                 span *= 4
         chain, seeds, stored_values = walk
         result: dict[str, DeltaChannelHistory] = {}
-        decoded = [
-            w for batch, open_channels in chain for w in pending_writes(self.serde, batch, open_channels)
-        ]
+        decoded = self._delta_writes(session, ns, chain)
         for channel in channels:
             entry: DeltaChannelHistory = {"writes": [w for w in decoded if w[1] == channel]}
             if channel in seeds:
                 entry["seed"] = self._seed(session, seeds[channel], stored_values[seeds[channel]])
             result[channel] = entry
         return result
+
+    def _delta_writes(
+        self, session: Session, ns: str, chain: list[tuple[Log, frozenset[str]]]
+    ) -> list[PendingWrite]:
+        """The writes of a DeltaChannel walk, decoded, or served from the last read when unchanged.
+
+        A DeltaChannel read decodes every write since the channel's snapshot, and the next
+        read decodes them again plus one turn's. A write is served from the last read when
+        it is stored at the same place (checkpoint, task, index) with the same data and its
+        decoded object still fingerprints as it did when decoded (LangGraph's reducer, or
+        the caller holding the rebuilt state, may have changed it in place).
+        """
+        last = self._written.get(session, {})
+        kept: dict[WriteAt, tuple[Any, bytes]] = {}
+        decoded: list[PendingWrite] = []
+        for batch, open_channels in chain:
+            if not batch:
+                continue
+            checkpoint_id = batch[0]["checkpoint"]
+            for task, idx, channel, pair in chosen_writes(batch, open_channels):
+                where = (ns, checkpoint_id, task, idx, pair[0], pair[1])
+                hit = last.get(where)
+                if hit is not None and fingerprint(hit[0]) == hit[1]:
+                    value = hit[0]
+                    kept[where] = hit
+                else:
+                    value = load_value(self.serde, pair)
+                    mark = fingerprint(value)
+                    if mark is not None:
+                        kept[where] = (value, mark)
+                decoded.append((task, channel, value))
+        self._written[session] = kept
+        return decoded
 
     def _seed(self, session: Session, source: Source, stored: Stored) -> Any:
         """Decode a DeltaChannel seed, or serve the one decoded last if it is unchanged since."""

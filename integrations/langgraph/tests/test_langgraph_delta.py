@@ -167,15 +167,18 @@ def test_graph_invoke_rebuilds_delta_channels_through_the_sync_api(tmp_path: Pat
 
 
 class CountingSerializer(JsonPlusSerializer):
-    """LangGraph's serializer, counting the decodes of DeltaChannel snapshots."""
+    """LangGraph's serializer, counting the decodes of DeltaChannel snapshots and of lists
+    (the writes to a messages channel)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.snapshots = 0
+        self.lists = 0
 
     def loads_typed(self, data: tuple[str, bytes]) -> Any:
         value = super().loads_typed(data)
         self.snapshots += type(value).__name__ == "_DeltaSnapshot"
+        self.lists += type(value) is list
         return value
 
 
@@ -206,6 +209,62 @@ async def test_a_seed_is_decoded_once_and_served_again_only_while_unchanged() ->
 
     state = await graph.aget_state(config)
     assert [m.content for m in state.values["messages"]][:2] == ["m0", "re: m0"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # LangGraph's graph loop is asyncio-only
+async def test_writes_are_decoded_once_and_served_again_only_while_unchanged() -> None:
+    serde = CountingSerializer()
+    saver = CognitiaSaver(InMemorySessionBackend(), serde=serde)
+    graph = chat_graph(saver)
+    config: RunnableConfig = {"configurable": {"thread_id": "writes"}}
+    for i in range(13):
+        await graph.ainvoke({"messages": [HumanMessage(content=f"m{i}", id=f"h{i}")]}, config)
+
+    first = (await saver.aget_delta_channel_history(config=config, channels=["messages"]))["messages"]
+    writes = first["writes"]
+    assert len(writes) >= 2
+    decoded = serde.lists
+    again = (await saver.aget_delta_channel_history(config=config, channels=["messages"]))["messages"]
+    assert [w[2] for w in again["writes"]] == [w[2] for w in writes]
+    assert all(a[2] is w[2] for a, w in zip(again["writes"], writes, strict=True))
+    assert serde.lists == decoded, "served, not decoded again"
+
+    # A reducer (or the caller holding the rebuilt state) changes a write in place: only that
+    # write is decoded again, and the read hands back what is stored.
+    stored = [m.content for m in writes[0][2]]
+    writes[0][2][0].content = "edited"
+    fresh = (await saver.aget_delta_channel_history(config=config, channels=["messages"]))["messages"]
+    assert [m.content for m in fresh["writes"][0][2]] == stored
+    assert fresh["writes"][0][2] is not writes[0][2]
+    assert all(f[2] is w[2] for f, w in zip(fresh["writes"][1:], writes[1:], strict=True))
+    assert serde.lists == decoded + 1
+
+    # The next turn's read serves the writes it shares with this one and decodes the new ones.
+    await graph.ainvoke({"messages": [HumanMessage(content="m13", id="h13")]}, config)
+    latest = (await saver.aget_delta_channel_history(config=config, channels=["messages"]))["messages"]
+    assert latest == (await default_walk(saver, config, ["messages"]))["messages"]
+    state = await graph.aget_state(config)
+    assert [m.content for m in state.values["messages"]][-4:] == ["m12", "re: m12", "m13", "re: m13"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_write_stored_again_at_the_same_place_is_decoded_again() -> None:
+    """A thread deleted and written again with the same ids reads its new writes, not the old ones."""
+    saver = CognitiaSaver(InMemorySessionBackend())
+    config: RunnableConfig = {"configurable": {"thread_id": "again", "checkpoint_ns": ""}}
+
+    async def thread(words: list[str]) -> list[Any]:
+        parent = await saver.aput(config, {**empty_checkpoint(), "id": "c1"}, {}, {})
+        await saver.aput_writes(
+            parent, [("messages", [HumanMessage(content=w, id=w)]) for w in words], "task"
+        )
+        await saver.aput(parent, {**empty_checkpoint(), "id": "c2"}, {}, {})
+        history = await saver.aget_delta_channel_history(config=config, channels=["messages"])
+        return [m.content for _, _, value in history["messages"]["writes"] for m in value]
+
+    assert await thread(["one", "two"]) == ["one", "two"]
+    await saver.adelete_thread("again")
+    assert await thread(["three", "four"]) == ["three", "four"]
 
 
 def test_named_tuples_are_told_apart_by_class() -> None:
