@@ -32,6 +32,7 @@ from cognitia.session.backends import BackendBase, InMemorySessionBackend, Sqlit
 
 __all__ = [
     "REQUIRE_SERVERS",
+    "SERVERS",
     "BackendFactory",
     "Stored",
     "backend_factory",
@@ -264,20 +265,20 @@ def redis_backend_factory(redis_url: str, redis_prefix: str, redis_client: Any) 
     factory.close()
 
 
-_SERVERS = [
+SERVERS = [  # the server-backed kinds, as parameters marked for the server each needs
     pytest.param("postgres", marks=pytest.mark.postgres),
     pytest.param("redis", marks=pytest.mark.redis),
 ]
 
 
-@pytest.fixture(params=["memory", "sqlite", *_SERVERS])
+@pytest.fixture(params=["memory", "sqlite", *SERVERS])
 def backend_factory(request: pytest.FixtureRequest) -> BackendFactory:
     """Runs the test on every kind of backend, each over the test's own storage."""
     factory: BackendFactory = request.getfixturevalue(f"{request.param}_backend_factory")
     return factory
 
 
-@pytest.fixture(params=["sqlite", *_SERVERS])
+@pytest.fixture(params=["sqlite", *SERVERS])
 def persistent_backend_factory(request: pytest.FixtureRequest) -> BackendFactory:
     """Runs the test on every kind of backend whose storage outlives the backend object."""
     factory: BackendFactory = request.getfixturevalue(f"{request.param}_backend_factory")

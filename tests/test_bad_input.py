@@ -319,7 +319,7 @@ def test_the_json_codec_matches_the_standard_library() -> None:
 
     if platform.python_implementation() == "CPython":
         assert _json._encode is not _json._encoder.encode  # the prebuilt encoder is in use
-    value = {"a": [1, -2.5, 1e300, None, True, "é\n\"q"], "nested": {"t": (1, 2)}, "big": 10**40, "": {}}
+    value = {"a": [1, -2.5, 1e300, None, True, 'é\n"q'], "nested": {"t": (1, 2)}, "big": 10**40, "": {}}
     text = _json.dumps("k", value)
     assert text == json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     assert _json.loads(text) == json.loads(text)

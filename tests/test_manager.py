@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+from _servers import SERVERS
 
 from cognitia import (
     BackendClosedError,
@@ -613,3 +614,110 @@ async def test_locked_holds_off_writers_of_that_key_only(anyio_backend: str) -> 
     assert (await manager.get("agent:a")).state == {"n": 1}
     async with manager.locked("agent:none") as missing:
         assert missing is None
+
+
+# -- revalidate: live copies that another worker has made stale ----------------------------------
+
+
+@pytest.fixture(params=["memory", "sqlite", *SERVERS, "custom"])
+def two_workers(request: pytest.FixtureRequest) -> Callable[[], SessionBackend]:
+    """Backend objects over one storage: every backend kind, and a four-method user backend."""
+    if request.param == "custom":
+        storage: dict[str, str] = {}
+        return lambda: DictBackend(storage)
+    factory: Callable[[], SessionBackend] = request.getfixturevalue(f"{request.param}_backend_factory")
+    return factory
+
+
+def texts(turns: list[dict[str, Any]]) -> list[str]:
+    return [turn["text"] for turn in turns]
+
+
+def say(text: str) -> Callable[[Session], None]:
+    return lambda session: session.turns.append({"text": text})
+
+
+async def test_revalidate_reloads_a_live_copy_another_worker_saved_over(
+    two_workers: Callable[[], SessionBackend],
+) -> None:
+    a = InMemorySessionManager(two_workers(), revalidate=True)
+    b = InMemorySessionManager(two_workers(), revalidate=True)
+    loaded = record(a, "loaded")
+    conflicts = record(a, "conflict") + record(b, "conflict")
+    await a.update("agent:chat", say("one"))
+    await b.update("agent:chat", say("two"))
+    assert texts(await a.turns("agent:chat")) == ["one", "two"]
+    assert [(e.name, e.version, e.reason) for e in loaded] == [("loaded", 2, "stale")]
+    # A conversation moving between workers on every turn never conflicts.
+    for i in range(3, 9):
+        await (a if i % 2 else b).update("agent:chat", say(str(i)))
+    assert conflicts == []
+    for worker in (a, b):
+        session = await worker.get("agent:chat")
+        assert session.version == 8
+        assert texts(await session.turns.all()) == ["one", "two", *map(str, range(3, 9))]
+        assert texts(await worker.turns("agent:chat", last=2)) == ["7", "8"]
+
+
+async def test_without_revalidate_a_live_copy_is_served_until_a_save_conflicts(
+    two_workers: Callable[[], SessionBackend],
+) -> None:
+    """The default: reads come from memory; writes are still protected by versions."""
+    a = InMemorySessionManager(two_workers())
+    b = InMemorySessionManager(two_workers())
+    await a.update("agent:chat", say("one"))
+    await b.update("agent:chat", say("two"))
+    assert texts(await a.turns("agent:chat")) == ["one"]
+    await a.update("agent:chat", say("three"))  # conflicts, reloads, applies again
+    assert texts(await b.turns("agent:chat")) == ["one", "two"]
+    assert texts(await InMemorySessionManager(two_workers()).turns("agent:chat")) == ["one", "two", "three"]
+
+
+async def test_revalidate_keeps_an_unchanged_live_copy_and_its_turns(
+    two_workers: Callable[[], SessionBackend],
+) -> None:
+    a = InMemorySessionManager(two_workers(), revalidate=True)
+    await a.update("agent:chat", say("one"))
+    session = await a.get("agent:chat")
+    loaded = record(a, "loaded")
+    await a.update("agent:chat", say("two"))
+    assert await a.get("agent:chat") is session
+    assert texts(await a.turns("agent:chat")) == ["one", "two"]
+    assert loaded == []
+
+
+async def test_revalidate_drops_a_live_copy_another_worker_deleted(
+    two_workers: Callable[[], SessionBackend],
+) -> None:
+    a = InMemorySessionManager(two_workers(), revalidate=True)
+    b = InMemorySessionManager(two_workers(), revalidate=True)
+    evicted = record(a, "evicted")
+    await a.update("agent:chat", say("one"))
+    assert await b.delete("agent:chat")
+    assert await a.turns("agent:chat") == []
+    assert [(e.name, e.key, e.reason) for e in evicted] == [("evicted", "agent:chat", "gone")]
+    assert "agent:chat" not in a
+    with pytest.raises(SessionNotFound):
+        await a.get("agent:chat")
+    # A session created again elsewhere is found, with only its own turns.
+    await b.update("agent:chat", say("again"))
+    assert texts(await a.turns("agent:chat")) == ["again"]
+
+
+async def test_revalidate_never_drops_unsaved_changes(two_workers: Callable[[], SessionBackend]) -> None:
+    a = InMemorySessionManager(two_workers(), revalidate=True)
+    b = InMemorySessionManager(two_workers(), revalidate=True)
+    await a.register("agent:chat", {"n": 0})
+    mine = await a.get("agent:chat")
+    mine.state["n"] = 1  # changed, not saved yet
+    await b.update("agent:chat", lambda s: s.state.update(n=100))
+    assert await a.get("agent:chat") is mine and mine.state == {"n": 1}
+    with pytest.raises(VersionConflictError):
+        await a.save(mine)
+    assert (await a.get("agent:chat")).state == {"n": 100}
+
+    # A session created by open() and not stored yet stays live.
+    fresh = await a.open("agent:new", {"n": 1})
+    assert await a.get("agent:new") is fresh
+    await a.save(fresh)
+    assert (await b.get("agent:new")).state == {"n": 1}

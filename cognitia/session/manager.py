@@ -23,7 +23,7 @@ from .._json import byte_size, check_key, dumps, loads
 from ..errors import BackendClosedError, SessionNotFound, VersionConflictError
 from ._events import EVENTS, EventName, Hook, HookRegistry, SessionEvent, Subscription
 from ._session import Session, Turns
-from ._store import Store, open_store
+from ._store import Loaded, Store, open_store
 from .backends._protocol import SessionBackend
 from .backends._scope import MemoryScope
 
@@ -172,6 +172,12 @@ class InMemorySessionManager:
         max_sessions: evict the least recently used live sessions beyond this many
             (event ``evicted``). Evicted sessions stay in storage.
         retries: how many times :meth:`update` re-applies a change after a version conflict.
+        revalidate: before a live session is used, check that storage still holds the
+            version it was loaded or saved as, and reload it if another worker (or another
+            manager on the same storage) saved or deleted it since (event ``loaded`` with
+            ``reason="stale"``). Costs one read of the stored record per access; turns
+            already in memory are kept while the version is unchanged. Turn it on when
+            requests for one session may reach different workers.
         strict_hooks: re-raise hook failures as :class:`~cognitia.errors.HookError`
             instead of logging them (for tests).
         sweep_interval: seconds between idle and retention sweeps under ``async with``.
@@ -188,6 +194,7 @@ class InMemorySessionManager:
         idle_ttl: float | None = None,
         max_sessions: int | None = None,
         retries: int = 3,
+        revalidate: bool = False,
         strict_hooks: bool = False,
         sweep_interval: float = 60.0,
         save_timeout: float = 30.0,
@@ -203,6 +210,7 @@ class InMemorySessionManager:
         self.idle_ttl = idle_ttl
         self.max_sessions = max_sessions
         self.retries = retries
+        self.revalidate = revalidate
         self.sweep_interval = sweep_interval
         self.save_timeout = save_timeout
         self._live: OrderedDict[str, Session] = OrderedDict()
@@ -441,6 +449,11 @@ class InMemorySessionManager:
         """
         check_key(key)
         session = self._live.get(key)
+        if session is not None and self.revalidate and self._store.backend is not None:
+            async with self._operation(key):
+                session = await self._get_locked(key)
+                if session is None:
+                    return []
         if session is not None:
             return await (session.turns.all() if last is None else session.turns.last(last))
         return await self._store.turns(key, last)
@@ -536,17 +549,44 @@ class InMemorySessionManager:
 
     async def _get_locked(self, key: str) -> Session | None:
         session = self._live.get(key)
+        reason = None
         if session is not None:
             if self.idle_ttl is not None and session.last_active <= self._clock() - self.idle_ttl:
                 await self._retire(session, "expired", reason="idle")
-            else:
+            elif not self.revalidate or self._store.backend is None:
                 session.last_active = self._clock()
                 self._live.move_to_end(key)
                 return session
+            else:
+                started = time.perf_counter()
+                loaded = await self._store.read(key)
+                if self._current(session, loaded):
+                    session.last_active = self._clock()
+                    self._live.move_to_end(key)
+                    return session
+                # Another writer saved or deleted the session since this copy was made.
+                del self._live[key]
+                if loaded is None:
+                    await self._emit("evicted", key, session.version, started, reason="gone")
+                    return None
+                return await self._rehydrate(key, loaded, started, reason="stale")
         started = time.perf_counter()
         loaded = await self._store.read(key)
         if loaded is None:
             return None
+        return await self._rehydrate(key, loaded, started, reason=reason)
+
+    def _current(self, session: Session, loaded: Loaded | None) -> bool:
+        """Whether a live session may be served as it is, given what storage holds now."""
+        if loaded is None:
+            return session.version == 0  # created by open(), not stored yet
+        if loaded.version == session.version:
+            return True
+        # Changes made to the live copy and not saved yet are never dropped here: its next
+        # save reports the conflict, as it would without revalidation.
+        return self._changed(session)
+
+    async def _rehydrate(self, key: str, loaded: Loaded, started: float, *, reason: str | None) -> Session:
         session = Session(
             key,
             loaded.state,
@@ -556,7 +596,9 @@ class InMemorySessionManager:
             last_active=self._clock(),
         )
         self._admit(session)
-        await self._emit("loaded", key, loaded.version, started, size=loaded.bytes, turns=loaded.turn_count)
+        await self._emit(
+            "loaded", key, loaded.version, started, size=loaded.bytes, turns=loaded.turn_count, reason=reason
+        )
         return session
 
     async def _persist(
