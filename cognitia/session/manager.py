@@ -221,6 +221,18 @@ class InMemorySessionManager:
         self._closed = False
         self._task_group: anyio.abc.TaskGroup | None = None
 
+    @classmethod
+    def of(cls, store: SessionBackend | InMemorySessionManager) -> InMemorySessionManager:
+        """``store`` itself if it is a manager, else a new manager over the backend.
+
+        For components that accept either (the integrations do). A manager made here
+        belongs to one component object, while other objects, processes or managers may
+        use the same storage, so it is created with ``revalidate=True``.
+        """
+        if isinstance(store, InMemorySessionManager):
+            return store
+        return cls(store, revalidate=True)
+
     # -- hooks ------------------------------------------------------------------------------
 
     @overload

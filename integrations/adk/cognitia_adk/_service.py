@@ -66,11 +66,7 @@ class CognitiaSessionService(BaseSessionService):
         *,
         prefix: str = "adk:",
     ) -> None:
-        self.manager = (
-            backend_or_manager
-            if isinstance(backend_or_manager, InMemorySessionManager)
-            else InMemorySessionManager(backend_or_manager)
-        )
+        self.manager = InMemorySessionManager.of(backend_or_manager)
         self.prefix = prefix
 
     # -- keys -------------------------------------------------------------------------------

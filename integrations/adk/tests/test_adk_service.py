@@ -294,6 +294,28 @@ async def test_a_writer_in_another_process_is_detected_by_version(persistent_bac
         assert [event.invocation_id for event in events] == ["from b"]
 
 
+async def test_a_conversation_moving_between_workers_on_every_turn(
+    persistent_backend_factory: Any, agent: Agent
+) -> None:
+    """Each turn reaches another worker (its own backend object and service on the same storage):
+    every worker reads what the others stored, so no turn is refused as stale."""
+    async with persistent_backend_factory() as backend_a, persistent_backend_factory() as backend_b:
+        services = [CognitiaSessionService(backend_a), CognitiaSessionService(backend_b)]
+        runners = [Runner(agent=agent, app_name=APP, session_service=service) for service in services]
+        await services[0].create_session(app_name=APP, user_id="ann", session_id="s1")
+        answers = [await ask(runners[i % 2], "ann", "s1", f"turn {i}") for i in range(4)]
+        assert answers[-1] == "rolled 4; prompts seen: turn 0 | turn 1 | turn 2 | turn 3"
+        for service in services:
+            session = await stored(service, "ann", "s1")
+            assert user_texts(session) == [f"turn {i}" for i in range(4)]
+            assert session.state == {"last_roll": 4, "user:rolls": 4, "app:rolls": 4}
+            assert await service.get_user_state(app_name=APP, user_id="ann") == {"rolls": 4}
+
+        await services[1].delete_session(app_name=APP, user_id="ann", session_id="s1")
+        assert await services[0].get_session(app_name=APP, user_id="ann", session_id="s1") is None
+        assert (await services[0].list_sessions(app_name=APP, user_id="ann")).sessions == []
+
+
 async def test_create_list_and_delete(store_backend: BackendBase) -> None:
     service = CognitiaSessionService(store_backend)
     created = await service.create_session(app_name=APP, user_id="ann:1", state={"user:tier": "gold"})

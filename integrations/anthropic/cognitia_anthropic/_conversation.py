@@ -51,7 +51,7 @@ class PersistedConversation:
     ) -> None:
         self.key = key if scope is None else scoped_key(scope, key)
         """The cognitia session key the messages are stored under."""
-        self.manager = store if isinstance(store, InMemorySessionManager) else InMemorySessionManager(store)
+        self.manager = InMemorySessionManager.of(store)
 
     async def messages(self) -> list[BetaMessageParam]:
         """Every stored message, oldest first: what to pass as ``messages=`` to resume."""

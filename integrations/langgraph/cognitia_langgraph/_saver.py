@@ -122,7 +122,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         refuse_pickle(self.serde)
         if not isinstance(key_prefix, str):
             raise TypeError(f"key_prefix must be a str, got {type(key_prefix).__name__}")
-        self.manager = store if isinstance(store, InMemorySessionManager) else InMemorySessionManager(store)
+        self.manager = InMemorySessionManager.of(store)
         self.key_prefix = key_prefix
         self._bridge = SyncBridge()
         # The objects LangGraph saved last, per live session: a read of the latest checkpoint

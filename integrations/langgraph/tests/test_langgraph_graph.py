@@ -148,6 +148,31 @@ async def test_concurrent_threads_stay_separate(
     assert sorted(await saver.manager.list_keys("langgraph:")) == sorted(f"langgraph:{c}" for c in cities)
 
 
+async def test_a_thread_moving_between_workers_on_every_turn(
+    build_agent: Any, tool_call_message: ToolCall, persistent_backend_factory: Any
+) -> None:
+    """Turns alternate between two workers (a saver over its own backend object each, on the
+    same storage): each reads the checkpoint the other saved last, never its own older one."""
+    async with persistent_backend_factory() as backend_a, persistent_backend_factory() as backend_b:
+        savers = [CognitiaSaver(backend_a), CognitiaSaver(backend_b)]
+        cities = ["Lima", "Kyiv", "Baku", "Doha"]
+        out: dict[str, Any] = {}
+        for i, city in enumerate(cities):
+            graph = build_agent(
+                savers[i % 2], [tool_call_message(city, f"call-{i}"), AIMessage(content=f"done {city}")]
+            )
+            out = await graph.ainvoke({"messages": [HumanMessage(content=f"weather {city}")]}, config("t"))
+        expected = [
+            text
+            for city in cities
+            for text in (f"weather {city}", "", f"sunny, 24 degrees in {city}", f"done {city}")
+        ]
+        assert [m.content for m in out["messages"]] == expected
+        for saver in savers:
+            state = await build_agent(saver, []).aget_state(config("t"))
+            assert [m.content for m in state.values["messages"]] == expected
+
+
 async def test_saved_hooks_and_logs_fire_for_graph_steps(
     build_agent: Any, tool_call_message: ToolCall
 ) -> None:

@@ -50,7 +50,7 @@ class CognitiaSession:
         self.session_id = session_id
         self.key = session_id if scope is None else scoped_key(scope, session_id)
         """The cognitia session key the items are stored under."""
-        self.manager = store if isinstance(store, InMemorySessionManager) else InMemorySessionManager(store)
+        self.manager = InMemorySessionManager.of(store)
         self.session_settings = session_settings
 
     async def get_items(self, limit: int | None = None) -> list[TResponseInputItem]:

@@ -220,3 +220,23 @@ async def test_run_sync_from_trio_through_a_thread(tmp_path: Path, agent: Agent[
         # The second run saw the first as history, and trio reads what the thread stored.
         assert texts(agent.model.inputs[-1]) == EXPECTED[:5]  # type: ignore[union-attr]
         assert texts(await InMemorySessionManager(backend).turns("user-1")) == EXPECTED
+
+
+async def test_sessions_over_one_storage_see_each_others_items(
+    backend_factory: Any, agent: Agent[Any]
+) -> None:
+    """Two workers, each with its own backend object on the same storage, share a conversation:
+    every read sees what the other stored (a session built from a backend revalidates)."""
+    one = CognitiaSession("user-1", backend_factory())
+    two = CognitiaSession("user-1", backend_factory())
+    await Runner.run(agent, "What is the weather in Paris?", session=one)
+    await Runner.run(agent, "thanks", session=two)
+    assert texts(agent.model.inputs[-1]) == EXPECTED[:5]  # type: ignore[union-attr]
+    assert texts(await one.get_items()) == EXPECTED
+
+    popped = await one.pop_item()
+    assert popped is not None and texts([popped]) == EXPECTED[-1:]
+    assert texts(await two.get_items()) == EXPECTED[:-1]
+    await two.clear_session()
+    assert await one.get_items() == []
+    assert await one.pop_item() is None

@@ -7,16 +7,8 @@ from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
 from pydantic_ai.run import AgentRunResult
 
 from cognitia import InMemorySessionManager, Session
-from cognitia.session.backends import SessionBackend
 
-__all__ = ["history", "manager_for", "remember"]
-
-
-def manager_for(backend_or_manager: InMemorySessionManager | SessionBackend) -> InMemorySessionManager:
-    """``backend_or_manager`` itself if it is a manager, else a new manager over the backend."""
-    if isinstance(backend_or_manager, InMemorySessionManager):
-        return backend_or_manager
-    return InMemorySessionManager(backend_or_manager)
+__all__ = ["history", "remember"]
 
 
 async def history(

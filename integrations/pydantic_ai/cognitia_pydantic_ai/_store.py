@@ -16,8 +16,6 @@ from pydantic_ai.messages import ModelMessagesTypeAdapter
 from cognitia import InMemorySessionManager, Session, SessionNotFound
 from cognitia.session.backends import SessionBackend
 
-from ._history import manager_for
-
 __all__ = ["CognitiaConversationStore"]
 
 _RECORD: TypeAdapter[ConversationRecord] = TypeAdapter(ConversationRecord)
@@ -62,7 +60,7 @@ class CognitiaConversationStore(ConversationStore):
         *,
         prefix: str = "pydantic_ai:conversation:",
     ) -> None:
-        self.manager = manager_for(backend_or_manager)
+        self.manager = InMemorySessionManager.of(backend_or_manager)
         self.prefix = prefix
         # Which session holds an entry, for the heads and branch tips this store has
         # seen: read_history() and read_entry() get only an entry id.

@@ -240,6 +240,21 @@ async def test_a_writer_in_another_process_is_detected_by_version(
         assert prompts_of(loaded.messages) == ["start", "worker b"]
 
 
+async def test_a_conversation_moving_between_workers_on_every_request(
+    persistent_backend_factory: Any, agent: Agent[None, str], prompts_of: Prompts
+) -> None:
+    """Stateless requests alternate between two workers (a store over its own backend object
+    each): every load sees the other's save, so no request ends in a conflict."""
+    async with persistent_backend_factory() as backend_a, persistent_backend_factory() as backend_b:
+        stores = [CognitiaConversationStore(backend_a), CognitiaConversationStore(backend_b)]
+        for i in range(4):
+            await chat(stores[i % 2], agent, "c1", f"request {i}")
+        for store in stores:
+            loaded = await store.load("c1")
+            assert loaded is not None
+            assert prompts_of(loaded.messages) == [f"request {i}" for i in range(4)]
+
+
 async def test_branch_fork_and_delete(
     store_backend: BackendBase, agent: Agent[None, str], prompts_of: Prompts
 ) -> None:
