@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import quote
 
+import anyio
 from google.adk.errors import StaleSessionError
 from google.adk.errors.already_exists_error import AlreadyExistsError
 from google.adk.errors.session_not_found_error import SessionNotFoundError
@@ -20,6 +23,7 @@ from google.adk.sessions.base_session_service import (
 from pydantic_core import to_jsonable_python
 
 from cognitia import InMemorySessionManager, Session, SessionNotFound
+from cognitia._json import dumps
 from cognitia.session.backends import SessionBackend
 
 __all__ = ["CognitiaSessionService"]
@@ -68,6 +72,8 @@ class CognitiaSessionService(BaseSessionService):
     ) -> None:
         self.manager = InMemorySessionManager.of(backend_or_manager)
         self.prefix = prefix
+        # Per session key being appended to: its lock and how many appends hold or await it.
+        self._appending: dict[str, list[Any]] = {}
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -100,6 +106,7 @@ class CognitiaSessionService(BaseSessionService):
         """Create and store a session; ``AlreadyExistsError`` if the id is taken."""
         session_id = (session_id.strip() if session_id else None) or platform_uuid.new_uuid()
         app_delta, user_delta, own_state = _split(state or {})
+        self._check_scoped(app_name, user_id, app_delta, user_delta)
         now = platform_time.get_time()
         record = {
             "app_name": app_name,
@@ -167,7 +174,21 @@ class CognitiaSessionService(BaseSessionService):
         self._apply_temp_state(session, event)
         event = self._trim_temp_delta_state(event)
         app_delta, user_delta, own_delta = _split(event.actions.state_delta if event.actions else {})
+        self._check_scoped(session.app_name, session.user_id, app_delta, user_delta)
         turn = event.model_dump(mode="json", exclude_none=True)
+        key = self.session_key(session.app_name, session.user_id, session.id)
+        async with self._appending_to(key):
+            # Held from reading the session object's version to recording the new one, so
+            # appends made at once through one session object (ADK does so for live tools)
+            # each see the version the one before them wrote.
+            await self._append(key, session, event, turn, own_delta)
+        await self._merge(self.app_key(session.app_name), app_delta)
+        await self._merge(self.user_key(session.app_name, session.user_id), user_delta)
+        return self._commit_event_to_session(session, event)
+
+    async def _append(
+        self, key: str, session: AdkSession, event: Event, turn: Turn, own_delta: dict[str, Any]
+    ) -> None:
         seen = _marker(session)
 
         def append(stored: Session) -> None:
@@ -192,14 +213,36 @@ class CognitiaSessionService(BaseSessionService):
             }
             stored.turns.append(turn)
 
-        stored = await self.manager.update(
-            self.session_key(session.app_name, session.user_id, session.id), append
-        )
+        stored = await self.manager.update(key, append)
         session.last_update_time = event.timestamp
         _set_marker(session, stored.version)
-        await self._merge(self.app_key(session.app_name), app_delta)
-        await self._merge(self.user_key(session.app_name, session.user_id), user_delta)
-        return self._commit_event_to_session(session, event)
+
+    @asynccontextmanager
+    async def _appending_to(self, key: str) -> AsyncIterator[None]:
+        entry = self._appending.get(key)
+        if entry is None:
+            entry = self._appending[key] = [anyio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._appending[key]
+
+    def _check_scoped(
+        self, app_name: str, user_id: str, app_delta: dict[str, Any], user_delta: dict[str, Any]
+    ) -> None:
+        """Refuse ``app:``/``user:`` values JSON cannot hold before anything is written.
+
+        They are stored after the session's own write, so a value found bad only then
+        would leave the event stored without them.
+        """
+        if app_delta:
+            dumps(self.app_key(app_name), app_delta)
+        if user_delta:
+            dumps(self.user_key(app_name, user_id), user_delta)
 
     # -- internals --------------------------------------------------------------------------
 

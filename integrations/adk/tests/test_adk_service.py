@@ -13,7 +13,7 @@ from google.adk.agents import Agent
 from google.adk.errors import StaleSessionError
 from google.adk.errors.already_exists_error import AlreadyExistsError
 from google.adk.errors.session_not_found_error import SessionNotFoundError
-from google.adk.events import Event
+from google.adk.events import Event, EventActions
 from google.adk.runners import Runner
 from google.adk.sessions import BaseSessionService, InMemorySessionService
 from google.adk.sessions import Session as AdkSession
@@ -21,7 +21,7 @@ from google.adk.sessions.base_session_service import GetSessionConfig
 from google.genai import types
 
 import cognitia_adk
-from cognitia import InMemorySessionManager, SessionEvent
+from cognitia import InMemorySessionManager, SessionEvent, StateNotSerializableError
 from cognitia.session.backends import BackendBase, SqliteSessionBackend
 from cognitia_adk import CognitiaSessionService
 
@@ -314,6 +314,45 @@ async def test_a_conversation_moving_between_workers_on_every_turn(
         await services[1].delete_session(app_name=APP, user_id="ann", session_id="s1")
         assert await services[0].get_session(app_name=APP, user_id="ann", session_id="s1") is None
         assert (await services[0].list_sessions(app_name=APP, user_id="ann")).sessions == []
+
+
+async def test_appends_at_once_through_one_session_object_all_land(store_backend: BackendBase) -> None:
+    """ADK appends from a live tool's task while the main loop appends too, through one object."""
+    service = CognitiaSessionService(store_backend)
+    session = await service.create_session(app_name=APP, user_id="ann", session_id="s1")
+
+    async with anyio.create_task_group() as tg:
+        for i in range(5):
+            tg.start_soon(service.append_event, session, Event(author="user", invocation_id=f"e{i}"))
+
+    stored_events = (await stored(service, "ann", "s1")).events
+    assert sorted(event.invocation_id for event in stored_events) == [f"e{i}" for i in range(5)]
+    assert len(session.events) == 5
+    assert service._appending == {}  # no lock outlives its appends
+
+
+@pytest.mark.parametrize("bad", [object(), float("nan")], ids=["object", "nan"])
+async def test_a_scoped_value_json_cannot_hold_writes_nothing(store_backend: BackendBase, bad: Any) -> None:
+    service = CognitiaSessionService(store_backend)
+    with pytest.raises(StateNotSerializableError, match="user:dice:ann"):
+        await service.create_session(app_name=APP, user_id="ann", session_id="s1", state={"user:x": bad})
+    assert await service.get_session(app_name=APP, user_id="ann", session_id="s1") is None
+
+    session = await service.create_session(app_name=APP, user_id="ann", session_id="s1")
+    before = (session.last_update_time, session._storage_update_marker)
+    event = Event(author="user", invocation_id="i1", actions=EventActions(state_delta={"k": 1, "app:x": bad}))
+    with pytest.raises(StateNotSerializableError, match="app:dice"):
+        await service.append_event(session, event)
+    assert (session.last_update_time, session._storage_update_marker) == before
+    assert session.events == []
+    assert (await stored(service, "ann", "s1")).events == []
+
+    # The caller fixes the value and tries again: the event is stored once.
+    fixed = Event(author="user", invocation_id="i1", actions=EventActions(state_delta={"k": 1, "app:x": 2}))
+    await service.append_event(session, fixed)
+    again = await stored(service, "ann", "s1")
+    assert [e.invocation_id for e in again.events] == ["i1"]
+    assert again.state == {"k": 1, "app:x": 2}
 
 
 async def test_create_list_and_delete(store_backend: BackendBase) -> None:
