@@ -721,3 +721,15 @@ async def test_revalidate_never_drops_unsaved_changes(two_workers: Callable[[], 
     assert await a.get("agent:new") is fresh
     await a.save(fresh)
     assert (await b.get("agent:new")).state == {"n": 1}
+
+
+async def test_turns_refuses_a_negative_count_whether_live_or_stored(backend: SessionBackend) -> None:
+    manager = InMemorySessionManager(backend)
+    await manager.update("agent:chat", say("one"))
+    for _ in ("live", "stored only"):
+        with pytest.raises(ValueError, match="agent:chat"):
+            await manager.turns("agent:chat", last=-1)
+        assert await manager.turns("agent:chat", last=0) == []
+        assert texts(await manager.turns("agent:chat", last=5)) == ["one"]
+        await manager.close("agent:chat")
+    assert "agent:chat" not in manager

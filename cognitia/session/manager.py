@@ -460,6 +460,8 @@ class InMemorySessionManager:
         (only the tail when ``last`` is given).
         """
         check_key(key)
+        if last is not None and (type(last) is not int or last < 0):
+            raise ValueError(f"last must be a non-negative int or None, got {last!r} (session {key!r})")
         session = self._live.get(key)
         if session is not None and self.revalidate and self._store.backend is not None:
             async with self._operation(key):

@@ -4,6 +4,7 @@ from typing import Any, cast
 
 from agents.items import TResponseInputItem
 from agents.memory import SessionSettings
+from agents.memory.session_settings import coerce_session_settings
 
 from cognitia import InMemorySessionManager, MemoryScope, Session, scoped_key
 from cognitia.session.backends import SessionBackend
@@ -45,13 +46,16 @@ class CognitiaSession:
         store: SessionBackend | InMemorySessionManager,
         *,
         scope: MemoryScope | None = None,
-        session_settings: SessionSettings | None = None,
+        session_settings: SessionSettings | dict[str, Any] | None = None,
     ) -> None:
         self.session_id = session_id
         self.key = session_id if scope is None else scoped_key(scope, session_id)
         """The cognitia session key the items are stored under."""
         self.manager = InMemorySessionManager.of(store)
-        self.session_settings = session_settings
+        # A dict is accepted and converted, as the SDK's own sessions do.
+        self.session_settings = (
+            None if session_settings is None else coerce_session_settings(session_settings)
+        )
 
     async def get_items(self, limit: int | None = None) -> list[TResponseInputItem]:
         """The conversation's items, oldest first; only the newest ``limit`` if given.

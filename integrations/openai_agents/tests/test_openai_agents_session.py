@@ -173,6 +173,9 @@ async def test_get_items_limit_pop_and_clear_are_stored(backend_factory: Any, ag
     assert texts(await session.get_items(limit=-1)) == EXPECTED
     limited = CognitiaSession("user-1", backend_factory(), session_settings=SessionSettings(limit=3))
     assert texts(await limited.get_items()) == EXPECTED[-3:]
+    as_dict = CognitiaSession("user-1", backend_factory(), session_settings={"limit": 2})
+    assert as_dict.session_settings == SessionSettings(limit=2)
+    assert texts(await as_dict.get_items()) == EXPECTED[-2:]
 
     popped = await session.pop_item()
     assert popped is not None and texts([popped]) == EXPECTED[-1:]
