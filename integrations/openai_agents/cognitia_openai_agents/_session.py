@@ -61,6 +61,7 @@ class CognitiaSession:
         """The conversation's items, oldest first; only the newest ``limit`` if given.
 
         A live session answers from memory; otherwise only the requested tail is read.
+        The dicts returned are the ones the session holds: read them, copy to change them.
         """
         if limit is None and self.session_settings is not None:
             limit = self.session_settings.limit
