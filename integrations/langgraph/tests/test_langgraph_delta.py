@@ -182,14 +182,20 @@ class CountingSerializer(JsonPlusSerializer):
         return value
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # LangGraph's graph loop is asyncio-only
-async def test_a_seed_is_decoded_once_and_served_again_only_while_unchanged() -> None:
+async def counted_chat(turns: int) -> tuple[CountingSerializer, CognitiaSaver, Any, RunnableConfig]:
+    """A chat graph whose saver counts decodes, after ``turns`` turns of one thread."""
     serde = CountingSerializer()
     saver = CognitiaSaver(InMemorySessionBackend(), serde=serde)
     graph = chat_graph(saver)
-    config: RunnableConfig = {"configurable": {"thread_id": "seeds"}}
-    for i in range(12):
+    config: RunnableConfig = {"configurable": {"thread_id": "counted"}}
+    for i in range(turns):
         await graph.ainvoke({"messages": [HumanMessage(content=f"m{i}", id=f"h{i}")]}, config)
+    return serde, saver, graph, config
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # LangGraph's graph loop is asyncio-only
+async def test_a_seed_is_decoded_once_and_served_again_only_while_unchanged() -> None:
+    serde, saver, graph, config = await counted_chat(12)
 
     first = await saver.aget_delta_channel_history(config=config, channels=["messages"])
     decoded = serde.snapshots
@@ -213,12 +219,7 @@ async def test_a_seed_is_decoded_once_and_served_again_only_while_unchanged() ->
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # LangGraph's graph loop is asyncio-only
 async def test_writes_are_decoded_once_and_served_again_only_while_unchanged() -> None:
-    serde = CountingSerializer()
-    saver = CognitiaSaver(InMemorySessionBackend(), serde=serde)
-    graph = chat_graph(saver)
-    config: RunnableConfig = {"configurable": {"thread_id": "writes"}}
-    for i in range(13):
-        await graph.ainvoke({"messages": [HumanMessage(content=f"m{i}", id=f"h{i}")]}, config)
+    serde, saver, graph, config = await counted_chat(13)
 
     first = (await saver.aget_delta_channel_history(config=config, channels=["messages"]))["messages"]
     writes = first["writes"]
