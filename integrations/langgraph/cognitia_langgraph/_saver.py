@@ -210,6 +210,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
         """Append ``checkpoint`` to its thread's log; return the config that names it."""
+        self._bridge.remember()
         thread_id, ns = _thread_and_ns(config)
         key = self.key(thread_id)
         parent_id = config["configurable"].get("checkpoint_id")
@@ -253,6 +254,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         task_path: str = "",
     ) -> None:
         """Append one task's pending writes for the checkpoint ``config`` names."""
+        self._bridge.remember()
         if not writes:
             return
         thread_id, ns = _thread_and_ns(config)
@@ -469,6 +471,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
     async def _locked(self, key: str) -> AsyncIterator[Session | None]:
         # Reads take the manager's per-key lock, as its writes do: loading the turn log
         # while a save of the same session commits would interleave the two.
+        self._bridge.remember()
         async with self.manager.locked(key) as session:
             yield session
 

@@ -7,6 +7,10 @@ Three situations, told apart without guessing:
   LangGraph's executor started from there (it copies the context, so the loop found first is
   remembered in a context variable): the call is sent back to that loop, where the session
   manager lives.
+* The call comes from another thread (LangGraph saves the writes of parallel branches from
+  its pool threads outside that context; ``asyncio.to_thread``; a thread of the
+  application's own): it is sent to the loop the saver was last used on (its async API, a
+  call sent there, or the loop it was created on), while that loop runs.
 * No event loop is running anywhere near (a plain script calling ``graph.invoke``): the call
   runs in a short-lived event loop of its own. Such calls are serialized per saver, so the
   manager is never driven by two loops at once.
@@ -40,6 +44,19 @@ class SyncBridge:
 
     def __init__(self) -> None:
         self._own_loop_lock = threading.Lock()
+        self._own_loop_thread: threading.Thread | None = None
+        self._home: EventLoopToken | None = None
+        """The event loop the saver was last used on, if any (never one of its own)."""
+        self.remember()
+
+    def remember(self) -> None:
+        """Note the running event loop as the saver's (a no-op outside one, or in a loop of its own)."""
+        if threading.current_thread() is self._own_loop_thread:
+            return  # a loop of the saver's own closes when its call returns
+        try:
+            self._home = anyio.lowlevel.current_token()
+        except NoEventLoopError:
+            pass
 
     def run(self, name: str, fn: Callable[[*Ts], Awaitable[T]], *args: *Ts) -> T:
         token = _host_loop.get()
@@ -55,8 +72,17 @@ class SyncBridge:
         try:
             anyio.lowlevel.current_token()
         except NoEventLoopError:
+            home = self._home
+            if home is not None:
+                if _running(home):
+                    return anyio.from_thread.run(_call, fn, *args, token=home)
+                self._home = None
             with self._own_loop_lock:
-                return anyio.run(_call, fn, *args)
+                self._own_loop_thread = threading.current_thread()
+                try:
+                    return anyio.run(_call, fn, *args)
+                finally:
+                    self._own_loop_thread = None
         raise RuntimeError(
             f"CognitiaSaver.{name}() was called on the event loop's thread, where it would block the loop. "
             f"Use the async API (graph.ainvoke, saver.a{name}), or run the sync graph in a worker thread: "
@@ -66,3 +92,16 @@ class SyncBridge:
 
 async def _call(fn: Callable[[*Ts], Awaitable[T]], *args: *Ts) -> T:
     return await fn(*args)
+
+
+def _running(token: EventLoopToken) -> bool:
+    """Whether the loop behind ``token`` still runs (and so can take a call)."""
+    try:
+        anyio.from_thread.run_sync(_nothing, token=token)
+    except RuntimeError:  # asyncio: "Event loop is closed"; trio: RunFinishedError
+        return False
+    return True
+
+
+def _nothing() -> None:
+    return None

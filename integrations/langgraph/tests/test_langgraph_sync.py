@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import operator
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypedDict
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import anyio.to_thread
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.runnables import RunnableConfig
+from langgraph.graph import END, START, StateGraph
 
 from cognitia import SessionEvent
 from cognitia.session.backends import SqliteSessionBackend
@@ -72,3 +79,70 @@ async def test_sync_call_on_the_event_loop_thread_is_refused() -> None:
     saver = CognitiaSaver(InMemorySessionBackend())
     with pytest.raises(RuntimeError, match="ainvoke"):
         saver.get_tuple(CFG)
+
+
+class Fan(TypedDict):
+    log: Annotated[list[str], operator.add]
+
+
+def fan_out_graph(saver: CognitiaSaver, width: int) -> Any:
+    """One step of ``width`` nodes run at once: LangGraph saves their writes from its own threads."""
+    builder = StateGraph(Fan)
+    for i in range(width):
+        builder.add_node(f"n{i}", lambda state, i=i: {"log": [f"n{i}"]})
+        builder.add_edge(START, f"n{i}")
+        builder.add_edge(f"n{i}", END)
+    return builder.compile(checkpointer=saver)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("thread", ["anyio worker", "plain thread"])
+async def test_parallel_branches_in_a_worker_thread_save_on_the_host_loop(
+    anyio_backend: str, thread: str, tmp_path: Path
+) -> None:
+    """Writes LangGraph saves from its pool threads (outside the caller's context) go to the host
+    loop too, as do the calls of a thread anyio did not start (the saver was made on the loop)."""
+    async with SqliteSessionBackend(db_path=tmp_path / "fan.db") as backend:
+        saver = CognitiaSaver(backend)
+        events: list[SessionEvent] = []
+        saver.manager.on("saved", events.append)
+        graph = fan_out_graph(saver, 8)
+
+        def invoke(n: int) -> Any:
+            return graph.invoke({"log": [f"start {n}"]}, {"configurable": {"thread_id": "fan"}})
+
+        outputs = []
+        with anyio.fail_after(60):  # a call stuck on a second loop fails the test, not the run
+            for n in range(3):
+                if thread == "anyio worker":
+                    outputs.append(await anyio.to_thread.run_sync(invoke, n, abandon_on_cancel=True))
+                else:
+                    outputs.append(await in_plain_thread(invoke, n))
+
+        assert sorted(outputs[-1]["log"]) == sorted(
+            [f"start {n}" for n in range(3)] + [f"n{i}" for n in range(3) for i in range(8)]
+        )
+        assert {e.runtime for e in events} == {anyio_backend}
+        latest = await saver.aget_tuple({"configurable": {"thread_id": "fan"}})
+        assert latest is not None and len(latest.checkpoint["channel_values"]["log"]) == 27
+
+
+async def in_plain_thread(fn: Callable[[int], Any], arg: int) -> Any:
+    """``fn(arg)`` in a thread of its own (as ``asyncio.to_thread`` or an executor would run it)."""
+    done = anyio.Event()
+    token = anyio.lowlevel.current_token()
+    result: list[Any] = []
+
+    def target() -> None:
+        try:
+            result.append(fn(arg))
+        except BaseException as exc:  # handed to the awaiting task
+            result.append(exc)
+        anyio.from_thread.run_sync(done.set, token=token)
+
+    threading.Thread(target=target, daemon=True).start()
+    await done.wait()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
