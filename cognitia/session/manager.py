@@ -563,21 +563,16 @@ class InMemorySessionManager:
 
     async def _get_locked(self, key: str) -> Session | None:
         session = self._live.get(key)
-        reason = None
         if session is not None:
             if self.idle_ttl is not None and session.last_active <= self._clock() - self.idle_ttl:
                 await self._retire(session, "expired", reason="idle")
             elif not self.revalidate or self._store.backend is None:
-                session.last_active = self._clock()
-                self._live.move_to_end(key)
-                return session
+                return self._touch(session)
             else:
                 started = time.perf_counter()
                 loaded = await self._store.read(key)
                 if self._current(session, loaded):
-                    session.last_active = self._clock()
-                    self._live.move_to_end(key)
-                    return session
+                    return self._touch(session)
                 # Another writer saved or deleted the session since this copy was made.
                 del self._live[key]
                 if loaded is None:
@@ -588,7 +583,12 @@ class InMemorySessionManager:
         loaded = await self._store.read(key)
         if loaded is None:
             return None
-        return await self._rehydrate(key, loaded, started, reason=reason)
+        return await self._rehydrate(key, loaded, started, reason=None)
+
+    def _touch(self, session: Session) -> Session:
+        session.last_active = self._clock()
+        self._live.move_to_end(session.key)
+        return session
 
     def _current(self, session: Session, loaded: Loaded | None) -> bool:
         """Whether a live session may be served as it is, given what storage holds now."""
