@@ -5,6 +5,6 @@
 >>> conversation = PersistedConversation(SqliteSessionBackend(db_path="sessions.db"), "user-42")
 """
 
-from ._conversation import PersistedConversation
+from ._conversation import ConversationChangedError, PersistedConversation
 
-__all__ = ["PersistedConversation"]
+__all__ = ["ConversationChangedError", "PersistedConversation"]

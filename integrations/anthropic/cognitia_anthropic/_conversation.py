@@ -1,20 +1,41 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import base64
+import io
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, TypeVar, cast, overload
 
+import anyio
 import pydantic
 from anthropic.lib.streaming import BetaAsyncMessageStream
 from anthropic.lib.tools import BetaAsyncStreamingToolRunner, BetaAsyncToolRunner
 from anthropic.types.beta import BetaMessage, BetaMessageParam
 from anthropic.types.beta.parsed_beta_message import ParsedBetaMessage
 
-from cognitia import InMemorySessionManager, MemoryScope, Session, scoped_key
+from cognitia import CognitiaError, InMemorySessionManager, MemoryScope, Session, scoped_key
 from cognitia.session.backends import SessionBackend
 
-__all__ = ["PersistedConversation"]
+__all__ = ["ConversationChangedError", "PersistedConversation"]
 
 T = TypeVar("T")
+
+AnyRunner = BetaAsyncToolRunner[Any] | BetaAsyncStreamingToolRunner[Any]
+
+
+class ConversationChangedError(CognitiaError, RuntimeError):
+    """The stored conversation changed under a runner whose history is being stored.
+
+    Raised instead of overwriting messages another writer stored meanwhile; nothing was
+    written. ``key`` is the conversation's session key.
+    """
+
+    def __init__(self, key: str, expected: int, actual: int) -> None:
+        self.key = key
+        super().__init__(
+            f"conversation {key!r} changed in storage while a runner was recording it "
+            f"(expected {expected} stored messages, found {actual}); nothing was written"
+        )
 
 
 class PersistedConversation:
@@ -59,7 +80,9 @@ class PersistedConversation:
 
     async def append(self, *messages: BetaMessageParam | BetaMessage) -> None:
         """Store ``messages`` (params or replies) at the end of the conversation, in one save."""
-        await self._store([_as_turn(message) for message in messages])
+        turns = await _as_turns(messages)
+        if turns:
+            await self.manager.update(self.key, lambda session: _append(session, turns))
 
     @overload
     def record(self, runner: BetaAsyncStreamingToolRunner[T]) -> AsyncIterator[BetaAsyncMessageStream[T]]: ...
@@ -67,36 +90,40 @@ class PersistedConversation:
     @overload
     def record(self, runner: BetaAsyncToolRunner[T]) -> AsyncIterator[ParsedBetaMessage[T]]: ...
 
-    def record(
-        self, runner: BetaAsyncToolRunner[Any] | BetaAsyncStreamingToolRunner[Any]
-    ) -> AsyncIterator[Any]:
-        """Iterate ``runner`` as usual, storing each reply and the results of its tool calls.
+    def record(self, runner: AnyRunner) -> AsyncIterator[Any]:
+        """Iterate ``runner`` as usual, keeping the stored conversation equal to its history.
+
+        The runner's messages must continue the stored conversation: start with all of it
+        or with its newest messages (a window), followed by any new ones. Messages it was
+        given that are not stored yet are stored before its first request.
 
         A reply is stored once you are done with it: when you ask for the next one, or
         when the loop ends. A reply that calls tools is stored together with the tool
         results, in one save, so the stored history never ends with an unanswered tool
         call. The tools run once: the runner reuses the results (its
-        ``generate_tool_call_response()`` is cached). A reply you ``break`` on is not
-        stored. Change the history through this object, not ``runner.append_messages()``.
+        ``generate_tool_call_response()`` is cached). Whatever else the runner does to its
+        history is stored the same way: the message announcing ``add_tools()`` and
+        ``remove_tools()``, the summary that replaces the history after
+        ``compact_before_next_turn()``, messages added with ``runner.append_messages()``,
+        and a refused reply, which the runner leaves out, is left out. A reply you
+        ``break`` on is stored when the runner is recorded again (``run(runner)``).
 
         Works with ``stream=True`` runners too; their streams are yielded unread.
         """
         return self._record(runner)
 
-    async def _record(
-        self, runner: BetaAsyncToolRunner[Any] | BetaAsyncStreamingToolRunner[Any]
-    ) -> AsyncIterator[Any]:
+    async def _record(self, runner: AnyRunner) -> AsyncIterator[Any]:
+        mirror = await self._follow(runner)
         async for item in runner:
             yield item
             reply = item if isinstance(item, BetaMessage) else await item.get_final_message()
-            turns = [_as_turn(reply)]
+            results = None
             # The runner runs tools only for a `tool_use` stop; for any other stop reason
             # (max_tokens, refusal, pause_turn) its tool_use blocks must stay unrun.
             if reply.stop_reason == "tool_use":
                 results = await runner.generate_tool_call_response()
-                if results is not None:
-                    turns.append(_as_turn(results))
-            await self._store(turns)
+            await mirror.sync(_history(runner), results)
+        await mirror.sync(_history(runner))
 
     async def run(
         self, runner: BetaAsyncToolRunner[T] | BetaAsyncStreamingToolRunner[T]
@@ -106,38 +133,143 @@ class PersistedConversation:
             pass
         return await runner.until_done()
 
-    async def _store(self, turns: list[dict[str, Any]]) -> None:
-        if not turns:
-            return
-
-        def append(session: Session) -> None:
-            for turn in turns:
-                session.turns.append(turn)
-
-        await self.manager.update(self.key, append)
+    async def _follow(self, runner: AnyRunner) -> _Mirror:
+        """Line the runner's history up with the stored conversation and store what it adds."""
+        stored = await self.manager.turns(self.key)
+        history = list(_history(runner))
+        # The largest overlap: the stored conversation ends with the runner's first messages.
+        for start in range(max(0, len(stored) - len(history)), len(stored) + 1):
+            part = stored[start:]
+            if len(history) >= len(part) and await _common_prefix(history, part, part) == len(part):
+                break
+        overlap = len(stored) - start
+        mirror = _Mirror(self, kept=start, messages=history[:overlap], turns=stored[start:])
+        await mirror.sync(history)
+        return mirror
 
     def __repr__(self) -> str:
         return f"<PersistedConversation {self.key!r} manager={self.manager!r}>"
 
 
-def _as_turn(message: BetaMessageParam | BetaMessage) -> dict[str, Any]:
-    """A message as the JSON ``MessageParam`` the API takes back."""
+class _Mirror:
+    """Keeps the stored conversation equal to a runner's history.
+
+    The stored conversation is the first ``kept`` turns (stored messages the runner was
+    not given) followed by ``messages``, the runner's history as last stored (``turns``
+    is their JSON form). A history that extends it is stored by appending; one that
+    differs (a compaction, a rewritten history) replaces the turns from the first
+    difference on, in the same save.
+    """
+
+    def __init__(
+        self,
+        conversation: PersistedConversation,
+        *,
+        kept: int,
+        messages: list[Any],
+        turns: list[dict[str, Any]],
+    ) -> None:
+        self._conversation = conversation
+        self._kept = kept
+        self._messages = messages
+        self._turns = turns
+
+    async def sync(self, history: Sequence[Any], *more: BetaMessageParam | None) -> None:
+        messages = [*history, *(message for message in more if message is not None)]
+        same = await _common_prefix(messages, self._messages, self._turns)
+        if same == len(messages) == len(self._messages):
+            return
+        new = await _as_turns(messages[same:])
+        drop = len(self._messages) - same
+        expected = self._kept + len(self._messages)
+        key = self._conversation.key
+
+        async def change(session: Session) -> None:
+            if len(session.turns) != expected:
+                raise ConversationChangedError(key, expected, len(session.turns))
+            if drop:
+                await session.turns.last(drop)  # one read for the turns replaced
+                for _ in range(drop):
+                    await session.turns.pop()
+            _append(session, new)
+
+        await self._conversation.manager.update(key, change)
+        self._messages = messages
+        self._turns = [*self._turns[:same], *new]
+
+
+def _history(runner: AnyRunner) -> Sequence[BetaMessageParam]:
+    """The runner's conversation as its next request sends it.
+
+    The runner keeps it on the message thread it runs over (``thread.messages``, which
+    the SDK documents); the runner itself has no public accessor for it.
+    """
+    return runner._thread.messages
+
+
+async def _common_prefix(messages: list[Any], stored: list[Any], turns: list[dict[str, Any]]) -> int:
+    """How many leading ``messages`` are ``stored`` (same object, or the same as ``turns``)."""
+    n = 0
+    for message, old, turn in zip(messages, stored, turns, strict=False):
+        if message is not old and await _as_turns([message]) != [turn]:
+            break
+        n += 1
+    return n
+
+
+def _append(session: Session, turns: list[dict[str, Any]]) -> None:
+    for turn in turns:
+        session.turns.append(turn)
+
+
+async def _as_turns(messages: Sequence[BetaMessageParam | BetaMessage]) -> list[dict[str, Any]]:
+    """``messages`` as the JSON ``MessageParam`` the API takes back, files read and base64-encoded."""
+    files: list[tuple[dict[str, Any], object]] = []
+    turns = [_as_turn(message, files) for message in messages]
+    for source, data in files:
+        source["data"] = base64.b64encode(await _read(data)).decode("ascii")
+    return turns
+
+
+def _as_turn(
+    message: BetaMessageParam | BetaMessage, files: list[tuple[dict[str, Any], object]]
+) -> dict[str, Any]:
     if isinstance(message, BetaMessage):
-        return {"role": message.role, "content": [_as_json(block) for block in message.content]}
-    return cast("dict[str, Any]", _as_json(message))
+        return {"role": message.role, "content": [_as_json(block, files) for block in message.content]}
+    return cast("dict[str, Any]", _as_json(message, files))
 
 
-def _as_json(value: object) -> object:
-    """``value`` with every SDK model in it dumped the way a request body sends it."""
+def _as_json(value: object, files: list[tuple[dict[str, Any], object]]) -> object:
+    """``value`` with every SDK model in it dumped the way a request body sends it.
+
+    A base64 source whose ``data`` is a path or a file object (the SDK reads and encodes
+    those when it sends them) is noted in ``files``, to be read and encoded the same way.
+    """
     if isinstance(value, pydantic.BaseModel):
         # Only the fields the API sent (exclude_unset), so the dump round-trips as input.
         return value.model_dump(
             mode="json", by_alias=True, exclude_unset=True, exclude=getattr(value, "__api_exclude__", None)
         )
     if isinstance(value, Mapping):
-        return {key: _as_json(item) for key, item in value.items()}
+        copied = {key: _as_json(item, files) for key, item in value.items()}
+        data = value.get("data")
+        if value.get("type") == "base64" and isinstance(data, (os.PathLike, io.IOBase)):
+            files.append((copied, data))
+        return copied
     if isinstance(value, (list, tuple)):
-        return [_as_json(item) for item in value]
+        return [_as_json(item, files) for item in value]
     # Anything else is stored as is; a value JSON cannot hold is refused by the manager,
     # which names its path, before anything is written.
     return value
+
+
+async def _read(data: object) -> bytes:
+    """The bytes of a file given as a path or a file object; the object's position is kept."""
+    if isinstance(data, os.PathLike):
+        return await anyio.Path(os.fspath(data)).read_bytes()
+    file = cast("io.IOBase", data)
+    position = file.tell() if file.seekable() else None
+    content = file.read()
+    if position is not None:
+        file.seek(position)
+    return content if isinstance(content, bytes) else str(content).encode()

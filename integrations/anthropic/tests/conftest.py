@@ -30,7 +30,10 @@ class FakeMessagesAPI:
 
     A user message "weather in <city>" gets a reply calling ``get_weather``; a tool result
     gets a sentence made of it; "cut" gets a reply stopped by max_tokens in the middle of
-    a tool call; anything else is echoed. ``requests`` holds every request body. With
+    a tool call; "refuse" gets a refusal; a request with ``compaction`` gets a compaction
+    block summarizing how many messages it was sent, and a history starting with one is
+    answered from it; anything else is echoed. System messages (the runner's tool changes)
+    are skipped when reading the last message. ``requests`` holds every request body. With
     ``"stream": true`` the reply is sent as server-sent events, as the real API does.
     """
 
@@ -48,7 +51,11 @@ class FakeMessagesAPI:
         assert request.url.path == "/v1/messages", request.url
         body = json.loads(request.content)
         self.requests.append(body)
-        reply = self.reply(body["messages"][-1])
+        if body.get("compaction"):
+            summary = f"summary of {len(body['messages'])} messages"
+            reply = _message(next(self._ids), [{"type": "compaction", "content": summary}], "end_turn")
+        else:
+            reply = self.reply([m for m in body["messages"] if m["role"] != "system"][-1])
         if body.get("stream"):
             return httpx2.Response(
                 200, headers={"content-type": "text/event-stream"}, content=_server_sent_events(reply)
@@ -60,7 +67,11 @@ class FakeMessagesAPI:
         content = last["content"]
         if isinstance(content, list) and content and content[0].get("type") == "tool_result":
             return _message(n, [{"type": "text", "text": f"It is {content[0]['content']}."}], "end_turn")
-        text = content if isinstance(content, str) else content[0]["text"]
+        if isinstance(content, list) and content and content[0].get("type") == "compaction":
+            return _message(n, [{"type": "text", "text": f"from the {content[0]['content']}"}], "end_turn")
+        text = content if isinstance(content, str) else content[-1]["text"]
+        if text == "refuse":
+            return _message(n, [{"type": "text", "text": "I can't help with that."}], "refusal")
         match = re.search(r"weather in (\w+)", text)
         if match or text == "cut":
             call = {"type": "tool_use", "id": f"toolu_{n}", "name": "get_weather", "input": {}}

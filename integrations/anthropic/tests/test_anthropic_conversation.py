@@ -14,7 +14,7 @@ from anthropic import AsyncAnthropic, beta_async_tool
 from anthropic.lib.tools import BetaAsyncFunctionTool
 
 from cognitia import InMemorySessionManager, MemoryScope, SessionEvent
-from cognitia_anthropic import PersistedConversation
+from cognitia_anthropic import ConversationChangedError, PersistedConversation
 
 pytestmark = pytest.mark.anyio
 
@@ -50,6 +50,12 @@ def digest(messages: list[Any]) -> list[str]:
                 out.append(f"{message['role']}: {block['text']}")
             elif block["type"] == "tool_use":
                 out.append(f"call {block['name']}({json.dumps(block['input'])})")
+            elif block["type"] == "compaction":
+                out.append(f"{message['role']}: [{block['content']}]")
+            elif block["type"] == "tool_addition":
+                out.append(f"{message['role']}: add tool {block['tool']['definition']['name']}")
+            elif block["type"] == "image":
+                out.append(f"{message['role']}: image {block['source']['data']}")
             else:
                 out.append(f"result {block['content']}")
     return out
@@ -264,3 +270,188 @@ async def test_unstorable_message_is_refused_with_its_path(backend_factory: Any)
         unstorable: Any = {"role": "user", "content": [{"type": "text", "text": b"raw"}]}
         await conversation.append(unstorable)
     assert await conversation.messages() == []
+
+
+# -- what the runner does to its own history is stored as it does it ------------------------
+
+
+async def test_a_refused_reply_is_left_out_like_the_runner_leaves_it_out(
+    backend_factory: Any, api: Any
+) -> None:
+    """The runner does not keep a refused reply (the next turn starts a new thread without it),
+    so the stored conversation does not either, and a resumed runner sends what it would."""
+    conversation = PersistedConversation(backend_factory(), "user-1")
+    await conversation.append({"role": "user", "content": "refuse"})
+    runner = api.client().beta.messages.tool_runner(
+        model=MODEL, max_tokens=256, tools=[], messages=await conversation.messages()
+    )
+    final = await conversation.run(runner)
+    assert final.stop_reason == "refusal"
+    assert digest(await conversation.messages()) == ["user: refuse"]
+    assert list(runner._thread.messages) == await conversation.messages()
+
+
+async def test_compaction_replaces_the_stored_history_with_its_summary(
+    backend_factory: Any, api: Any, get_weather: Any
+) -> None:
+    """After ``compact_before_next_turn()`` the runner's history is the summary and what
+    followed it; the stored conversation becomes the same, so a resumed runner sends the
+    summary, not the history it replaced."""
+    backend = backend_factory()
+    conversation = PersistedConversation(backend, "user-1")
+    await ask(conversation, api.client(), get_weather, "What is the weather in Paris?")
+    await conversation.append({"role": "user", "content": "and now?"})
+    runner = api.client().beta.messages.tool_runner(
+        model=MODEL, max_tokens=256, tools=[get_weather], messages=await conversation.messages()
+    )
+    runner.compact_before_next_turn()
+    final = await conversation.run(runner)
+
+    assert final.content[0].type == "text" and final.content[0].text == "from the summary of 5 messages"
+    stored = await conversation.messages()
+    assert digest(stored) == [
+        "assistant: [summary of 5 messages]",
+        "assistant: from the summary of 5 messages",
+    ]
+    assert await PersistedConversation(backend_factory(), "user-1").messages() == stored
+    # The next runner starts from the summary.
+    await ask(conversation, api.client(), get_weather, "thanks")
+    assert digest(api.requests[-1]["messages"]) == [*digest(stored), "user: thanks"]
+
+
+async def test_messages_stored_by_another_writer_are_never_interleaved_or_overwritten(
+    backend_factory: Any, api: Any, get_weather: Any
+) -> None:
+    """Storing the runner's history over a conversation that changed in storage meanwhile
+    raises and writes nothing, whether it would append after or replace (a compaction)
+    the other writer's messages."""
+    manager = InMemorySessionManager(backend_factory())
+    conversation = PersistedConversation(manager, "user-1")
+    elsewhere = PersistedConversation(manager, "user-1")
+    await conversation.append({"role": "user", "content": "hello"})
+    client = api.client()
+    runner = client.beta.messages.tool_runner(
+        model=MODEL, max_tokens=256, tools=[get_weather], messages=await conversation.messages()
+    )
+    with pytest.raises(ConversationChangedError, match=r"'user-1'.*expected 1 stored messages, found 2"):
+        async for _ in conversation.record(runner):
+            await elsewhere.append({"role": "user", "content": "from elsewhere"})
+    assert digest(await conversation.messages()) == ["user: hello", "user: from elsewhere"]
+
+    runner = client.beta.messages.tool_runner(
+        model=MODEL, max_tokens=256, tools=[get_weather], messages=await conversation.messages()
+    )
+    runner.compact_before_next_turn()
+    with pytest.raises(ConversationChangedError, match=r"expected 2 stored messages, found 3"):
+        async for message in conversation.record(runner):
+            if message.content[0].type == "compaction":
+                await elsewhere.append({"role": "user", "content": "again"})
+    assert digest(await conversation.messages()) == ["user: hello", "user: from elsewhere", "user: again"]
+
+
+async def test_the_tool_change_message_of_add_tools_is_stored(
+    backend_factory: Any, api: Any, get_weather: Any
+) -> None:
+    """``add_tools()`` makes the runner send a system message announcing the tool; it is part
+    of the history from then on, so it is stored where the runner put it."""
+
+    @beta_async_tool
+    async def get_time(city: str) -> str:
+        """The time in a city."""
+        return "noon"
+
+    conversation = PersistedConversation(backend_factory(), "user-1")
+    await conversation.append({"role": "user", "content": "What is the weather in Paris?"})
+    runner = api.client().beta.messages.tool_runner(
+        model=MODEL, max_tokens=256, tools=[get_weather], messages=await conversation.messages()
+    )
+    async for _ in conversation.record(runner):
+        if not api.requests[1:]:
+            runner.add_tools(get_time)
+    stored = await conversation.messages()
+    assert digest(stored) == [
+        "user: What is the weather in Paris?",
+        "assistant: Let me look.",
+        'call get_weather({"city": "Paris"})',
+        "result sunny in Paris",
+        "system: add tool get_time",
+        "assistant: It is sunny in Paris.",
+    ]
+    # A resumed conversation sends it again: the model keeps knowing the tool.
+    await ask(conversation, api.client(), get_weather, "thanks")
+    assert api.requests[-1]["messages"] == [*stored, {"role": "user", "content": "thanks"}]
+
+
+async def test_a_reply_broken_on_is_stored_when_the_runner_is_run_again(
+    backend_factory: Any, api: Any, get_weather: Any, tool_calls: list[str]
+) -> None:
+    conversation = PersistedConversation(backend_factory(), "user-1")
+    await conversation.append({"role": "user", "content": "What is the weather in Paris?"})
+    runner = api.client().beta.messages.tool_runner(
+        model=MODEL, max_tokens=256, tools=[get_weather], messages=await conversation.messages()
+    )
+    async for _ in conversation.record(runner):
+        break
+    assert digest(await conversation.messages()) == ["user: What is the weather in Paris?"]
+
+    await conversation.run(runner)
+    assert await conversation.messages() == PARIS
+    assert tool_calls == ["Paris"]
+
+
+async def test_messages_given_only_to_the_runner_are_stored_before_its_first_request(
+    backend_factory: Any, api: Any, get_weather: Any
+) -> None:
+    """The runner may be given the newest stored messages (a window) plus new ones: the new
+    ones are stored at once, after the whole stored conversation."""
+    conversation = PersistedConversation(backend_factory(), "user-1")
+    await ask(conversation, api.client(), get_weather, "What is the weather in Paris?")
+    window = (await conversation.messages())[-1:]
+    runner = api.client().beta.messages.tool_runner(
+        model=MODEL,
+        max_tokens=256,
+        tools=[get_weather],
+        messages=[*window, {"role": "user", "content": "ok"}],
+    )
+    async for _ in conversation.record(runner):
+        assert digest((await conversation.messages())[4:]) == ["user: ok"]
+    assert digest(await conversation.messages()) == [*digest(PARIS), "user: ok", "assistant: echo: ok"]
+
+
+async def test_files_in_image_sources_are_stored_base64_encoded(
+    backend_factory: Any, api: Any, tmp_path: Any
+) -> None:
+    """An image source may give its data as a path or a file object, as the SDK allows; it is
+    stored as the base64 text the SDK sends, and a file object keeps its position."""
+    import base64
+    import io
+    import pathlib
+
+    png = b"\x89PNG fake image"
+    path = pathlib.Path(tmp_path) / "chart.png"
+    path.write_bytes(png)
+    file = io.BytesIO(b"skip" + png)
+    file.seek(4)
+
+    def image(data: Any) -> dict[str, Any]:
+        return {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}}
+
+    conversation = PersistedConversation(backend_factory(), "user-1")
+    message: Any = {
+        "role": "user",
+        "content": [image(path), image(file), {"type": "text", "text": "describe"}],
+    }
+    await conversation.append(message)
+    assert file.tell() == 4
+    encoded = base64.b64encode(png).decode()
+    assert digest(await conversation.messages()) == [
+        f"user: image {encoded}",
+        f"user: image {encoded}",
+        "user: describe",
+    ]
+
+    runner = api.client().beta.messages.tool_runner(
+        model=MODEL, max_tokens=256, tools=[], messages=await conversation.messages()
+    )
+    await conversation.run(runner)
+    assert api.requests[-1]["messages"][0] == (await conversation.messages())[0]
