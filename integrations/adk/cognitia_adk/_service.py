@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -135,13 +136,17 @@ class CognitiaSessionService(BaseSessionService):
         config: GetSessionConfig | None = None,
     ) -> AdkSession | None:
         """The session with its events (filtered by ``config``), or ``None``."""
-        key = self.session_key(app_name, user_id, session_id)
+        key = self.session_key(app_name, user_id, session_id.strip())
         try:
             stored = await self.manager.get(key)
         except SessionNotFound:
             return None
         turns = await self._event_turns(key, config)
-        return await self._to_adk(stored, events=[Event.model_validate(turn) for turn in turns])
+        # Validated from a copy: a model keeps the dicts and lists of its free-form fields
+        # (state deltas, tool arguments) as given, and these are the manager's cached turns.
+        return await self._to_adk(
+            stored, events=[Event.model_validate(json.loads(json.dumps(t))) for t in turns]
+        )
 
     async def list_sessions(self, *, app_name: str, user_id: str | None = None) -> ListSessionsResponse:
         """The app's sessions (of ``user_id`` if given) without events, oldest update first."""
@@ -157,7 +162,7 @@ class CognitiaSessionService(BaseSessionService):
 
     async def delete_session(self, *, app_name: str, user_id: str, session_id: str) -> None:
         """Delete the session and its events (app and user state stay)."""
-        await self.manager.delete(self.session_key(app_name, user_id, session_id))
+        await self.manager.delete(self.session_key(app_name, user_id, session_id.strip()))
 
     async def get_user_state(self, *, app_name: str, user_id: str) -> dict[str, Any]:
         """The user's state in the app, keys without the ``user:`` prefix."""
@@ -167,7 +172,10 @@ class CognitiaSessionService(BaseSessionService):
         """Store the event as one turn and apply its state delta; returns the event.
 
         Raises ``SessionNotFoundError`` if the session is not stored, and
-        ``StaleSessionError`` if ``session`` is older than the stored one.
+        ``StaleSessionError`` if ``session`` is older than the stored one. Appending
+        again an event equal to the newest stored one (a retried call) stores nothing
+        twice: its ``app:``/``user:`` values are applied again (they are set, not added)
+        and ``session`` gets the event if it lacks it.
         """
         if event.partial:
             return event
@@ -181,19 +189,25 @@ class CognitiaSessionService(BaseSessionService):
             # Held from reading the session object's version to recording the new one, so
             # appends made at once through one session object (ADK does so for live tools)
             # each see the version the one before them wrote.
-            await self._append(key, session, event, turn, own_delta)
+            retried = await self._append(key, session, event, turn, own_delta)
         await self._merge(self.app_key(session.app_name), app_delta)
         await self._merge(self.user_key(session.app_name, session.user_id), user_delta)
+        if retried and session.events and session.events[-1].id == event.id:
+            return event
         return self._commit_event_to_session(session, event)
 
     async def _append(
         self, key: str, session: AdkSession, event: Event, turn: Turn, own_delta: dict[str, Any]
-    ) -> None:
+    ) -> bool:
+        """Store ``turn``; ``True`` if it was the newest stored event already (a retry)."""
         seen = _marker(session)
 
-        def append(stored: Session) -> None:
+        async def append(stored: Session) -> None:
             if not stored.version:
                 raise SessionNotFoundError(f"Session {session.id} not found.")
+            newest = await stored.turns.last(1)
+            if newest and newest[0].get("id") == turn.get("id") and newest[0] == turn:
+                raise _AlreadyStored(stored)
             # A session object made by hand has no version: then ADK's own rule applies,
             # storage must not have been updated after the copy was.
             stale = (
@@ -213,9 +227,18 @@ class CognitiaSessionService(BaseSessionService):
             }
             stored.turns.append(turn)
 
-        stored = await self.manager.update(key, append)
+        try:
+            stored = await self.manager.update(key, append)
+        except _AlreadyStored as retried:
+            # Every write of a session appends an event, so the version holding the newest
+            # event is the stored one.
+            stored = retried.session
+            session.last_update_time = stored.state["updated"]
+            _set_marker(session, stored.version)
+            return True
         session.last_update_time = event.timestamp
         _set_marker(session, stored.version)
+        return False
 
     @asynccontextmanager
     async def _appending_to(self, key: str) -> AsyncIterator[None]:
@@ -301,6 +324,13 @@ class CognitiaSessionService(BaseSessionService):
             stored.state = {**stored.state, **delta}
 
         await self.manager.update(key, merge)
+
+
+class _AlreadyStored(Exception):
+    """Ends an append that finds its event stored already, writing nothing."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
 
 
 def _part(value: str) -> str:

@@ -398,3 +398,70 @@ async def test_sync_runner_from_trio_through_a_thread(tmp_path: Path, agent: Age
         assert answers == ["rolled 4; prompts seen: trio one", "rolled 4; prompts seen: trio one | trio two"]
         session = await stored(CognitiaSessionService(backend), "ann", "s1")
         assert user_texts(session) == ["trio one", "trio two"]
+
+
+async def test_a_retried_append_of_the_same_event_is_stored_once(store_backend: BackendBase) -> None:
+    """A caller that retries ``append_event`` (its first call stored the event, then failed
+    or lost the answer) stores nothing twice, as ADK's in-memory service does."""
+    service = CognitiaSessionService(store_backend)
+    session = await service.create_session(app_name=APP, user_id="ann", session_id="s1")
+    event = Event(author="user", invocation_id="i1", actions=EventActions(state_delta={"k": 1, "user:n": 1}))
+    await service.append_event(session, event)
+    version = session._storage_update_marker
+
+    await service.append_event(session, event)  # same object
+    await service.append_event(session, event.model_copy(deep=True))  # an equal copy
+    assert [e.id for e in session.events] == [event.id]
+    assert session._storage_update_marker == version  # nothing written
+
+    # The retry may come through a copy read before the first call stored the event.
+    before = await stored(service, "ann", "s1")
+    later = Event(author="user", invocation_id="i2")
+    await service.append_event(session, later)
+    await service.append_event(before, later)
+    assert [e.invocation_id for e in before.events] == ["i1", "i2"]
+    await service.append_event(before, Event(author="user", invocation_id="i3"))  # and it goes on
+
+    again = await stored(service, "ann", "s1")
+    assert [e.invocation_id for e in again.events] == ["i1", "i2", "i3"]
+    assert again.state == {"k": 1, "user:n": 1}
+
+    # An event that only shares the id is a different event: it is stored.
+    clash = Event(id=later.id, author="user", invocation_id="other")
+    await service.append_event(again, clash)
+    assert len((await stored(service, "ann", "s1")).events) == 4
+
+
+async def test_session_ids_with_surrounding_whitespace_name_the_stripped_session(
+    store_backend: BackendBase,
+) -> None:
+    """As in ADK's in-memory service: created, read and deleted under the stripped id."""
+    service = CognitiaSessionService(store_backend)
+    created = await service.create_session(app_name=APP, user_id="ann", session_id=" s1 ")
+    assert created.id == "s1"
+    assert (await stored(service, "ann", " s1\t")).id == "s1"
+    await service.delete_session(app_name=APP, user_id="ann", session_id="s1 ")
+    assert await service.get_session(app_name=APP, user_id="ann", session_id="s1") is None
+
+
+async def test_sessions_read_back_share_nothing_with_storage(store_backend: BackendBase) -> None:
+    """Changing an event or the state of a session object read from the service (ADK's code
+    and tools do) never changes what the next read returns."""
+    service = CognitiaSessionService(store_backend)
+    session = await service.create_session(
+        app_name=APP, user_id="ann", session_id="s1", state={"app:cfg": {"a": 1}}
+    )
+    delta = {"plan": {"steps": ["a"]}, "user:prefs": {"tone": "dry"}}
+    await service.append_event(
+        session, Event(author="user", invocation_id="i1", actions=EventActions(state_delta=delta))
+    )
+
+    first = await stored(service, "ann", "s1")
+    first.events[0].actions.state_delta["plan"]["steps"].append("b")
+    first.state["plan"]["steps"].append("c")
+    first.state["user:prefs"]["tone"] = "warm"
+    first.state["app:cfg"]["a"] = 2
+
+    second = await stored(service, "ann", "s1")
+    assert second.events[0].actions.state_delta == {"plan": {"steps": ["a"]}, "user:prefs": {"tone": "dry"}}
+    assert second.state == {"plan": {"steps": ["a"]}, "user:prefs": {"tone": "dry"}, "app:cfg": {"a": 1}}
