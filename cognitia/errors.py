@@ -62,11 +62,13 @@ class SessionNotFound(CognitiaError, LookupError):
 
 
 class VersionConflictError(CognitiaError):
-    """A save expected one version but the stored session had another.
+    """A save (or a delete given ``expected_version``) expected one version but the stored
+    session had another.
 
     Another writer (a task, a worker process) saved the session in between. Reload,
     re-apply the change and save again; :class:`~cognitia.session.manager.InMemorySessionManager`
-    and ``@persisted_session`` do that for you under their retry policy.
+    and ``@persisted_session`` do that for you under their retry policy. A conflicting
+    delete deleted nothing: reload, and decide again whether to delete.
     """
 
     def __init__(self, key: str, expected: int, actual: int | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,20 @@ async def test_the_longest_allowed_key_works(backend: BackendBase) -> None:
     key = "k" * 1024
     await backend.save(key, {"ok": True})
     assert await backend.load(key) == {"ok": True}
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.0, "1"], ids=repr)
+async def test_a_delete_refuses_an_expected_version_it_cannot_mean(backend: BackendBase, bad: Any) -> None:
+    """Only None or an int >= 1: 0 ("only if nothing is stored") would leave nothing to delete."""
+    await backend.commit("agent:k", {"n": 1})
+    managers = [InMemorySessionManager(backend), InMemorySessionManager()]
+    await managers[1].register("agent:k", {"n": 1})
+    for delete in (backend.delete, *(manager.delete for manager in managers)):
+        message = f"expected_version must be None or an int >= 1, got {bad!r} (session 'agent:k')"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            await delete("agent:k", expected_version=bad)
+    assert await backend.load("agent:k") == {"n": 1}
+    assert "agent:k" in managers[1]
 
 
 @pytest.mark.parametrize(("label", "key"), BAD_KEYS, ids=[k[0] for k in BAD_KEYS])

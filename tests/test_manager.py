@@ -723,6 +723,65 @@ async def test_revalidate_never_drops_unsaved_changes(two_workers: Callable[[], 
     assert (await b.get("agent:new")).state == {"n": 1}
 
 
+# -- conditional delete --------------------------------------------------------------------------
+
+
+async def test_a_delete_expecting_a_version_refuses_a_session_saved_since(
+    two_workers: Callable[[], SessionBackend],
+) -> None:
+    a = InMemorySessionManager(two_workers())
+    b = InMemorySessionManager(two_workers())
+    events = record(a, "deleted", "conflict")
+    await a.update("agent:chat", say("one"))
+    await b.update("agent:chat", say("two"))  # a's live copy is at version 1 now, storage at 2
+
+    with pytest.raises(VersionConflictError) as caught:
+        await a.delete("agent:chat", expected_version=1)
+    assert (caught.value.key, caught.value.expected, caught.value.actual) == ("agent:chat", 1, 2)
+    assert "agent:chat" not in a  # the stale live copy is dropped, as after a conflicting save
+    assert [(e.name, e.version, e.reason) for e in events] == [("conflict", 1, "found 2")]
+    assert texts(await InMemorySessionManager(two_workers()).turns("agent:chat")) == ["one", "two"]
+
+    events.clear()
+    assert await a.delete("agent:chat", expected_version=2) is True
+    assert [(e.name, e.key, e.version) for e in events] == [("deleted", "agent:chat", 2)]
+    assert await InMemorySessionManager(two_workers()).turns("agent:chat") == []
+
+    events.clear()
+    with pytest.raises(VersionConflictError) as caught:  # nothing is stored any more
+        await b.delete("agent:chat", expected_version=2)
+    assert caught.value.actual is None
+    assert "agent:chat" not in b  # b's copy (version 2) no longer matches storage
+    assert await a.list_keys() == [] and events == []
+
+
+async def test_a_conflicting_delete_keeps_a_live_copy_at_the_stored_version(backend: SessionBackend) -> None:
+    manager = InMemorySessionManager(backend)
+    session = await manager.register("agent:k", {"n": 1})
+    session.state["n"] = 2  # changed, not saved yet
+    with pytest.raises(VersionConflictError) as caught:
+        await manager.delete("agent:k", expected_version=2)
+    assert caught.value.actual == 1
+    assert await manager.get("agent:k") is session and session.state == {"n": 2}
+    assert await manager.delete("agent:k", expected_version=1) is True
+    assert "agent:k" not in manager
+    assert await backend.load("agent:k") is None
+
+
+async def test_a_delete_expecting_a_version_without_a_backend_checks_the_live_set() -> None:
+    manager = InMemorySessionManager()
+    deleted = record(manager, "deleted")
+    fresh = await manager.open("agent:new", {})
+    with pytest.raises(VersionConflictError) as caught:  # created by open(), never saved
+        await manager.delete("agent:new", expected_version=1)
+    assert caught.value.actual is None
+    assert await manager.get("agent:new") is fresh
+    await manager.save(fresh)
+    assert await manager.delete("agent:new", expected_version=1) is True
+    assert "agent:new" not in manager
+    assert [(e.name, e.version) for e in deleted] == [("deleted", 1)]
+
+
 async def test_turns_refuses_a_negative_count_whether_live_or_stored(backend: SessionBackend) -> None:
     manager = InMemorySessionManager(backend)
     await manager.update("agent:chat", say("one"))

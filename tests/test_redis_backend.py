@@ -161,6 +161,32 @@ async def test_a_resent_commit_is_applied_once(redis_url: str, redis_prefix: str
         client.close()
 
 
+async def test_a_resent_conditional_delete_is_applied_once(
+    redis_url: str, redis_prefix: str, redis_client: Any
+) -> None:
+    """A conditional delete resent after a lost reply reports success, and never deletes the
+    session another worker created under the key in between."""
+    import redis
+
+    from cognitia.session.backends._redis import _Commands, _execute
+
+    commands = _Commands(redis_prefix)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        created: tuple[Any, ...] = ("agent:r", "{}", None, [], None, 1.0, None, None)
+        assert _execute(client, commands.commit, *created, "first") == 1
+        delete = ("agent:r", 1.0, 1, "same-token")
+        assert _execute(client, commands.delete, *delete) is True
+        assert _execute(client, commands.commit, *created, "another-worker") == 1
+        assert _execute(client, commands.delete, *delete) is True  # the resend: already applied
+        assert redis_client.hget(f"{redis_prefix}s:agent:r", "v") == "1"
+        with pytest.raises(VersionConflictError):  # a new delete is checked again
+            _execute(client, commands.delete, "agent:r", 1.0, 2, "next-token")
+        assert 0 < redis_client.pttl(f"{redis_prefix}d:agent:r") <= 60_000
+    finally:
+        client.close()
+
+
 async def test_a_flushed_script_cache_is_reloaded(
     redis_url: str, redis_prefix: str, redis_client: Any
 ) -> None:

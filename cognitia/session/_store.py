@@ -4,7 +4,8 @@ cognitia's own backends (and any backend declaring ``versioned_commit`` and ``tu
 get versioned commits and an append-only turn log in the storage engine. A plain
 four-method backend, such as one a user wrote from the protocol, still works: the version
 and the turns are kept inside the state under one reserved entry, and a version check
-guards each save from this process's point of view.
+guards each save (and each delete given an expected version) from this process's point of
+view.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ class Store:
     async def keys(self, prefix: str) -> list[str]:
         return []
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str, expected: int | None = None) -> bool:
+        """Delete the session; with ``expected``, only if its stored version is ``expected``
+        (else :class:`~cognitia.errors.VersionConflictError`, nothing deleted)."""
         return False
 
     async def prune(self, dry_run: bool) -> list[str]:
@@ -89,6 +92,13 @@ class NullStore(Store):
     ) -> int:
         session = self._live.get(key)
         return (0 if session is None else session.version) + 1
+
+    async def delete(self, key: str, expected: int | None = None) -> bool:
+        # The live set is the storage: a session created by open() and never saved is absent.
+        if expected is not None:
+            session = self._live.get(key)
+            check_version(key, expected, None if session is None else session.version or None)
+        return False
 
 
 class NativeStore(Store):
@@ -133,8 +143,10 @@ class NativeStore(Store):
     async def keys(self, prefix: str) -> list[str]:
         return await self._native.list_keys(prefix)
 
-    async def delete(self, key: str) -> bool:
-        return await self._native.delete(key)
+    async def delete(self, key: str, expected: int | None = None) -> bool:
+        if expected is None:
+            return await self._native.delete(key)
+        return await self._native.delete(key, expected_version=expected)
 
     async def prune(self, dry_run: bool) -> list[str]:
         if Capability.EXPIRY not in self._caps:
@@ -217,7 +229,16 @@ class EnvelopeStore(Store):
             return sorted(listed)
         return sorted(k for k in await self._plain.list_keys() if k.startswith(prefix))
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str, expected: int | None = None) -> bool:
+        """Delete the session; with ``expected``, check the version kept in the state first.
+
+        Like :meth:`write`, the check and the delete are two calls to the backend: they are
+        atomic only from this process's point of view (the manager holds the key's lock), not
+        against another process writing the same key in between.
+        """
+        if expected is not None:
+            found = await self._split(key)
+            check_version(key, expected, None if found is None else found[1])
         return await self._plain.delete(key)
 
 

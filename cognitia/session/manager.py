@@ -24,6 +24,7 @@ from ..errors import BackendClosedError, SessionNotFound, VersionConflictError
 from ._events import EVENTS, EventName, Hook, HookRegistry, SessionEvent, Subscription
 from ._session import Session, Turns
 from ._store import Loaded, Store, open_store
+from .backends._base import check_delete_version
 from .backends._protocol import SessionBackend
 from .backends._scope import MemoryScope
 
@@ -402,16 +403,48 @@ class InMemorySessionManager:
         for key in list(self._live):
             await self.close(key)
 
-    async def delete(self, key: str) -> bool:
-        """Drop the session from the live set and delete it from storage, turns included."""
+    async def delete(self, key: str, *, expected_version: int | None = None) -> bool:
+        """Drop the session from the live set and delete it from storage, turns included.
+
+        Returns whether there was a session to delete (stored, or live only).
+
+        ``expected_version=n`` deletes only if the stored session still has version ``n``
+        (an expired one counts as absent), checked in the same atomic step as the delete on
+        cognitia's own backends; a plain four-method backend is checked from this process's
+        point of view only. Otherwise :class:`~cognitia.errors.VersionConflictError` is
+        raised, nothing is deleted, and ``conflict`` is emitted. As after a conflicting
+        save, a live copy whose version is not the stored one is dropped, so the next
+        :meth:`get` sees what storage holds; a live copy at the stored version is kept.
+
+        >>> session = await manager.get("agent:a")  # doctest: +SKIP
+        >>> await manager.delete("agent:a", expected_version=session.version)  # doctest: +SKIP
+        True
+        """
         check_key(key)
+        check_delete_version(key, expected_version)
         async with self._operation(key):
             started = time.perf_counter()
-            session = self._live.pop(key, None)
-            existed = await self._store.delete(key)
+            session = self._live.get(key)
+            try:
+                existed = await self._store.delete(key, expected_version)
+            except VersionConflictError as exc:
+                if session is not None and (session.version or None) != exc.actual:
+                    self._live.pop(key, None)
+                await self._emit("conflict", key, exc.expected, started, reason=f"found {exc.actual}")
+                raise
+            except BaseException:
+                # The outcome is unknown (timeout, connection lost): forget the live copy so
+                # the next access reads what storage really holds.
+                self._live.pop(key, None)
+                raise
+            self._live.pop(key, None)
             existed = existed or session is not None
             if existed:
-                await self._emit("deleted", key, 0 if session is None else session.version, started)
+                if expected_version is not None:  # the version storage had when it was deleted
+                    version = expected_version
+                else:
+                    version = 0 if session is None else session.version
+                await self._emit("deleted", key, version, started)
             return existed
 
     # -- reading ------------------------------------------------------------------------------

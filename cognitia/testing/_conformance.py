@@ -319,6 +319,97 @@ async def concurrent_commits_with_one_expected_version_let_one_win(factory: Fact
         _expect(await backend.load("agent:race") == {"winner": wins[0]}, "the winner's state must be stored")
 
 
+@_rule(Capability.VERSIONED_COMMIT)
+async def delete_with_the_stored_version_deletes(factory: Factory) -> None:
+    """delete(expected_version=stored version) deletes the session (and its turns) and returns True."""
+    async with _Opened(factory) as backend:
+        await backend.commit("agent:d", {"n": 1}, turns=[{"t": 0}])
+        await backend.commit("agent:d", {"n": 2}, turns=[{"t": 1}])
+        deleted = await backend.delete("agent:d", expected_version=2)
+        _expect(deleted is True, f"a conditional delete that succeeded must return True, got {deleted!r}")
+        _expect(await backend.load_record("agent:d") is None, "a deleted session must not load")
+        _expect("agent:d" not in await backend.list_keys(), "a deleted session must not be listed")
+        _expect(await backend.commit("agent:d", {}, expected_version=0) == 1, "the key must be free again")
+        if Capability.TURN_LOG in capabilities_of(backend):
+            _expect(await backend.load_turns("agent:d") == [], "a conditional delete must remove the turns")
+
+
+@_rule(Capability.VERSIONED_COMMIT)
+async def delete_with_another_version_conflicts_and_deletes_nothing(factory: Factory) -> None:
+    """delete(expected_version=n) raises VersionConflictError unless version n is stored, deleting nothing."""
+    async with _Opened(factory) as backend:
+        await backend.commit("agent:k", {"n": 1}, turns=[{"t": 0}])
+        await backend.commit("agent:k", {"n": 2}, turns=[{"t": 1}])
+        for stale in (1, 3):
+            try:
+                await backend.delete("agent:k", expected_version=stale)
+            except VersionConflictError as exc:
+                _expect(
+                    (exc.key, exc.expected, exc.actual) == ("agent:k", stale, 2),
+                    f"conflict says {exc}",
+                )
+            else:
+                raise AssertionError(f"delete(expected_version={stale}) of version 2 must conflict")
+        record = await backend.load_record("agent:k")
+        _expect(
+            record is not None and (record.state, record.version, record.turn_count) == ({"n": 2}, 2, 2),
+            f"a conflicting delete must leave the session as it was, got {record!r}",
+        )
+        if Capability.TURN_LOG in capabilities_of(backend):
+            turns = await backend.load_turns("agent:k")
+            _expect(turns == [{"t": 0}, {"t": 1}], f"a conflicting delete must keep the turns, got {turns!r}")
+        try:
+            await backend.delete("agent:never", expected_version=1)
+        except VersionConflictError as exc:
+            _expect(
+                exc.actual is None, f"a conflict on a missing key must report actual=None, not {exc.actual}"
+            )
+        else:
+            raise AssertionError("delete(expected_version=1) of a missing key must conflict")
+
+
+@_rule(Capability.VERSIONED_COMMIT)
+async def concurrent_deletes_and_commits_expecting_one_version_let_one_win(factory: Factory) -> None:
+    """Of concurrent conditional deletes and commits all expecting one version, exactly one succeeds."""
+    async with _Opened(factory) as backend:
+        for round_ in range(3):
+            key = f"agent:race{round_}"
+            await backend.commit(key, {"n": 0})
+            won, conflicts = await _delete_commit_race(backend, key, deletes_first=round_ % 2 == 0)
+            _expect(len(won) == 1 and len(conflicts) == 9, f"won={won} conflicts={conflicts}")
+            record = await backend.load_record(key)
+            if won[0] == "delete":
+                _expect(record is None, f"the winning delete must have deleted {key!r}, found {record!r}")
+            else:
+                _expect(
+                    record is not None and record.version == 2,
+                    f"the winning commit is not stored: {record!r}",
+                )
+
+
+async def _delete_commit_race(backend: Any, key: str, *, deletes_first: bool) -> tuple[list[str], list[str]]:
+    """Five deletes and five commits expecting version 1, taking turns at the head of the queue."""
+    won: list[str] = []
+    conflicts: list[str] = []
+
+    async def attempt(kind: str) -> None:
+        try:
+            if kind == "delete":
+                await backend.delete(key, expected_version=1)
+            else:
+                await backend.commit(key, {"by": kind}, expected_version=1)
+            won.append(kind)
+        except VersionConflictError:
+            conflicts.append(kind)
+
+    order = ("delete", "commit") if deletes_first else ("commit", "delete")
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            for kind in order:
+                tg.start_soon(attempt, kind)
+    return won, conflicts
+
+
 # -- turn log -----------------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from ...errors import BackendClosedError, CognitiaError, StorageError, VersionCo
 from ._protocol import Capability, SessionRecord
 from ._scope import MemoryScope
 
-__all__ = ["BackendBase", "RawRecord", "check_version", "prefix_bounds"]
+__all__ = ["BackendBase", "RawRecord", "check_delete_version", "check_version", "prefix_bounds"]
 
 RawRecord = tuple[str, int, int, float, "float | None"]
 """What a storage engine returns for a session: state JSON, version, turn count, updated_at, expires_at."""
@@ -27,6 +27,19 @@ def check_version(key: str, expected: int | None, actual: int | None) -> None:
         (expected == 0 and actual is not None) or (expected > 0 and actual != expected)
     ):
         raise VersionConflictError(key, expected, actual)
+
+
+def check_delete_version(key: str, expected_version: object) -> None:
+    """Refuse an ``expected_version`` that a conditional delete cannot mean.
+
+    ``None`` (delete whatever is stored) or an ``int >= 1``, the version the stored session
+    must have. ``0`` ("only if nothing is stored") would leave nothing to delete, so it is
+    refused like a negative number or a ``bool``.
+    """
+    if expected_version is not None and (type(expected_version) is not int or expected_version < 1):
+        raise ValueError(
+            f"expected_version must be None or an int >= 1, got {expected_version!r} (session {key!r})"
+        )
 
 
 def prefix_bounds(prefix: str) -> tuple[str, str | None]:
@@ -84,11 +97,18 @@ class BackendBase(ABC):
             text = await self._raw_load_state(key, self._clock())
         return None if text is None else loads(text)
 
-    async def delete(self, key: str) -> bool:
-        """Delete the session and its turns; ``True`` if it existed."""
+    async def delete(self, key: str, *, expected_version: int | None = None) -> bool:
+        """Delete the session and its turns; ``True`` if it existed.
+
+        ``expected_version=n`` deletes only if the stored session (an expired one counts as
+        absent) has version ``n``, checked and deleted atomically in the storage engine;
+        otherwise :class:`~cognitia.errors.VersionConflictError` is raised and nothing is
+        deleted. A conditional delete that returns has deleted the session (``True``).
+        """
         check_key(key)
+        check_delete_version(key, expected_version)
         with self._errors("delete", key):
-            return await self._raw_delete(key, self._clock())
+            return await self._raw_delete(key, self._clock(), expected_version)
 
     async def list_keys(self, prefix: str | MemoryScope = "") -> list[str]:
         """Every stored key, sorted; only those starting with ``prefix`` if given.
@@ -253,7 +273,12 @@ class BackendBase(ABC):
     async def _raw_load_turns(self, key: str, last: int | None, now: float) -> list[str]: ...
 
     @abstractmethod
-    async def _raw_delete(self, key: str, now: float) -> bool: ...
+    async def _raw_delete(self, key: str, now: float, expected_version: int | None) -> bool:
+        """Delete the session (alive or expired) and its turns; ``True`` if a live one was there.
+
+        With ``expected_version`` the engine first applies :func:`check_version` to the live
+        session's version, in the same atomic step as the delete.
+        """
 
     @abstractmethod
     async def _raw_list_keys(self, prefix: str, now: float) -> list[str]: ...

@@ -88,8 +88,11 @@ class InMemorySessionBackend(BackendBase):
             return []
         return entry.turns[-last:] if last is not None else list(entry.turns)
 
-    async def _raw_delete(self, key: str, now: float) -> bool:
+    async def _raw_delete(self, key: str, now: float, expected_version: int | None) -> bool:
         await anyio.lowlevel.checkpoint()
+        if expected_version is not None:
+            live = self._live(key, now)
+            check_version(key, expected_version, None if live is None else live.version)
         entry = self._entries.pop(key, None)
         if entry is None:
             return False
@@ -113,7 +116,7 @@ class InMemorySessionBackend(BackendBase):
         expired = [key for key in self._sorted_keys if not self._entries[key].alive(now)]
         if not dry_run:
             for key in expired:
-                await self._raw_delete(key, now)
+                await self._raw_delete(key, now, None)
         return expired
 
     def _describe(self) -> str:

@@ -120,6 +120,12 @@ class _Statements:
         )
         self.current_version = render("SELECT version, expires_at FROM {sessions} WHERE key = %s")
         self.delete_session = render("DELETE FROM {sessions} WHERE key = %s RETURNING expires_at")
+        # A conditional delete is one statement: the row it matches is locked, and a row
+        # another transaction changed meanwhile is checked again at its new version.
+        self.delete_session_at_version = render(
+            "DELETE FROM {sessions} AS s WHERE key = %(key)s AND version = %(expected)s "
+            f"AND {alive} RETURNING expires_at"
+        )
         self.delete_turns = render("DELETE FROM {turns} WHERE key = %s")
         self.expired = render(
             "SELECT key FROM {sessions} WHERE expires_at IS NOT NULL AND expires_at <= %s ORDER BY key"
@@ -351,8 +357,8 @@ class PostgresSessionBackend(BackendBase):
     async def _raw_load_turns(self, key: str, last: int | None, now: float) -> list[str]:
         return await self._read(_load_turns, key, last, now)  # type: ignore[no-any-return]
 
-    async def _raw_delete(self, key: str, now: float) -> bool:
-        return await self._write(_delete, key, now)  # type: ignore[no-any-return]
+    async def _raw_delete(self, key: str, now: float, expected_version: int | None) -> bool:
+        return await self._write(_delete, key, now, expected_version)  # type: ignore[no-any-return]
 
     async def _raw_list_keys(self, prefix: str, now: float) -> list[str]:
         return await self._read(_list_keys, prefix, now)  # type: ignore[no-any-return]
@@ -528,9 +534,14 @@ def _commit(
     if row is not None:
         return int(row[0])
     assert expected_version is not None  # an overwrite always returns its row
+    raise _conflict(conn, q, key, expected_version, now)
+
+
+def _conflict(conn: Connection, q: _Statements, key: str, expected: int, now: float) -> VersionConflictError:
+    """The error for a conditional write that matched no row, naming the version stored now."""
     found = conn.execute(q.current_version, (key,)).fetchone()
     actual = None if found is None or (found[1] is not None and found[1] <= now) else int(found[0])
-    raise VersionConflictError(key, expected_version, actual)
+    return VersionConflictError(key, expected, actual)
 
 
 def _load_turns(q: _Statements, key: str, last: int | None, now: float) -> Query:
@@ -539,14 +550,21 @@ def _load_turns(q: _Statements, key: str, last: int | None, now: float) -> Query
     return q.turns_tail, {"key": key, "now": now, "last": last}, _column
 
 
-def _delete(conn: Connection, q: _Statements, key: str, now: float) -> bool:
+def _delete(conn: Connection, q: _Statements, key: str, now: float, expected_version: int | None) -> bool:
     with conn.transaction():
         # The turns are deleted by a second statement: it starts after the first one locked
         # the session row, so it also sees turns another process committed just before.
-        row = conn.execute(q.delete_session, (key,)).fetchone()
-        if row is None:
+        if expected_version is None:
+            row = conn.execute(q.delete_session, (key,)).fetchone()
+        else:
+            params = {"key": key, "expected": expected_version, "now": now}
+            row = conn.execute(q.delete_session_at_version, params).fetchone()
+        if row is not None:
+            conn.execute(q.delete_turns, (key,))
+    if row is None:
+        if expected_version is None:
             return False
-        conn.execute(q.delete_turns, (key,))
+        raise _conflict(conn, q, key, expected_version, now)
     return row[0] is None or row[0] > now
 
 

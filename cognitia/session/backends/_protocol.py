@@ -43,7 +43,8 @@ class Capability(StrEnum):
     PREFIX_LISTING = "prefix_listing"
     """``list_keys(prefix=...)`` filters in the storage engine."""
     VERSIONED_COMMIT = "versioned_commit"
-    """``load_record`` and ``commit(..., expected_version=...)`` with conflict detection."""
+    """``load_record``, ``commit(..., expected_version=...)`` and ``delete(..., expected_version=...)``
+    with conflict detection."""
     TURN_LOG = "turn_log"
     """``commit(..., turns=...)`` appends rows natively; ``load_turns`` reads the tail."""
     EXPIRY = "expiry"
@@ -83,9 +84,15 @@ class StoreBackend(SessionBackend, Protocol):
     :class:`~cognitia.errors.VersionConflictError` is raised and nothing is written. With
     ``truncate=n`` only the oldest ``n`` stored turns are kept before ``turns`` are
     appended. It returns the new version.
+
+    ``delete(key, expected_version=n)`` deletes only if the stored session has version
+    ``n``, checked in the same atomic step; otherwise it raises
+    :class:`~cognitia.errors.VersionConflictError` and deletes nothing.
     """
 
     capabilities: frozenset[Capability]
+
+    async def delete(self, key: str, *, expected_version: int | None = None) -> bool: ...
 
     async def load_record(self, key: str) -> SessionRecord | None: ...
 

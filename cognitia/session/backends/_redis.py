@@ -108,13 +108,26 @@ return out
 """
 
 _DELETE = """
-local e = redis.call('HGET', KEYS[1], 'e')
-local existed = redis.call('EXISTS', KEYS[1]) == 1
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('ZREM', KEYS[4], ARGV[1])
-if existed and (not e or tonumber(e) > tonumber(ARGV[2])) then return 1 end
-return 0
+local h, l, idx, xp, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local key, now, expected, nonce = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+if expected ~= '' and redis.call('GET', done) == nonce then
+  -- This very delete was applied and its reply lost; the client resent it.
+  return {1, 1}
+end
+local meta = redis.call('HMGET', h, 'v', 'e')
+local v = tonumber(meta[1])
+local alive = v ~= nil and (not meta[2] or tonumber(meta[2]) > now)
+if expected ~= '' then
+  local actual = -1
+  if alive then actual = v end
+  if actual ~= tonumber(expected) then return {0, actual} end
+  redis.call('SET', done, nonce, 'PX', ARGV[5])
+end
+redis.call('DEL', h, l)
+redis.call('ZREM', idx, key)
+redis.call('ZREM', xp, key)
+if alive then return {1, 1} end
+return {1, 0}
 """
 
 _PRUNE = """
@@ -142,6 +155,10 @@ _SCRIPTS = {
 
 _PRUNE_BATCH = 500
 """Expired sessions deleted per script run, so one prune never stalls the server for long."""
+
+_DELETE_TOKEN_MS = 60_000
+"""How long a conditional delete's token is kept, so that the same delete resent after a lost
+reply (redis-py resends a command when the connection drops) is recognised as applied."""
 
 Command = tuple[Any, ...]
 Finish = Callable[[Any], Any]
@@ -176,6 +193,10 @@ class _Commands:
 
     def _keys(self, key: str) -> tuple[str, str]:
         return f"{self.prefix}s:{key}", f"{self.prefix}t:{key}"
+
+    def _deleted(self, key: str) -> str:
+        """The key holding the token of the last conditional delete of ``key``, for a while."""
+        return f"{self.prefix}d:{key}"
 
     def load(self, key: str, now: float) -> Plan:
         def finish(reply: list[str | None]) -> RawRecord | None:
@@ -233,11 +254,29 @@ class _Commands:
             list,
         )
 
-    def delete(self, key: str, now: float) -> Plan:
-        return (
-            ("EVALSHA", _SCRIPTS["delete"][1], 4, *self._keys(key), self.index, self.expiry, key, repr(now)),
-            bool,
+    def delete(self, key: str, now: float, expected_version: int | None, nonce: str) -> Plan:
+        def finish(reply: list[int]) -> bool:
+            ok, value = reply
+            if not ok:
+                assert expected_version is not None
+                raise VersionConflictError(key, expected_version, None if value < 0 else int(value))
+            return bool(value)
+
+        command = (
+            "EVALSHA",
+            _SCRIPTS["delete"][1],
+            5,
+            *self._keys(key),
+            self.index,
+            self.expiry,
+            self._deleted(key),
+            key,
+            repr(now),
+            "" if expected_version is None else expected_version,
+            nonce,
+            _DELETE_TOKEN_MS,
         )
+        return command, finish
 
     def list_keys(self, prefix: str, now: float) -> Plan:
         low, high = _lex_range(prefix)
@@ -322,7 +361,8 @@ class RedisSessionBackend(BackendBase):
 
     Each session is a hash (state, version, turn count, times) and a list (its turns). A
     commit is one Lua script that checks the version, writes the state, truncates and
-    appends the turns and updates the key index, atomically on the server. Keys are listed
+    appends the turns and updates the key index, atomically on the server; a delete with
+    ``expected_version`` checks the version in the script that deletes. Keys are listed
     from a sorted-set index by lexical range (never ``KEYS`` or ``SCAN``). With ``ttl``
     every save sets a server-side expiry on the session's keys; expired sessions are
     invisible at once, and :meth:`prune` also removes them from the index.
@@ -330,8 +370,8 @@ class RedisSessionBackend(BackendBase):
     Runs the same on asyncio and trio: redis-py's blocking client is driven by threads the
     backend owns, each with a connection from a shared pool. Operations that queue up while
     a thread is busy are sent together as one pipeline. A dropped connection is reopened and
-    the command resent (commits carry a token, so a resent commit is applied once); an
-    unreachable server surfaces as :class:`~cognitia.errors.StorageError`.
+    the command resent (commits and conditional deletes carry a token, so a resent one is
+    applied once); an unreachable server surfaces as :class:`~cognitia.errors.StorageError`.
 
     Args:
         url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` for TLS, or
@@ -431,8 +471,11 @@ class RedisSessionBackend(BackendBase):
     async def _raw_load_turns(self, key: str, last: int | None, now: float) -> list[str]:
         return await self._call(self._commands.load_turns, key, last, now)  # type: ignore[no-any-return]
 
-    async def _raw_delete(self, key: str, now: float) -> bool:
-        return await self._call(self._commands.delete, key, now, write=True)  # type: ignore[no-any-return]
+    async def _raw_delete(self, key: str, now: float, expected_version: int | None) -> bool:
+        nonce = "" if expected_version is None else secrets.token_hex(8)
+        return await self._call(  # type: ignore[no-any-return]
+            self._commands.delete, key, now, expected_version, nonce, write=True
+        )
 
     async def _raw_list_keys(self, prefix: str, now: float) -> list[str]:
         return sorted(await self._call(self._commands.list_keys, prefix, now))

@@ -300,8 +300,8 @@ class SqliteSessionBackend(BackendBase):
             return await self._point_read(_load_turns, key, last, now)  # type: ignore[return-value]
         return await self._read(_load_turns, key, last, now)  # type: ignore[return-value]
 
-    async def _raw_delete(self, key: str, now: float) -> bool:
-        return await self._writer.call(_delete, key, now, shield=True)
+    async def _raw_delete(self, key: str, now: float, expected_version: int | None) -> bool:
+        return await self._writer.call(_delete, key, now, expected_version, shield=True)
 
     async def _raw_list_keys(self, prefix: str, now: float) -> list[str]:
         return await self._read(_list_keys, prefix, now)  # type: ignore[return-value]
@@ -581,14 +581,21 @@ def _load_turns(conn: sqlite3.Connection, key: str, last: int | None, now: float
     return [row[0] for row in rows]
 
 
-def _delete(conn: sqlite3.Connection, key: str, now: float) -> bool:
+def _delete(conn: sqlite3.Connection, key: str, now: float, expected_version: int | None) -> bool:
+    # The version is checked inside the write transaction (BEGIN IMMEDIATE holds the write
+    # lock), so no other connection or process can commit between the check and the delete.
     with _Transaction(conn):
-        row = conn.execute("SELECT expires_at FROM cognitia_sessions WHERE key = ?", (key,)).fetchone()
+        row = conn.execute(
+            "SELECT version, expires_at FROM cognitia_sessions WHERE key = ?", (key,)
+        ).fetchone()
+        alive = row is not None and (row[1] is None or row[1] > now)
+        if expected_version is not None:
+            check_version(key, expected_version, row[0] if alive else None)
         if row is None:
             return False
         conn.execute("DELETE FROM cognitia_turns WHERE key = ?", (key,))
         conn.execute("DELETE FROM cognitia_sessions WHERE key = ?", (key,))
-        return row[0] is None or row[0] > now
+        return alive
 
 
 def _list_keys(conn: sqlite3.Connection, prefix: str, now: float) -> list[str]:

@@ -13,7 +13,7 @@ from pydantic_ai.conversation_store import (
 )
 from pydantic_ai.messages import ModelMessagesTypeAdapter
 
-from cognitia import InMemorySessionManager, Session, SessionNotFound
+from cognitia import InMemorySessionManager, Session, SessionNotFound, VersionConflictError
 from cognitia.session.backends import SessionBackend
 
 __all__ = ["CognitiaConversationStore"]
@@ -134,19 +134,25 @@ class CognitiaConversationStore(ConversationStore):
     async def delete_record(self, conversation_id: str, *, expected_revision: str) -> None:
         """Delete the conversation and every message in its log.
 
-        The revision check and the erasure of the messages are one versioned commit;
-        the emptied session is then deleted.
+        The record is read and its revision checked; the delete then expects the version
+        the record was read at, which storage checks in the same atomic step as the delete.
+        A conversation saved in between, by this process or another one sharing the
+        storage, is left alone and the caller gets
+        :class:`~pydantic_ai.conversation_store.ConversationConflict`.
         """
         key = self.key(conversation_id)
-
-        def change(session: Session) -> None:
-            if _revision(session) != expected_revision:
-                raise ConversationConflict(conversation_id)
-            session.state = {}
-            session.turns.clear()
-
-        await self.manager.update(key, change)
-        await self.manager.delete(key)
+        try:
+            session = await self.manager.get(key)
+        except SessionNotFound:
+            raise ConversationConflict(conversation_id) from None
+        if session.version == 0 or _revision(session) != expected_revision:
+            raise ConversationConflict(conversation_id)
+        # No lock is held from the check to the delete (manager.delete takes the key's lock
+        # itself): the expected version covers a save by another task of this process too.
+        try:
+            await self.manager.delete(key, expected_version=session.version)
+        except VersionConflictError:
+            raise ConversationConflict(conversation_id) from None
 
     async def read_entry(self, entry_id: str) -> ConversationEntry:
         """The entry with this id; ``KeyError`` if no stored conversation has it."""
@@ -165,7 +171,10 @@ class CognitiaConversationStore(ConversationStore):
     # -- internals --------------------------------------------------------------------------
 
     def _record_of(self, session: Session, key: str) -> ConversationRecord | None:
-        if "conversation_id" not in session.state:  # emptied by a delete in progress
+        if "conversation_id" not in session.state:
+            # Not a conversation: an earlier version of this store emptied a session before
+            # deleting it, and an interrupted delete left it so. It reads as absent, and a new
+            # conversation may take it over.
             return None
         record = _RECORD.validate_python(session.state)
         self._note(key, record)

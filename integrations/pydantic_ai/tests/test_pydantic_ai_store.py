@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -285,6 +285,70 @@ async def test_branch_fork_and_delete(
     forked = await store.load("fork")
     assert forked is not None
     assert prompts_of(forked.messages) == ["a", "b", "fork only"]
+
+
+class ActsBeforeDelete(InMemorySessionManager):
+    """A real manager that runs the test's steps just before a delete reaches storage."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.before_delete: list[Callable[[], Awaitable[None]]] = []
+
+    async def delete(self, key: str, *, expected_version: int | None = None) -> bool:
+        while self.before_delete:
+            await self.before_delete.pop(0)()
+        return await super().delete(key, expected_version=expected_version)
+
+
+@pytest.mark.parametrize("elsewhere", ["saves a new revision", "deletes it and starts it again"])
+async def test_a_delete_never_erases_what_another_worker_wrote_after_the_check(
+    backend_factory: Any, agent: Agent[None, str], prompts_of: Prompts, elsewhere: str
+) -> None:
+    """Worker A checks the revision; before its delete reaches storage, worker B (a store over
+    a backend object of its own) writes the conversation. A's delete is refused, B's survives."""
+    manager_a = ActsBeforeDelete(backend_factory(), revalidate=True)
+    store_a = CognitiaConversationStore(manager_a)
+    store_b = CognitiaConversationStore(backend_factory())
+    await chat(store_a, agent, "c1", "first")
+    # Saved twice: a conversation started again under the key is at version 1 after its
+    # first save, a version A's delete (expecting 2) tells apart.
+    await chat(store_a, agent, "c1", "second")
+    record = await store_a.read_record("c1")
+    assert record is not None
+
+    async def worker_b() -> None:
+        if elsewhere == "deletes it and starts it again":
+            await store_b.delete("c1")
+        await chat(store_b, agent, "c1", "from b")
+
+    manager_a.before_delete.append(worker_b)
+    with pytest.raises(ConversationConflict):
+        await store_a.delete_record("c1", expected_revision=record.revision)
+
+    survivor = ["from b"] if elsewhere == "deletes it and starts it again" else ["first", "second", "from b"]
+    for store in (store_a, store_b):
+        loaded = await store.load("c1")
+        assert loaded is not None
+        assert prompts_of(loaded.messages) == survivor
+    # A, told of the conflict, deletes what is stored now.
+    await store_a.delete("c1")
+    assert await store_b.load("c1") is None
+
+
+async def test_a_session_left_empty_by_an_interrupted_delete_reads_as_absent(
+    store_backend: BackendBase, agent: Agent[None, str], prompts_of: Prompts
+) -> None:
+    """An earlier version of the store emptied a conversation's session before deleting it."""
+    store = CognitiaConversationStore(store_backend)
+    await store_backend.commit(store.key("c1"), {}, truncate=0)
+    assert await store.load("c1") is None
+    assert await store.list_conversations() == []
+    await store.delete("c1")  # nothing to delete
+    await chat(store, agent, "c1", "new")  # a new conversation takes the session over
+    loaded = await store.load("c1")
+    assert loaded is not None and prompts_of(loaded.messages) == ["new"]
+    await store.delete("c1")
+    assert await store_backend.list_keys("pydantic_ai:") == []
 
 
 async def test_list_conversations_by_scope(store_backend: BackendBase, agent: Agent[None, str]) -> None:
