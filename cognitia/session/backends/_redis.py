@@ -223,11 +223,7 @@ class _Commands:
         nonce: str,
     ) -> Plan:
         def finish(reply: list[int]) -> int:
-            ok, version = reply
-            if not ok:
-                assert expected_version is not None
-                raise VersionConflictError(key, expected_version, None if version < 0 else int(version))
-            return int(version)
+            return _checked(key, expected_version, reply)
 
         command = (
             "EVALSHA",
@@ -256,11 +252,7 @@ class _Commands:
 
     def delete(self, key: str, now: float, expected_version: int | None, nonce: str) -> Plan:
         def finish(reply: list[int]) -> bool:
-            ok, value = reply
-            if not ok:
-                assert expected_version is not None
-                raise VersionConflictError(key, expected_version, None if value < 0 else int(value))
-            return bool(value)
+            return bool(_checked(key, expected_version, reply))
 
         command = (
             "EVALSHA",
@@ -509,3 +501,15 @@ class RedisSessionBackend(BackendBase):
 
 def _close(client: redis.Redis) -> None:
     client.close()
+
+
+def _checked(key: str, expected_version: int | None, reply: list[int]) -> int:
+    """The value of a versioned script's ``[ok, value]`` reply; a conflict raises.
+
+    On a conflict ``value`` is the stored version, ``-1`` when nothing is stored.
+    """
+    ok, value = reply
+    if not ok:
+        assert expected_version is not None
+        raise VersionConflictError(key, expected_version, None if value < 0 else int(value))
+    return int(value)

@@ -78,14 +78,21 @@ def get_weather(tool_calls: list[str]) -> BetaAsyncFunctionTool[Any]:
     return get_weather
 
 
+async def resume(
+    conversation: PersistedConversation, client: AsyncAnthropic, *tools: Any, **options: Any
+) -> Any:
+    """A tool runner over the whole stored conversation, as an application resumes one."""
+    return client.beta.messages.tool_runner(
+        model=MODEL, max_tokens=256, tools=list(tools), messages=await conversation.messages(), **options
+    )
+
+
 async def ask(
     conversation: PersistedConversation, client: AsyncAnthropic, tool: BetaAsyncFunctionTool[Any], text: str
 ) -> str:
     """One user turn: store the question, run the tool loop over the whole history, return the answer."""
     await conversation.append({"role": "user", "content": text})
-    runner = client.beta.messages.tool_runner(
-        model=MODEL, max_tokens=256, tools=[tool], messages=await conversation.messages()
-    )
+    runner = await resume(conversation, client, tool)
     final = await conversation.run(runner)
     block = final.content[0]
     assert block.type == "text"
@@ -109,9 +116,7 @@ async def test_multi_turn_tool_run_stores_every_message(
 
     # The second turn iterates the runner by hand: each reply is stored once it is handled.
     await conversation.append({"role": "user", "content": "thanks"})
-    runner = client.beta.messages.tool_runner(
-        model=MODEL, max_tokens=256, tools=[get_weather], messages=await conversation.messages()
-    )
+    runner = await resume(conversation, client, get_weather)
     seen = []
     async for message in conversation.record(runner):
         seen.append(message.id)
@@ -228,9 +233,7 @@ async def test_streaming_runner_is_recorded_too(
     """With stream=True the streams are handed over unread and their final messages stored."""
     conversation = PersistedConversation(backend_factory(), "user-1")
     await conversation.append({"role": "user", "content": "What is the weather in Paris?"})
-    runner = api.client().beta.messages.tool_runner(
-        model=MODEL, max_tokens=256, tools=[get_weather], messages=await conversation.messages(), stream=True
-    )
+    runner = await resume(conversation, api.client(), get_weather, stream=True)
     texts = []
     async for stream in conversation.record(runner):
         async for event in stream:
@@ -248,9 +251,7 @@ async def test_a_reply_cut_off_in_a_tool_call_is_stored_without_running_it(
     """A tool_use block in a reply that stopped for max_tokens is stored, and the tool is not run."""
     conversation = PersistedConversation(backend_factory(), "user-1")
     await conversation.append({"role": "user", "content": "cut"})
-    runner = api.client().beta.messages.tool_runner(
-        model=MODEL, max_tokens=256, tools=[get_weather], messages=await conversation.messages()
-    )
+    runner = await resume(conversation, api.client(), get_weather)
     final = await conversation.run(runner)
     assert final.stop_reason == "max_tokens"
     assert tool_calls == []
@@ -282,9 +283,7 @@ async def test_a_refused_reply_is_left_out_like_the_runner_leaves_it_out(
     so the stored conversation does not either, and a resumed runner sends what it would."""
     conversation = PersistedConversation(backend_factory(), "user-1")
     await conversation.append({"role": "user", "content": "refuse"})
-    runner = api.client().beta.messages.tool_runner(
-        model=MODEL, max_tokens=256, tools=[], messages=await conversation.messages()
-    )
+    runner = await resume(conversation, api.client())
     final = await conversation.run(runner)
     assert final.stop_reason == "refusal"
     assert digest(await conversation.messages()) == ["user: refuse"]
@@ -301,9 +300,7 @@ async def test_compaction_replaces_the_stored_history_with_its_summary(
     conversation = PersistedConversation(backend, "user-1")
     await ask(conversation, api.client(), get_weather, "What is the weather in Paris?")
     await conversation.append({"role": "user", "content": "and now?"})
-    runner = api.client().beta.messages.tool_runner(
-        model=MODEL, max_tokens=256, tools=[get_weather], messages=await conversation.messages()
-    )
+    runner = await resume(conversation, api.client(), get_weather)
     runner.compact_before_next_turn()
     final = await conversation.run(runner)
 
@@ -330,17 +327,13 @@ async def test_messages_stored_by_another_writer_are_never_interleaved_or_overwr
     elsewhere = PersistedConversation(manager, "user-1")
     await conversation.append({"role": "user", "content": "hello"})
     client = api.client()
-    runner = client.beta.messages.tool_runner(
-        model=MODEL, max_tokens=256, tools=[get_weather], messages=await conversation.messages()
-    )
+    runner = await resume(conversation, client, get_weather)
     with pytest.raises(ConversationChangedError, match=r"'user-1'.*expected 1 stored messages, found 2"):
         async for _ in conversation.record(runner):
             await elsewhere.append({"role": "user", "content": "from elsewhere"})
     assert digest(await conversation.messages()) == ["user: hello", "user: from elsewhere"]
 
-    runner = client.beta.messages.tool_runner(
-        model=MODEL, max_tokens=256, tools=[get_weather], messages=await conversation.messages()
-    )
+    runner = await resume(conversation, client, get_weather)
     runner.compact_before_next_turn()
     with pytest.raises(ConversationChangedError, match=r"expected 2 stored messages, found 3"):
         async for message in conversation.record(runner):
@@ -362,9 +355,7 @@ async def test_the_tool_change_message_of_add_tools_is_stored(
 
     conversation = PersistedConversation(backend_factory(), "user-1")
     await conversation.append({"role": "user", "content": "What is the weather in Paris?"})
-    runner = api.client().beta.messages.tool_runner(
-        model=MODEL, max_tokens=256, tools=[get_weather], messages=await conversation.messages()
-    )
+    runner = await resume(conversation, api.client(), get_weather)
     async for _ in conversation.record(runner):
         if not api.requests[1:]:
             runner.add_tools(get_time)
@@ -387,9 +378,7 @@ async def test_a_reply_broken_on_is_stored_when_the_runner_is_run_again(
 ) -> None:
     conversation = PersistedConversation(backend_factory(), "user-1")
     await conversation.append({"role": "user", "content": "What is the weather in Paris?"})
-    runner = api.client().beta.messages.tool_runner(
-        model=MODEL, max_tokens=256, tools=[get_weather], messages=await conversation.messages()
-    )
+    runner = await resume(conversation, api.client(), get_weather)
     async for _ in conversation.record(runner):
         break
     assert digest(await conversation.messages()) == ["user: What is the weather in Paris?"]
@@ -450,8 +439,6 @@ async def test_files_in_image_sources_are_stored_base64_encoded(
         "user: describe",
     ]
 
-    runner = api.client().beta.messages.tool_runner(
-        model=MODEL, max_tokens=256, tools=[], messages=await conversation.messages()
-    )
+    runner = await resume(conversation, api.client())
     await conversation.run(runner)
     assert api.requests[-1]["messages"][0] == (await conversation.messages())[0]
