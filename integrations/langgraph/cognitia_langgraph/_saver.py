@@ -178,6 +178,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         ``filter`` matches metadata keys exactly; ``before`` keeps checkpoints older than the
         one it names; ``limit`` caps how many are returned.
         """
+        await self._bridge.enter()
         if config is None:
             threads: Sequence[object] = [
                 key[len(self.key_prefix) :] for key in await self.manager.list_keys(self.key_prefix)
@@ -210,7 +211,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
         """Append ``checkpoint`` to its thread's log; return the config that names it."""
-        self._bridge.remember()
+        await self._bridge.enter()
         thread_id, ns = _thread_and_ns(config)
         key = self.key(thread_id)
         parent_id = config["configurable"].get("checkpoint_id")
@@ -254,7 +255,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         task_path: str = "",
     ) -> None:
         """Append one task's pending writes for the checkpoint ``config`` names."""
-        self._bridge.remember()
+        await self._bridge.enter()
         if not writes:
             return
         thread_id, ns = _thread_and_ns(config)
@@ -357,6 +358,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
 
     async def adelete_thread(self, thread_id: str) -> None:
         """Delete the thread: its session, every checkpoint and every write."""
+        await self._bridge.enter()
         await self.manager.delete(self.key(thread_id))
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
@@ -364,6 +366,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         runs = set(run_ids)
         if not runs:
             return
+        await self._bridge.enter()
         for key in await self.manager.list_keys(self.key_prefix):
             await self._rewrite(key, lambda turns: _without_runs(turns, runs))
 
@@ -471,7 +474,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
     async def _locked(self, key: str) -> AsyncIterator[Session | None]:
         # Reads take the manager's per-key lock, as its writes do: loading the turn log
         # while a save of the same session commits would interleave the two.
-        self._bridge.remember()
+        await self._bridge.enter()
         async with self.manager.locked(key) as session:
             yield session
 

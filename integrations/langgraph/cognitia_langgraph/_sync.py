@@ -12,8 +12,10 @@ Three situations, told apart without guessing:
   application's own): it is sent to the loop the saver was last used on (its async API, a
   call sent there, or the loop it was created on), while that loop runs.
 * No event loop is running anywhere near (a plain script calling ``graph.invoke``): the call
-  runs in a short-lived event loop of its own. Such calls are serialized per saver, so the
-  manager is never driven by two loops at once.
+  runs in a short-lived event loop of its own. Such calls are serialized per saver, and an
+  async call that starts on an application's loop meanwhile waits for the running one to
+  return (that loop is the saver's from then on), so the manager is never driven by two loops
+  at once.
 * The call comes from the event loop's own thread: blocking there would stall the loop (and
   deadlock with the saver's own work), so it raises and says what to do instead.
 """
@@ -28,6 +30,7 @@ from typing import TypeVar, TypeVarTuple
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
+import anyio.to_thread
 from anyio import NoEventLoopError
 from anyio.lowlevel import EventLoopToken
 
@@ -58,6 +61,24 @@ class SyncBridge:
         except NoEventLoopError:
             pass
 
+    async def enter(self) -> None:
+        """Called first by every async method: note the running loop as the saver's, then wait
+        while a call runs on a loop of the saver's own in another thread.
+
+        The order matters: a sync call reads the saver's loop under ``_own_loop_lock``, so once
+        this loop is noted, no new call starts a loop of its own; the one that may have started
+        before is waited for here, in a worker thread, without blocking this loop.
+        """
+        if threading.current_thread() is self._own_loop_thread:
+            return
+        self.remember()
+        if self._own_loop_lock.locked():
+            await anyio.to_thread.run_sync(self._wait_for_own_loop)
+
+    def _wait_for_own_loop(self) -> None:
+        with self._own_loop_lock:
+            pass
+
     def run(self, name: str, fn: Callable[[*Ts], Awaitable[T]], *args: *Ts) -> T:
         token = _host_loop.get()
         if token is None:
@@ -72,17 +93,17 @@ class SyncBridge:
         try:
             anyio.lowlevel.current_token()
         except NoEventLoopError:
-            home = self._home
-            if home is not None:
-                if _running(home):
-                    return anyio.from_thread.run(_call, fn, *args, token=home)
-                self._home = None
             with self._own_loop_lock:
-                self._own_loop_thread = threading.current_thread()
-                try:
-                    return anyio.run(_call, fn, *args)
-                finally:
-                    self._own_loop_thread = None
+                home = self._home
+                if home is None or not _running(home):
+                    self._home = None
+                    self._own_loop_thread = threading.current_thread()
+                    try:
+                        return anyio.run(_call, fn, *args)
+                    finally:
+                        self._own_loop_thread = None
+            # Sent outside the lock: the call's own enter() would wait for it.
+            return anyio.from_thread.run(_call, fn, *args, token=home)
         raise RuntimeError(
             f"CognitiaSaver.{name}() was called on the event loop's thread, where it would block the loop. "
             f"Use the async API (graph.ainvoke, saver.a{name}), or run the sync graph in a worker thread: "

@@ -6,7 +6,7 @@ import operator
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any, TypedDict, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -15,6 +15,7 @@ import anyio.to_thread
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.graph import END, START, StateGraph
 
 from cognitia import SessionEvent
@@ -22,6 +23,7 @@ from cognitia.session.backends import SqliteSessionBackend
 from cognitia_langgraph import CognitiaSaver
 
 CFG: RunnableConfig = {"configurable": {"thread_id": "sync-thread"}}
+A = TypeVar("A")
 
 
 def test_invoke_without_an_event_loop(build_agent: Any, tool_call_message: Any, tmp_path: Path) -> None:
@@ -128,7 +130,7 @@ async def test_parallel_branches_in_a_worker_thread_save_on_the_host_loop(
         assert latest is not None and len(latest.checkpoint["channel_values"]["log"]) == 27
 
 
-async def in_plain_thread(fn: Callable[[int], Any], arg: int) -> Any:
+async def in_plain_thread(fn: Callable[[A], Any], arg: A) -> Any:
     """``fn(arg)`` in a thread of its own (as ``asyncio.to_thread`` or an executor would run it)."""
     done = anyio.Event()
     token = anyio.lowlevel.current_token()
@@ -146,3 +148,54 @@ async def in_plain_thread(fn: Callable[[int], Any], arg: int) -> Any:
     if isinstance(result[0], BaseException):
         raise result[0]
     return result[0]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_saver_made_off_the_loop_is_never_driven_by_two_loops_at_once(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """A saver made where no event loop runs, first called from a plain thread (as
+    ``asyncio.to_thread(graph.invoke)`` does): that call runs on a loop of the saver's own, and
+    an async call on the application's loop meanwhile waits for it instead of driving the
+    session manager from a second loop. Later sync calls go to the application's loop."""
+    async with SqliteSessionBackend(db_path=tmp_path / "two-loops.db") as backend:
+        saver = await anyio.to_thread.run_sync(CognitiaSaver, backend)  # no loop in that thread
+        off_loop, on_loop = saver.key("off-loop"), saver.key("on-loop")
+        entered, release = threading.Event(), threading.Event()
+        order: list[tuple[str, threading.Thread]] = []
+
+        def on_saved(event: SessionEvent) -> None:
+            if event.key == off_loop and not entered.is_set():
+                entered.set()
+                release.wait(30)  # holds the first off-loop save open while the loop calls aput
+            order.append((event.key, threading.current_thread()))
+
+        saver.manager.on("saved", on_saved)
+
+        def put(thread_id: str) -> Any:
+            config: RunnableConfig = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+            return saver.put(config, empty_checkpoint(), {}, {})
+
+        async def release_soon() -> None:
+            await anyio.sleep(0.5)
+            release.set()
+
+        loop_thread = threading.current_thread()
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(in_plain_thread, put, "off-loop")
+                await anyio.to_thread.run_sync(entered.wait, 30)
+                tg.start_soon(release_soon)
+                await saver.aput(
+                    {"configurable": {"thread_id": "on-loop", "checkpoint_ns": ""}},
+                    empty_checkpoint(),
+                    {},
+                    {},
+                )
+            await in_plain_thread(put, "off-loop")
+
+        assert [key for key, _ in order] == [off_loop, on_loop, off_loop]
+        assert order[0][1] is not loop_thread  # the first ran on a loop of the saver's own
+        assert [thread for _, thread in order[1:]] == [loop_thread, loop_thread]
+        assert len(list(await saver.manager.list_keys())) == 2
