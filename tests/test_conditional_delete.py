@@ -1,7 +1,8 @@
-"""delete(expected_version=...) on sessions past their TTL, on every backend kind.
+"""delete(expected_version=...) and stale versions on sessions past their TTL, on every backend kind.
 
-The conformance kit checks conditional deletes of live and missing sessions; it cannot move a
-backend's clock, so expiry is checked here, with a clock the test moves.
+The conformance kit checks conditional deletes of live and missing sessions, and that a
+deleted session's versions never match the session created again under its key; it cannot
+move a backend's clock, so expiry is checked here, with a clock the test moves.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 from _servers import SERVERS, BackendFactory
 
 from cognitia import VersionConflictError
-from cognitia.session.backends import InMemorySessionBackend, SqliteSessionBackend
+from cognitia.session.backends import BackendBase, InMemorySessionBackend, SqliteSessionBackend
 
 pytestmark = pytest.mark.anyio
 
@@ -94,8 +95,8 @@ async def test_a_conditional_delete_before_expiry_deletes(expiring: BackendFacto
     assert await backend.delete("agent:young", expected_version=2) is True
     assert await backend.load_record("agent:young") is None
     assert await backend.prune(dry_run=True) == []
-    # A new session under the key starts over, with an empty turn log.
-    assert await backend.commit("agent:young", {"n": 3}, expected_version=0) == 1
+    # A new session under the key starts over, above the deleted version, with an empty turn log.
+    assert await backend.commit("agent:young", {"n": 3}, expected_version=0) == 3
     assert await backend.load_turns("agent:young") == []
 
 
@@ -116,3 +117,42 @@ async def test_a_stale_version_of_a_session_created_again_over_an_expired_one_co
     assert await second.load("agent:k") == {"gen": 2}
     assert await first.delete("agent:k", expected_version=current.version) is True
     assert await second.load("agent:k") is None
+
+
+async def _commit_until(backend: BackendBase, key: str, version: int) -> int:
+    """Create ``key`` again and commit until it reached ``version``; return the version it has."""
+    current = await backend.commit(key, {"life": "new"}, expected_version=0, turns=[{"new": 0}])
+    while current < version:
+        current = await backend.commit(key, {"life": "new"}, expected_version=current)
+    return current
+
+
+async def _expect_stale_refused(backend: BackendBase, key: str, stale: int, current: int) -> None:
+    with pytest.raises(VersionConflictError) as caught:
+        await backend.commit(key, {"life": "stale"}, expected_version=stale, turns=[{"stale": True}])
+    assert (caught.value.expected, caught.value.actual) == (stale, current)
+    with pytest.raises(VersionConflictError) as caught:
+        await backend.delete(key, expected_version=stale)
+    assert (caught.value.expected, caught.value.actual) == (stale, current)
+    record = await backend.load_record(key)
+    assert record is not None and (record.state, record.version) == ({"life": "new"}, current)
+    assert await backend.load_turns(key) == [{"new": 0}]
+
+
+@pytest.mark.parametrize("removal", ["prune", "delete"])
+async def test_a_version_of_an_expired_and_removed_session_never_matches_the_next_one(
+    expiring: BackendFactory, clock: Clock, removal: str
+) -> None:
+    """A worker that read version 3 before the session expired and was pruned (or deleted)
+    cannot write over, or delete, the session created later under the key at any version."""
+    first, second = expiring(), expiring()
+    for i in range(3):
+        stale = await first.commit("agent:k", {"life": "old", "i": i}, turns=[{"old": i}])
+    clock.now += TTL + 1
+    if removal == "prune":
+        assert await first.prune() == ["agent:k"]
+    else:
+        assert await first.delete("agent:k") is False  # expired: nothing live was deleted
+    current = await _commit_until(second, "agent:k", stale)
+    await _expect_stale_refused(first, "agent:k", stale, current)
+    assert current > stale  # the new session started above the old one's versions

@@ -782,6 +782,67 @@ async def test_a_delete_expecting_a_version_without_a_backend_checks_the_live_se
     assert [(e.name, e.version) for e in deleted] == [("deleted", 1)]
 
 
+# -- a version names one life of a key -----------------------------------------------------------
+
+
+async def test_a_live_copy_of_a_deleted_session_never_overwrites_the_one_created_again(
+    backend_factory: Callable[[], SessionBackend],
+) -> None:
+    """Worker a holds version 3 of a session; worker b deletes it and creates the key again,
+    saving as often as the old one was: a's save and a's delete of version 3 are conflicts."""
+    a = InMemorySessionManager(backend_factory())
+    b = InMemorySessionManager(backend_factory())
+    conflicts = record(a, "conflict")
+    for i in range(3):
+        await a.update("agent:chat", say(f"old {i}"))
+    stale = await a.get("agent:chat")
+    assert stale.version == 3
+
+    assert await b.delete("agent:chat") is True
+    created = await b.update("agent:chat", say("new 0"))
+    while created.version < stale.version:
+        created = await b.update("agent:chat", lambda session: session.state.update(n=session.version))
+    stale.state["overwrite"] = True
+    stale.turns.append({"text": "lost update"})
+    with pytest.raises(VersionConflictError) as caught:
+        await a.save(stale)
+    assert (caught.value.expected, caught.value.actual) == (3, created.version)
+    assert [(e.name, e.version) for e in conflicts] == [("conflict", 3)]
+    with pytest.raises(VersionConflictError):
+        await a.delete("agent:chat", expected_version=3)
+
+    stored = InMemorySessionManager(backend_factory())
+    assert (await stored.get("agent:chat")).state == created.state
+    assert texts(await stored.turns("agent:chat")) == ["new 0"]
+
+
+@pytest.mark.parametrize("gone", ["deleted", "closed", "evicted"])
+async def test_without_a_backend_a_version_never_names_two_lives_of_a_key(gone: str) -> None:
+    """Without a backend a session that leaves the live set is gone; one created again under
+    its key is numbered above it, so a delete expecting the old version conflicts."""
+    clock = Clock()
+    manager = InMemorySessionManager(idle_ttl=10, clock=clock)
+    for i in range(3):
+        await manager.update("agent:k", say(f"old {i}"))
+    stale = (await manager.get("agent:k")).version
+    if gone == "deleted":
+        assert await manager.delete("agent:k") is True
+    elif gone == "closed":
+        assert await manager.close("agent:k") is True
+    else:
+        clock.advance(11)
+        assert await manager.evict_idle() == ["agent:k"]
+    assert "agent:k" not in manager
+
+    session = await manager.register("agent:k", {"life": "new"})
+    while session.version < stale:
+        await manager.save(session)
+    with pytest.raises(VersionConflictError) as caught:
+        await manager.delete("agent:k", expected_version=stale)
+    assert caught.value.actual == session.version
+    assert await manager.get("agent:k") is session
+
+
 async def test_turns_refuses_a_negative_count_whether_live_or_stored(backend: SessionBackend) -> None:
     manager = InMemorySessionManager(backend)
     await manager.update("agent:chat", say("one"))

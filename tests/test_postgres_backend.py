@@ -86,8 +86,46 @@ async def test_the_schema_is_created_and_its_version_recorded(postgres_dsn: str,
         "SELECT table_name FROM information_schema.tables WHERE table_schema = %s ORDER BY 1",
         schema,
     )
-    assert tables == [("cognitia_schema_version",), ("cognitia_sessions",), ("cognitia_turns",)]
-    assert _sql(postgres_dsn, f'SELECT version FROM "{schema}".cognitia_schema_version') == [(1,)]
+    assert tables == [
+        ("cognitia_meta",),
+        ("cognitia_schema_version",),
+        ("cognitia_sessions",),
+        ("cognitia_turns",),
+    ]
+    versions = _sql(postgres_dsn, f'SELECT version FROM "{schema}".cognitia_schema_version ORDER BY 1')
+    assert versions == [(1,), (2,)]
+
+
+async def test_a_version_1_schema_is_migrated_and_keeps_its_sessions(postgres_dsn: str, schema: str) -> None:
+    # The tables as release 1 of the schema created them, with a session in them.
+    quoted = f'"{schema}"'
+    for statement in [
+        f"CREATE SCHEMA {quoted}",
+        f"CREATE TABLE {quoted}.cognitia_schema_version "
+        "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+        f"INSERT INTO {quoted}.cognitia_schema_version (version) VALUES (1)",
+        f'CREATE TABLE {quoted}.cognitia_sessions (key text COLLATE "C" PRIMARY KEY, state jsonb NOT NULL, '
+        "version bigint NOT NULL, turn_count integer NOT NULL, created_at double precision NOT NULL, "
+        "updated_at double precision NOT NULL, expires_at double precision)",
+        f'CREATE TABLE {quoted}.cognitia_turns (key text COLLATE "C" NOT NULL, seq integer NOT NULL, '
+        "turn jsonb NOT NULL, PRIMARY KEY (key, seq))",
+    ]:
+        _sql(postgres_dsn, statement)
+    _sql(
+        postgres_dsn,
+        f"INSERT INTO {quoted}.cognitia_sessions VALUES (%s, %s, 7, 1, 1.0, 2.0, NULL)",
+        "agent:old",
+        '{"n": 7}',
+    )
+    _sql(postgres_dsn, f"INSERT INTO {quoted}.cognitia_turns VALUES (%s, 0, %s)", "agent:old", '{"t": 0}')
+    async with PostgresSessionBackend(postgres_dsn, schema=schema) as backend:
+        record = await backend.load_record("agent:old")
+        assert record is not None and (record.state, record.version, record.turn_count) == ({"n": 7}, 7, 1)
+        assert await backend.load_turns("agent:old") == [{"t": 0}]
+        assert await backend.delete("agent:old", expected_version=7) is True
+        assert await backend.commit("agent:old", {"n": 0}, expected_version=0) == 8
+    versions = _sql(postgres_dsn, f"SELECT version FROM {quoted}.cognitia_schema_version ORDER BY 1")
+    assert versions == [(1,), (2,)]
 
 
 async def test_a_newer_schema_is_refused(postgres_dsn: str, schema: str) -> None:
@@ -105,7 +143,8 @@ async def test_backends_starting_together_migrate_once(postgres_dsn: str, schema
         async with anyio.create_task_group() as tg:
             for i, backend in enumerate(backends):
                 tg.start_soon(backend.save, f"agent:{i}", {"i": i})
-        assert _sql(postgres_dsn, f'SELECT version FROM "{schema}".cognitia_schema_version') == [(1,)]
+        versions = _sql(postgres_dsn, f'SELECT version FROM "{schema}".cognitia_schema_version ORDER BY 1')
+        assert versions == [(1,), (2,)]
         assert await backends[0].list_keys() == [f"agent:{i}" for i in range(8)]
     finally:
         for backend in backends:
@@ -139,8 +178,12 @@ async def test_schemas_and_table_prefixes_keep_stores_apart(
             odd,
         )
         assert tables == sorted(
-            [(first, f"tenant_{t}_{n}") for t in "ab" for n in ("schema_version", "sessions", "turns")]
-            + [(odd, f'x"y {n}') for n in ("schema_version", "sessions", "turns")]
+            [
+                (first, f"tenant_{t}_{n}")
+                for t in "ab"
+                for n in ("meta", "schema_version", "sessions", "turns")
+            ]
+            + [(odd, f'x"y {n}') for n in ("meta", "schema_version", "sessions", "turns")]
         )
     finally:
         _sql(postgres_dsn, 'DROP SCHEMA IF EXISTS "{}" CASCADE'.format(odd.replace('"', '""')))
@@ -377,3 +420,41 @@ def test_a_missing_driver_names_the_extra_to_install() -> None:
     assert "PostgresSessionBackend needs 'psycopg'" in result.stdout
     assert "pip install 'cognitia-sessions[postgres]'" in result.stdout
     assert issubclass(MissingDependencyError, ImportError)
+
+
+async def test_a_session_created_while_a_delete_is_committing_starts_above_it(
+    postgres_dsn: str, schema: str
+) -> None:
+    """A commit that creates the key while another process's delete of it is in flight waits for
+    that delete, then numbers the new session above the deleted one (not from a stale read)."""
+    import psycopg
+
+    async with PostgresSessionBackend(postgres_dsn, schema=schema) as backend:
+        for i in range(3):
+            stale = await backend.commit("agent:k", {"life": "old", "i": i})
+        created: list[int] = []
+
+        async def create() -> None:
+            created.append(await backend.commit("agent:k", {"life": "new"}, expected_version=0))
+
+        with psycopg.connect(postgres_dsn) as deleter:  # one open transaction, as a delete runs
+            meta, sessions = f'"{schema}".cognitia_meta', f'"{schema}".cognitia_sessions'
+            deleter.execute(f"SELECT 1 FROM {meta} WHERE name = 'removed_version' FOR NO KEY UPDATE")
+            deleter.execute(f"DELETE FROM {sessions} WHERE key = %s", ("agent:k",))
+            deleter.execute(f"UPDATE {meta} SET value = greatest(value, %s)", (stale,))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(create)
+                # Commit the delete only once the create is waiting for it.
+                waiting = (
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s"
+                )
+                for _ in range(500):
+                    if _sql(postgres_dsn, waiting, f"%{schema}%cognitia_sessions%") != [(0,)]:
+                        break
+                    await anyio.sleep(0.01)
+                else:
+                    raise AssertionError("the create never waited for the delete")
+                assert created == []
+                deleter.commit()
+        assert created == [stale + 1]
+        assert await backend.load("agent:k") == {"life": "new"}

@@ -84,8 +84,8 @@ async def test_expiry_is_server_side_and_prune_cleans_the_index(
         assert redis_client.zscore(f"{redis_prefix}expiry", "agent:short") is None
         assert await backend.prune() == []
 
-        # A new session under an expired key starts afresh.
-        assert await backend.commit("agent:short", {"again": True}, expected_version=0) == 1
+        # A new session under an expired key starts afresh, above the pruned session's version.
+        assert await backend.commit("agent:short", {"again": True}, expected_version=0) == 2
         assert await backend.load_turns("agent:short") == []
 
 
@@ -114,8 +114,9 @@ async def test_key_prefix_isolates_backends(redis_url: str, redis_prefix: str, r
             assert await first.delete("agent:same")
             assert await second.load("agent:same") == {"who": "second"}
         stored = sorted(redis_client.scan_iter(match=f"{redis_prefix}*", count=1000))
-        # first's index went away with its last member (Redis drops empty sorted sets).
-        assert stored == sorted([f"{other}index", f"{other}s:agent:same"]), (
+        # first's index went away with its last member (Redis drops empty sorted sets); what
+        # stays is the highest version it deleted.
+        assert stored == sorted([f"{other}index", f"{other}s:agent:same", f"{redis_prefix}removed"]), (
             "every Redis key must live under its backend's key_prefix"
         )
     finally:
@@ -177,11 +178,11 @@ async def test_a_resent_conditional_delete_is_applied_once(
         assert _execute(client, commands.commit, *created, "first") == 1
         delete = ("agent:r", 1.0, 1, "same-token")
         assert _execute(client, commands.delete, *delete) is True
-        assert _execute(client, commands.commit, *created, "another-worker") == 1
+        assert _execute(client, commands.commit, *created, "another-worker") == 2
         assert _execute(client, commands.delete, *delete) is True  # the resend: already applied
-        assert redis_client.hget(f"{redis_prefix}s:agent:r", "v") == "1"
+        assert redis_client.hget(f"{redis_prefix}s:agent:r", "v") == "2"
         with pytest.raises(VersionConflictError):  # a new delete is checked again
-            _execute(client, commands.delete, "agent:r", 1.0, 2, "next-token")
+            _execute(client, commands.delete, "agent:r", 1.0, 1, "next-token")
         assert 0 < redis_client.pttl(f"{redis_prefix}d:agent:r") <= 60_000
     finally:
         client.close()
@@ -247,3 +248,43 @@ def test_missing_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None
         importlib.import_module("cognitia.session.backends._redis")
     monkeypatch.undo()
     importlib.import_module("cognitia.session.backends._redis")
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["not-pruned", "pruned"])
+async def test_a_session_gone_through_redis_expiry_keeps_its_versions_from_the_next_one(
+    redis_url: str, redis_prefix: str, redis_client: Any, pruned: bool
+) -> None:
+    """Redis drops an expired session's keys with no script running; the session created again
+    under the key still starts above its version, so a stale expected_version cannot match."""
+    now = 1_000.0
+    async with make(redis_url, redis_prefix, ttl=60, clock=lambda: now) as backend:
+        for i in range(3):
+            stale = await backend.commit("agent:k", {"life": "old"}, turns=[{"old": i}])
+        now += 61
+        # Let Redis' own expiry remove the session's keys now rather than in a minute.
+        keys = (f"{redis_prefix}s:agent:k", f"{redis_prefix}t:agent:k")
+        for key in keys:
+            redis_client.pexpire(key, 1)
+        for _ in range(500):  # Redis checks an expiry when a key is read
+            if not redis_client.exists(*keys):
+                break
+            await anyio.sleep(0.01)
+        assert not redis_client.exists(*keys), "Redis did not expire the session"
+        if pruned:
+            assert await backend.prune() == ["agent:k"]
+
+        version = await backend.commit("agent:k", {"life": "new"}, expected_version=0)
+        while version < stale:  # a new life numbered from 1 again would now collide with `stale`
+            version = await backend.commit("agent:k", {"life": "new"}, expected_version=version)
+        with pytest.raises(VersionConflictError) as caught:
+            await backend.commit("agent:k", {"life": "stale"}, expected_version=stale)
+        assert caught.value.actual == version
+        with pytest.raises(VersionConflictError):
+            await backend.delete("agent:k", expected_version=stale)
+        assert await backend.load("agent:k") == {"life": "new"}
+        assert version > stale  # the new session started above the expired one's versions
+        # Deleted, nothing of the session stays behind but the highest removed version.
+        assert await backend.delete("agent:k") is True
+        left = sorted(redis_client.scan_iter(match=f"{redis_prefix}*", count=1000))
+        assert left == [f"{redis_prefix}removed"]
+        assert redis_client.get(f"{redis_prefix}removed") == str(version)

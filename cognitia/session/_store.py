@@ -67,19 +67,28 @@ class Store:
     async def prune(self, dry_run: bool) -> list[str]:
         return []
 
+    def dropped(self, key: str, version: int) -> None:
+        """The manager let go of its live copy of ``key`` (closed or evicted) without deleting it."""
+
     @property
     def expires(self) -> bool:
         return False
 
 
 class NullStore(Store):
-    """No backend: sessions live only while they are live in the manager."""
+    """No backend: sessions live only while they are live in the manager.
+
+    A session that leaves the live set (deleted, closed or evicted) is gone, so, like a
+    backend, the store keeps the highest version of any session gone and numbers a session
+    created anew above it: a version never names two lives of a key.
+    """
 
     name = "none"
     backend = None
 
     def __init__(self, live: Mapping[str, Any]) -> None:
         self._live = live
+        self._removed_version = 0
 
     async def write(
         self,
@@ -91,14 +100,21 @@ class NullStore(Store):
         truncate: int | None = None,
     ) -> int:
         session = self._live.get(key)
-        return (0 if session is None else session.version) + 1
+        if session is None or not session.version:
+            return self._removed_version + 1
+        return int(session.version) + 1
 
     async def delete(self, key: str, expected: int | None = None) -> bool:
         # The live set is the storage: a session created by open() and never saved is absent.
+        session = self._live.get(key)
         if expected is not None:
-            session = self._live.get(key)
             check_version(key, expected, None if session is None else session.version or None)
+        if session is not None:
+            self.dropped(key, session.version)
         return False
+
+    def dropped(self, key: str, version: int) -> None:
+        self._removed_version = max(self._removed_version, version)
 
 
 class NativeStore(Store):

@@ -715,6 +715,7 @@ class InMemorySessionManager:
         if self._store.backend is not None and self._changed(session):
             await self._persist(session, "saved", expected=session.version)
         self._live.pop(session.key, None)
+        self._store.dropped(session.key, session.version)
         await self._emit(event, session.key, session.version, started, reason=reason)
 
     @staticmethod

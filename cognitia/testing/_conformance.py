@@ -329,7 +329,7 @@ async def delete_with_the_stored_version_deletes(factory: Factory) -> None:
         _expect(deleted is True, f"a conditional delete that succeeded must return True, got {deleted!r}")
         _expect(await backend.load_record("agent:d") is None, "a deleted session must not load")
         _expect("agent:d" not in await backend.list_keys(), "a deleted session must not be listed")
-        _expect(await backend.commit("agent:d", {}, expected_version=0) == 1, "the key must be free again")
+        _expect(await backend.commit("agent:d", {}, expected_version=0) > 2, "the key must be free again")
         if Capability.TURN_LOG in capabilities_of(backend):
             _expect(await backend.load_turns("agent:d") == [], "a conditional delete must remove the turns")
 
@@ -374,30 +374,32 @@ async def concurrent_deletes_and_commits_expecting_one_version_let_one_win(facto
     async with _Opened(factory) as backend:
         for round_ in range(3):
             key = f"agent:race{round_}"
-            await backend.commit(key, {"n": 0})
-            won, conflicts = await _delete_commit_race(backend, key, deletes_first=round_ % 2 == 0)
+            start = await backend.commit(key, {"n": 0})
+            won, conflicts = await _delete_commit_race(backend, key, start, deletes_first=round_ % 2 == 0)
             _expect(len(won) == 1 and len(conflicts) == 9, f"won={won} conflicts={conflicts}")
             record = await backend.load_record(key)
             if won[0] == "delete":
                 _expect(record is None, f"the winning delete must have deleted {key!r}, found {record!r}")
             else:
                 _expect(
-                    record is not None and record.version == 2,
+                    record is not None and record.version == start + 1,
                     f"the winning commit is not stored: {record!r}",
                 )
 
 
-async def _delete_commit_race(backend: Any, key: str, *, deletes_first: bool) -> tuple[list[str], list[str]]:
-    """Five deletes and five commits expecting version 1, taking turns at the head of the queue."""
+async def _delete_commit_race(
+    backend: Any, key: str, version: int, *, deletes_first: bool
+) -> tuple[list[str], list[str]]:
+    """Five deletes and five commits expecting ``version``, taking turns at the head of the queue."""
     won: list[str] = []
     conflicts: list[str] = []
 
     async def attempt(kind: str) -> None:
         try:
             if kind == "delete":
-                await backend.delete(key, expected_version=1)
+                await backend.delete(key, expected_version=version)
             else:
-                await backend.commit(key, {"by": kind}, expected_version=1)
+                await backend.commit(key, {"by": kind}, expected_version=version)
             won.append(kind)
         except VersionConflictError:
             conflicts.append(kind)
@@ -408,6 +410,73 @@ async def _delete_commit_race(backend: Any, key: str, *, deletes_first: bool) ->
             for kind in order:
                 tg.start_soon(attempt, kind)
     return won, conflicts
+
+
+@_rule(Capability.VERSIONED_COMMIT)
+async def a_deleted_sessions_versions_never_name_the_session_created_again(factory: Factory) -> None:
+    """After a delete, a stale expected_version never matches the session created again under the key."""
+    async with _Opened(factory) as backend:
+        for conditional in (False, True):
+            key = f"agent:again:{'conditional' if conditional else 'plain'}"
+            stale = await _commit_times(backend, key, 3)
+            if conditional:
+                await backend.delete(key, expected_version=stale)
+            else:
+                await backend.delete(key)
+            await _expect_a_new_life(backend, key, stale)
+
+
+@_rule(Capability.VERSIONED_COMMIT, persistent_only=True)
+async def removed_versions_survive_a_new_backend_object(factory: Factory) -> None:
+    """A session deleted through one backend object and created again through a new one starts above it."""
+    async with _Opened(factory) as first:
+        stale = await _commit_times(first, "agent:reborn", 3)
+        await first.delete("agent:reborn")
+    async with _Opened(factory) as second:
+        await _expect_a_new_life(second, "agent:reborn", stale)
+
+
+async def _commit_times(backend: Any, key: str, times: int) -> int:
+    version = 0
+    for i in range(times):
+        version = await backend.commit(key, {"life": "old", "i": i}, turns=[{"old": i}])
+    return int(version)
+
+
+async def _expect_a_new_life(backend: Any, key: str, stale: int) -> None:
+    """Create ``key`` again, commit until it reached ``stale``, and check that ``stale`` is refused."""
+    first = version = await backend.commit(key, {"life": "new"}, expected_version=0, turns=[{"new": 0}])
+    while version < stale:  # a new life numbered from 1 again would now collide with `stale`
+        version = await backend.commit(key, {"life": "new"}, expected_version=version)
+    try:
+        await backend.commit(key, {"life": "stale"}, expected_version=stale, turns=[{"stale": True}])
+    except VersionConflictError as exc:
+        _expect(exc.actual == version, f"conflict must report the new session's version, got {exc.actual}")
+    else:
+        raise AssertionError(
+            f"commit(expected_version={stale}) of the deleted session overwrote the one created again"
+        )
+    try:
+        await backend.delete(key, expected_version=stale)
+    except VersionConflictError as exc:
+        _expect(exc.actual == version, f"conflict must report the new session's version, got {exc.actual}")
+    else:
+        raise AssertionError(
+            f"delete(expected_version={stale}) of the deleted session deleted the one created again"
+        )
+    record = await backend.load_record(key)
+    _expect(
+        record is not None and (record.state, record.version) == ({"life": "new"}, version),
+        f"stale writes must leave the session created again as it was, got {record!r}",
+    )
+    if Capability.TURN_LOG in capabilities_of(backend):
+        turns = await backend.load_turns(key)
+        _expect(turns == [{"new": 0}], f"stale writes must leave the new turn log alone, got {turns!r}")
+    _expect(
+        first > stale,
+        f"the session created again under {key!r} started at version {first}, "
+        f"not above the deleted session's version {stale}",
+    )
 
 
 # -- turn log -----------------------------------------------------------------------------------

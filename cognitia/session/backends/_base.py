@@ -146,6 +146,12 @@ class BackendBase(ABC):
     ) -> int:
         """Write ``state`` and append ``turns`` atomically; return the new version.
 
+        A live session's version grows by one. A session created anew (the key was never
+        saved, was deleted, or expired) starts one above the highest version the backend
+        has removed so far (``1`` if it never removed one), so a version never names two
+        lives of a key: an ``expected_version`` read before a delete cannot match the
+        session created after it.
+
         ``expected_version``: ``None`` overwrites; ``0`` requires that no session exists;
         ``n`` requires stored version ``n``, else
         :class:`~cognitia.errors.VersionConflictError` and nothing is written.
@@ -277,7 +283,9 @@ class BackendBase(ABC):
         """Delete the session (alive or expired) and its turns; ``True`` if a live one was there.
 
         With ``expected_version`` the engine first applies :func:`check_version` to the live
-        session's version, in the same atomic step as the delete.
+        session's version, in the same atomic step as the delete. The deleted session's
+        version raises the backend's highest removed version in that same step (see
+        :meth:`commit`); so does every session :meth:`_raw_prune` deletes.
         """
 
     @abstractmethod

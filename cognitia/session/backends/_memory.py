@@ -40,6 +40,8 @@ class InMemorySessionBackend(BackendBase):
         super().__init__(ttl=ttl, clock=clock)
         self._entries: dict[str, _Entry] = {}
         self._sorted_keys: list[str] = []
+        # The highest version of any session removed so far (see BackendBase.commit).
+        self._removed_version = 0
 
     def _live(self, key: str, now: float) -> _Entry | None:
         entry = self._entries.get(key)
@@ -67,11 +69,13 @@ class InMemorySessionBackend(BackendBase):
         live = entry if entry is not None and entry.alive(now) else None
         check_version(key, expected_version, None if live is None else live.version)
         if entry is None:
-            self._entries[key] = _Entry(state, 1, now, expires_at, list(turns))
+            version = self._removed_version + 1
+            self._entries[key] = _Entry(state, version, now, expires_at, list(turns))
             bisect.insort(self._sorted_keys, key)
-            return 1
+            return version
         if live is None:
             entry.turns = []
+            entry.version = max(entry.version, self._removed_version)
         elif truncate is not None:
             del entry.turns[truncate:]
         entry.state = state
@@ -97,6 +101,7 @@ class InMemorySessionBackend(BackendBase):
         if entry is None:
             return False
         del self._sorted_keys[bisect.bisect_left(self._sorted_keys, key)]
+        self._removed_version = max(self._removed_version, entry.version)
         return entry.alive(now)
 
     async def _raw_list_keys(self, prefix: str, now: float) -> list[str]:

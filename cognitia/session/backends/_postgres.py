@@ -21,7 +21,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 __all__ = ["SCHEMA_VERSION", "PostgresSessionBackend"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Recorded in the ``<prefix>schema_version`` table; a newer schema is refused, an older one migrated."""
 
 _MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1, in bytes; longer names are silently cut
@@ -54,6 +54,7 @@ class _Statements:
             "sessions": ident(schema, f"{prefix}sessions"),
             "turns": ident(schema, f"{prefix}turns"),
             "versions": ident(schema, f"{prefix}schema_version"),
+            "meta": ident(schema, f"{prefix}meta"),
             "expiry_index": ident(f"{prefix}sessions_expiry"),
         }
 
@@ -98,7 +99,30 @@ class _Statements:
                     )"""
                 ),
             ),
+            2: (
+                # One row, 'removed_version': the highest version of any session deleted or
+                # pruned, so that a session created anew under a removed key starts above it.
+                render("CREATE TABLE IF NOT EXISTS {meta} (name text PRIMARY KEY, value bigint NOT NULL)"),
+                render(
+                    "INSERT INTO {meta} (name, value) VALUES ('removed_version', 0) "
+                    "ON CONFLICT (name) DO NOTHING"
+                ),
+            ),
         }
+
+        # Lock order, so that writers never wait for each other in a cycle: a transaction
+        # that touches the removed version locks its row before any session row. A removal
+        # locks it exclusively, a commit that may create a session shares it: such a commit
+        # then reads the number only once no removal is in flight, and after waiting for
+        # one it reads the number that removal recorded (a lock read sees the newest row).
+        removed = "{meta} WHERE name = 'removed_version'"
+        self.lock_removed_version = render(f"SELECT 1 FROM {removed} FOR NO KEY UPDATE")
+        self.share_removed_version = render(f"SELECT 1 FROM {removed} FOR SHARE")
+        first_version = f"coalesce((SELECT value FROM {removed} FOR SHARE), 0) + 1"
+        record_removed = (
+            ", recorded AS (UPDATE {meta} SET value = greatest(value, (SELECT max(version) FROM gone)) "
+            "WHERE name = 'removed_version' AND EXISTS (SELECT 1 FROM gone))"
+        )
 
         alive = "(s.expires_at IS NULL OR s.expires_at > %(now)s)"
         self.load = render(
@@ -119,19 +143,24 @@ class _Statements:
             f"AND {alive} ORDER BY key"
         )
         self.current_version = render("SELECT version, expires_at FROM {sessions} WHERE key = %s")
-        self.delete_session = render("DELETE FROM {sessions} WHERE key = %s RETURNING expires_at")
+        self.delete_session = render(
+            "WITH gone AS (DELETE FROM {sessions} WHERE key = %(key)s RETURNING version, expires_at)"
+            + record_removed
+            + " SELECT expires_at FROM gone"
+        )
         # A conditional delete is one statement: the row it matches is locked, and a row
         # another transaction changed meanwhile is checked again at its new version.
         self.delete_session_at_version = render(
-            "DELETE FROM {sessions} AS s WHERE key = %(key)s AND version = %(expected)s "
-            f"AND {alive} RETURNING expires_at"
+            "WITH gone AS (DELETE FROM {sessions} AS s WHERE key = %(key)s AND version = %(expected)s "
+            f"AND {alive} RETURNING version, expires_at)" + record_removed + " SELECT expires_at FROM gone"
         )
         self.delete_turns = render("DELETE FROM {turns} WHERE key = %s")
         self.expired = render(
             "SELECT key FROM {sessions} WHERE expires_at IS NOT NULL AND expires_at <= %s ORDER BY key"
         )
         self.delete_expired = render(
-            "DELETE FROM {sessions} WHERE expires_at IS NOT NULL AND expires_at <= %s RETURNING key"
+            "WITH gone AS (DELETE FROM {sessions} WHERE expires_at IS NOT NULL AND expires_at <= %(now)s "
+            "RETURNING key, version)" + record_removed + " SELECT key FROM gone"
         )
         self.delete_turns_of = render("DELETE FROM {turns} WHERE key = ANY(%s)")
 
@@ -141,8 +170,12 @@ class _Statements:
         upsert = (
             "INSERT INTO {sessions} AS s "
             "(key, state, version, turn_count, created_at, updated_at, expires_at) "
-            "VALUES (%(key)s, %(state)s::jsonb, 1, %(n)s, %(now)s, %(now)s, %(expires_at)s) "
-            "ON CONFLICT (key) DO UPDATE SET state = excluded.state, version = s.version + 1, "
+            f"VALUES (%(key)s, %(state)s::jsonb, {first_version}, %(n)s, %(now)s, %(now)s, %(expires_at)s) "
+            "ON CONFLICT (key) DO UPDATE SET state = excluded.state, "
+            # excluded.version is the new-session version: an expired session's row goes on
+            # from above both its own version and every removed one.
+            f"version = CASE WHEN {alive} THEN s.version + 1 "
+            "ELSE greatest(s.version + 1, excluded.version) END, "
             f"turn_count = CASE WHEN {alive} "
             "THEN least(s.turn_count, coalesce(%(truncate)s::integer, s.turn_count)) ELSE 0 END + %(n)s, "
             f"created_at = CASE WHEN {alive} THEN s.created_at ELSE excluded.created_at END, "
@@ -460,6 +493,10 @@ def _run_writes(link: _Link, jobs: list[Job]) -> None:
     jobs = sorted(jobs, key=_job_key)
     conn.execute("BEGIN")
     try:
+        # The removed version's row is locked before every session row (see _Statements).
+        lock = _removed_version_lock(jobs)
+        if lock is not None:
+            conn.execute(lock)
         for job in jobs:
             job.run(conn)
             if conn.closed or conn.info.transaction_status == pq.TransactionStatus.INERROR:
@@ -475,6 +512,34 @@ def _run_writes(link: _Link, jobs: list[Job]) -> None:
     for job in jobs:
         job.result = job.error = None
         job.run(conn)
+
+
+def _removed_version_lock(jobs: list[Job]) -> str | None:
+    """The lock on the removed version to take before running ``jobs`` together, if any.
+
+    A job that needs the lock takes it before any session row, but in a batch the jobs
+    before it may already hold rows; so unless the first job takes the strongest lock the
+    batch needs, the batch takes that lock first.
+    """
+    needs = [_removed_version_need(job) for job in jobs if job.fn is not _noop]
+    if not needs or needs[0] == max(needs):
+        return None
+    q: _Statements = next(job.args[0] for job in jobs if job.fn is not _noop)
+    return q.lock_removed_version if max(needs) == 2 else q.share_removed_version
+
+
+def _removed_version_need(job: Job) -> int:
+    """0: the job leaves the removed version alone; 1: it reads it (shared); 2: it raises it.
+
+    A write's first argument is the statements. ``_commit``'s fourth is the expected
+    version: an overwrite (``None``) or a create (``0``) may make a new session.
+    ``_prune``'s third is ``dry_run``.
+    """
+    if job.fn is _delete or (job.fn is _prune and not job.args[2]):
+        return 2
+    if job.fn is _commit and job.args[3] in (None, 0):
+        return 1
+    return 0
 
 
 def _job_key(job: Job) -> str:
@@ -552,10 +617,11 @@ def _load_turns(q: _Statements, key: str, last: int | None, now: float) -> Query
 
 def _delete(conn: Connection, q: _Statements, key: str, now: float, expected_version: int | None) -> bool:
     with conn.transaction():
-        # The turns are deleted by a second statement: it starts after the first one locked
+        conn.execute(q.lock_removed_version)
+        # The turns are deleted by a third statement: it starts after the second one locked
         # the session row, so it also sees turns another process committed just before.
         if expected_version is None:
-            row = conn.execute(q.delete_session, (key,)).fetchone()
+            row = conn.execute(q.delete_session, {"key": key}).fetchone()
         else:
             params = {"key": key, "expected": expected_version, "now": now}
             row = conn.execute(q.delete_session_at_version, params).fetchone()
@@ -583,7 +649,8 @@ def _prune(conn: Connection, q: _Statements, now: float, dry_run: bool) -> list[
     if dry_run:
         return [row[0] for row in conn.execute(q.expired, (now,))]
     with conn.transaction():
-        keys = sorted(row[0] for row in conn.execute(q.delete_expired, (now,)))
+        conn.execute(q.lock_removed_version)
+        keys = sorted(row[0] for row in conn.execute(q.delete_expired, {"now": now}))
         if keys:
             conn.execute(q.delete_turns_of, (keys,))
     return keys

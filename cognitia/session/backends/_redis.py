@@ -36,9 +36,15 @@ __all__ = ["RedisSessionBackend"]
 
 # Every script touches only keys derived from the key prefix it is given, and each runs
 # atomically on the server: no other client sees a half-applied commit.
+#
+# Versions never name two lives of a key. KEYS "removed" holds the highest version of any
+# session a script deleted or pruned, and a session created anew starts above it. A session
+# with a TTL can also vanish through Redis' own expiry, with no script running, so its
+# version is kept in the hash "versions" too (field: the key) until the session is deleted
+# or pruned; a new life of the key starts above that version as well.
 
 _COMMIT = """
-local h, l, idx, xp = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local h, l, idx, xp, vs, rm = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local key, now, nonce = ARGV[1], tonumber(ARGV[5]), ARGV[8]
 local meta = redis.call('HMGET', h, 'v', 'n', 'e', 'c')
 local v = tonumber(meta[1])
@@ -71,18 +77,26 @@ while first <= #ARGV do
   first = last + 1
 end
 n = n + (#ARGV - 8)
-local version = (v or 0) + 1
+local version
+if alive then
+  version = v + 1
+else
+  local before = tonumber(redis.call('HGET', vs, key)) or 0
+  version = math.max(v or 0, before, tonumber(redis.call('GET', rm)) or 0) + 1
+end
 redis.call('HSET', h, 's', ARGV[2], 'v', version, 'n', n, 'u', ARGV[5], 'c', nonce)
 if ARGV[7] ~= '' then
   redis.call('HSET', h, 'e', ARGV[6])
   redis.call('PEXPIRE', h, ARGV[7])
   redis.call('PEXPIRE', l, ARGV[7])
   redis.call('ZADD', xp, ARGV[6], key)
+  redis.call('HSET', vs, key, version)
 else
   redis.call('HDEL', h, 'e')
   redis.call('PERSIST', h)
   redis.call('PERSIST', l)
   redis.call('ZREM', xp, key)
+  redis.call('HDEL', vs, key)
 end
 redis.call('ZADD', idx, 0, key)
 return {1, version}
@@ -108,7 +122,7 @@ return out
 """
 
 _DELETE = """
-local h, l, idx, xp, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local h, l, idx, xp, done, vs, rm = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local key, now, expected, nonce = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 if expected ~= '' and redis.call('GET', done) == nonce then
   -- This very delete was applied and its reply lost; the client resent it.
@@ -123,7 +137,10 @@ if expected ~= '' then
   if actual ~= tonumber(expected) then return {0, actual} end
   redis.call('SET', done, nonce, 'PX', ARGV[5])
 end
+local last = math.max(v or 0, tonumber(redis.call('HGET', vs, key)) or 0)
+if last > (tonumber(redis.call('GET', rm)) or 0) then redis.call('SET', rm, last) end
 redis.call('DEL', h, l)
+redis.call('HDEL', vs, key)
 redis.call('ZREM', idx, key)
 redis.call('ZREM', xp, key)
 if alive then return {1, 1} end
@@ -132,12 +149,18 @@ return {1, 0}
 
 _PRUNE = """
 local keys = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[4]))
-if ARGV[2] == '0' then
+if ARGV[2] == '0' and #keys > 0 then
+  local removed = tonumber(redis.call('GET', KEYS[4])) or 0
   for _, k in ipairs(keys) do
-    redis.call('DEL', ARGV[3] .. 's:' .. k, ARGV[3] .. 't:' .. k)
+    local h = ARGV[3] .. 's:' .. k
+    local v = tonumber(redis.call('HGET', h, 'v')) or 0
+    removed = math.max(removed, v, tonumber(redis.call('HGET', KEYS[3], k)) or 0)
+    redis.call('DEL', h, ARGV[3] .. 't:' .. k)
+    redis.call('HDEL', KEYS[3], k)
     redis.call('ZREM', KEYS[1], k)
     redis.call('ZREM', KEYS[2], k)
   end
+  redis.call('SET', KEYS[4], removed)
 end
 return keys
 """
@@ -190,6 +213,8 @@ class _Commands:
         self.prefix = key_prefix
         self.index = f"{key_prefix}index"
         self.expiry = f"{key_prefix}expiry"
+        self.versions = f"{key_prefix}versions"
+        self.removed = f"{key_prefix}removed"
 
     def _keys(self, key: str) -> tuple[str, str]:
         return f"{self.prefix}s:{key}", f"{self.prefix}t:{key}"
@@ -228,10 +253,12 @@ class _Commands:
         command = (
             "EVALSHA",
             _SCRIPTS["commit"][1],
-            4,
+            6,
             *self._keys(key),
             self.index,
             self.expiry,
+            self.versions,
+            self.removed,
             key,
             state,
             "" if expected_version is None else expected_version,
@@ -257,11 +284,13 @@ class _Commands:
         command = (
             "EVALSHA",
             _SCRIPTS["delete"][1],
-            5,
+            7,
             *self._keys(key),
             self.index,
             self.expiry,
             self._deleted(key),
+            self.versions,
+            self.removed,
             key,
             repr(now),
             "" if expected_version is None else expected_version,
@@ -283,9 +312,11 @@ class _Commands:
             (
                 "EVALSHA",
                 _SCRIPTS["prune"][1],
-                2,
+                4,
                 self.index,
                 self.expiry,
+                self.versions,
+                self.removed,
                 repr(now),
                 int(dry_run),
                 self.prefix,

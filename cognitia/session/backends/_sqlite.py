@@ -13,7 +13,7 @@ from ._base import BackendBase, RawRecord, check_version, prefix_bounds
 
 __all__ = ["SCHEMA_VERSION", "SqliteSessionBackend"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Recorded in the file as ``PRAGMA user_version``; a newer file is refused, an older one migrated."""
 
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -36,9 +36,22 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (key, seq)
         )""",
     ),
+    2: (
+        # One row, 'removed_version': the highest version of any session deleted or pruned,
+        # so that a session created anew under a removed key starts above it.
+        """CREATE TABLE IF NOT EXISTS cognitia_meta (
+            name TEXT PRIMARY KEY,
+            value INTEGER NOT NULL
+        )""",
+        "INSERT OR IGNORE INTO cognitia_meta (name, value) VALUES ('removed_version', 0)",
+    ),
 }
 
 _ALIVE = "(expires_at IS NULL OR expires_at > ?)"
+_REMOVED_VERSION = "coalesce((SELECT value FROM cognitia_meta WHERE name = 'removed_version'), 0)"
+_FIRST_VERSION = f"{_REMOVED_VERSION} + 1"
+"""The version of a session created anew: one above every version removed before."""
+_RECORD_REMOVED = "UPDATE cognitia_meta SET value = max(value, ?) WHERE name = 'removed_version'"
 _SELECT_RECORD = (
     "SELECT state, version, turn_count, updated_at, expires_at FROM cognitia_sessions "
     f"WHERE key = ? AND {_ALIVE}"
@@ -65,13 +78,15 @@ _INLINE_TAIL = 64
 _FAST_COMMITS = sqlite3.sqlite_version_info >= (3, 35, 0)  # RETURNING
 _UPSERT_ALIVE = (
     "INSERT INTO cognitia_sessions (key, state, version, turn_count, created_at, updated_at, expires_at) "
-    "VALUES (?1, ?2, 1, ?3, ?4, ?4, ?5) ON CONFLICT (key) DO UPDATE SET state = excluded.state, "
-    "version = version + 1, turn_count = turn_count + ?3, updated_at = ?4, expires_at = ?5 "
+    f"VALUES (?1, ?2, {_FIRST_VERSION}, ?3, ?4, ?4, ?5) "
+    "ON CONFLICT (key) DO UPDATE SET state = excluded.state, version = version + 1, "
+    "turn_count = turn_count + ?3, updated_at = ?4, expires_at = ?5 "
     "WHERE expires_at IS NULL OR expires_at > ?4 RETURNING version, turn_count"
 )
 _INSERT_NEW = (
     "INSERT INTO cognitia_sessions (key, state, version, turn_count, created_at, updated_at, expires_at) "
-    "VALUES (?1, ?2, 1, ?3, ?4, ?4, ?5) ON CONFLICT (key) DO NOTHING RETURNING version, turn_count"
+    f"VALUES (?1, ?2, {_FIRST_VERSION}, ?3, ?4, ?4, ?5) "
+    "ON CONFLICT (key) DO NOTHING RETURNING version, turn_count"
 )
 _UPDATE_AT_VERSION = (
     "UPDATE cognitia_sessions SET state = ?2, version = version + 1, turn_count = turn_count + ?3, "
@@ -391,7 +406,7 @@ def _save(conn: sqlite3.Connection, key: str, state: str, now: float, expires_at
 _SAVE_ROWS = (64, 16, 4, 1)
 _SAVE_MANY = {
     n: "INSERT INTO cognitia_sessions (key, state, version, turn_count, created_at, updated_at, expires_at) "
-    "VALUES " + ", ".join(["(?, ?, 1, 0, ?, ?, ?)"] * n) + " ON CONFLICT (key) DO UPDATE SET "
+    "VALUES " + ", ".join([f"(?, ?, {_FIRST_VERSION}, 0, ?, ?, ?)"] * n) + " ON CONFLICT (key) DO UPDATE SET "
     "state = excluded.state, version = version + 1, updated_at = excluded.updated_at, "
     "expires_at = excluded.expires_at WHERE expires_at IS NULL OR expires_at > excluded.updated_at"
     for n in _SAVE_ROWS
@@ -547,15 +562,20 @@ def _commit_general(
     ).fetchone()
     alive = row is not None and (row[2] is None or row[2] > now)
     check_version(key, expected_version, row[0] if alive else None)
+    if alive:
+        version = int(row[0]) + 1
+    else:
+        # A new life of the key: above its expired row's versions and every removed one.
+        removed = conn.execute(f"SELECT {_REMOVED_VERSION}").fetchone()[0]
+        version = max(int(removed), 0 if row is None else int(row[0])) + 1
     if row is None:
-        version, first_seq = 1, 0
+        first_seq = 0
         conn.execute(
             "INSERT INTO cognitia_sessions (key, state, version, turn_count, created_at, "
-            "updated_at, expires_at) VALUES (?, ?, 1, ?, ?, ?, ?)",
-            (key, state, len(turns), now, now, expires_at),
+            "updated_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key, state, version, len(turns), now, now, expires_at),
         )
     else:
-        version = row[0] + 1
         first_seq = row[1] if alive else 0
         if truncate is not None and truncate < first_seq:
             first_seq = truncate
@@ -595,6 +615,7 @@ def _delete(conn: sqlite3.Connection, key: str, now: float, expected_version: in
             return False
         conn.execute("DELETE FROM cognitia_turns WHERE key = ?", (key,))
         conn.execute("DELETE FROM cognitia_sessions WHERE key = ?", (key,))
+        conn.execute(_RECORD_REMOVED, (row[0],))
         return alive
 
 
@@ -614,16 +635,14 @@ def _list_keys(conn: sqlite3.Connection, prefix: str, now: float) -> list[str]:
 
 def _prune(conn: sqlite3.Connection, now: float, dry_run: bool) -> list[str]:
     with _Transaction(conn):
-        keys = [
-            row[0]
-            for row in conn.execute(
-                "SELECT key FROM cognitia_sessions "
-                "WHERE expires_at IS NOT NULL AND expires_at <= ? ORDER BY key",
-                (now,),
-            )
-        ]
-        if not dry_run:
-            for key in keys:
+        rows = conn.execute(
+            "SELECT key, version FROM cognitia_sessions "
+            "WHERE expires_at IS NOT NULL AND expires_at <= ? ORDER BY key",
+            (now,),
+        ).fetchall()
+        if not dry_run and rows:
+            for key, _ in rows:
                 conn.execute("DELETE FROM cognitia_turns WHERE key = ?", (key,))
                 conn.execute("DELETE FROM cognitia_sessions WHERE key = ?", (key,))
-        return keys
+            conn.execute(_RECORD_REMOVED, (max(version for _, version in rows),))
+        return [key for key, _ in rows]
