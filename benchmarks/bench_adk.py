@@ -11,8 +11,9 @@ the same run and on the same kind of storage:
 - ``adk sqlite``: ADK's SqliteSessionService on a file;
 - ``cognitia memory`` and ``adk memory``: the in-memory ones, for reference.
 
-"service" time counts only the calls into the session service; "turn" time is the whole
-Runner turn. Growth compares the per-turn cost at both ends of a session: after the 500
+"service" time counts only the calls into the session service (with the mean time of a
+``get_session`` and of an ``append_event`` call); "turn" time is the whole Runner turn.
+Growth compares the per-turn cost at both ends of a session: after the 500
 turns, 50 more turns alternate between the long session and a fresh one, and growth is the
 median service time on the long one over the fresh one (1.0: a flat per-turn cost).
 Alternating, like interleaving the services turn by turn, makes a busy machine slow both
@@ -22,7 +23,7 @@ The ratios to ADK's services come with a bound: the Runner's own work per turn (
 turn time minus its service time) is paid whatever the service, so even a service that took
 no time at all would be only that much faster end to end.
 
-    python benchmarks/bench_adk.py [--turns 500] [--window 20]
+    python benchmarks/bench_adk.py [--turns 500] [--window 20]   # --window 0: the Runner's default
 """
 
 from __future__ import annotations
@@ -93,19 +94,23 @@ class Timed(BaseSessionService):
     def __init__(self, inner: BaseSessionService) -> None:
         self.inner = inner
         self.elapsed = 0.0
+        self.per_call: dict[str, list[float]] = {"get_session": [], "append_event": []}
 
-    async def _timed(self, call: Awaitable[T]) -> T:
+    async def _timed(self, call: Awaitable[T], name: str | None = None) -> T:
         started = time.perf_counter()
         try:
             return await call
         finally:
-            self.elapsed += time.perf_counter() - started
+            spent = time.perf_counter() - started
+            self.elapsed += spent
+            if name is not None:
+                self.per_call[name].append(spent)
 
     async def create_session(self, **kwargs: Any) -> Session:
         return await self._timed(self.inner.create_session(**kwargs))
 
     async def get_session(self, **kwargs: Any) -> Session | None:
-        return await self._timed(self.inner.get_session(**kwargs))
+        return await self._timed(self.inner.get_session(**kwargs), "get_session")
 
     async def list_sessions(self, **kwargs: Any) -> ListSessionsResponse:
         return await self._timed(self.inner.list_sessions(**kwargs))
@@ -114,7 +119,7 @@ class Timed(BaseSessionService):
         await self._timed(self.inner.delete_session(**kwargs))
 
     async def append_event(self, session: Session, event: Event) -> Event:
-        return await self._timed(self.inner.append_event(session, event))
+        return await self._timed(self.inner.append_event(session, event), "append_event")
 
 
 class Case:
@@ -122,7 +127,9 @@ class Case:
         self.name = name
         self.service = Timed(service)
         self.runner = Runner(agent=agent, app_name=APP, session_service=self.service)
-        self.config = RunConfig(get_session_config=GetSessionConfig(num_recent_events=window))
+        # window 0: the Runner's default, which reads the whole session every turn.
+        reads = GetSessionConfig(num_recent_events=window) if window else None
+        self.config = RunConfig(get_session_config=reads)
         self.service_times: list[float] = []
         self.turn_times: list[float] = []
         self.late: list[float] = []
@@ -177,11 +184,20 @@ async def main(turns: int, window: int) -> None:
         await backend.aclose()
         await database.close()
 
-    print(f"{turns}-turn ADK session (4 events per turn), Runner with num_recent_events={window}")
-    print(f"{'service':<16} {'service turns/s':>16} {'turns/s':>9} {f'growth at turn {turns}':>19}")
+    reads = f"num_recent_events={window}" if window else "its default (the whole session per turn)"
+    print(f"{turns}-turn ADK session (4 events per turn), Runner with {reads}")
+    print(
+        f"{'service':<16} {'service turns/s':>16} {'turns/s':>9} {f'growth at turn {turns}':>19}"
+        f" {'get_session ms':>15} {'append_event ms':>16}"
+    )
     rates = {case.name: case.rates() for case in cases}
-    for name, (service_rate, turn_rate, growth) in rates.items():
-        print(f"{name:<16} {service_rate:>16.0f} {turn_rate:>9.0f} {growth:>19.2f}")
+    for case in cases:
+        service_rate, turn_rate, growth = rates[case.name]
+        get, append = (statistics.mean(times) * 1000 for times in case.service.per_call.values())
+        print(
+            f"{case.name:<16} {service_rate:>16.0f} {turn_rate:>9.0f} {growth:>19.2f}"
+            f" {get:>15.2f} {append:>16.2f}"
+        )
     ours = rates["cognitia sqlite"]
     for builtin in ("adk database", "adk sqlite"):
         theirs = rates[builtin]
@@ -200,6 +216,6 @@ async def main(turns: int, window: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--turns", type=int, default=500)
-    parser.add_argument("--window", type=int, default=20, help="events the Runner reads per turn")
+    parser.add_argument("--window", type=int, default=20, help="events the Runner reads per turn (0: all)")
     args = parser.parse_args()
     asyncio.run(main(args.turns, args.window))
