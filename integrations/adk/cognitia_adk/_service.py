@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import json
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -49,6 +50,12 @@ class CognitiaSessionService(BaseSessionService):
     shared by every session of the app or of the user; ``temp:`` keys are never stored,
     as in ADK's own services.
 
+    A live session keeps its newest ``cached_events`` events validated, so a read of the
+    whole session (the Runner's default) validates each event once and then hands out
+    copies, which cost about half as much; past that many, older events are validated on
+    every read, as ADK's own services do. Each cached event costs a few kilobytes of memory,
+    held only while the session is live in the manager.
+
     Writes are versioned: a session object carries the version it was read at, and
     appending through a copy that another writer has since advanced raises ADK's
     ``StaleSessionError``. Every write goes through the
@@ -63,6 +70,8 @@ class CognitiaSessionService(BaseSessionService):
         backend_or_manager: an :class:`~cognitia.InMemorySessionManager`, or a backend
             to wrap in a new one.
         prefix: prepended to every key this service writes.
+        cached_events: how many of a live session's newest events to keep validated
+            (0 turns the cache off).
     """
 
     def __init__(
@@ -70,9 +79,16 @@ class CognitiaSessionService(BaseSessionService):
         backend_or_manager: InMemorySessionManager | SessionBackend,
         *,
         prefix: str = "adk:",
+        cached_events: int = 1_000,
     ) -> None:
+        if type(cached_events) is not int or cached_events < 0:
+            raise ValueError(f"cached_events must be a non-negative int, got {cached_events!r}")
         self.manager = InMemorySessionManager.of(backend_or_manager)
         self.prefix = prefix
+        self.cached_events = cached_events
+        # Per live cognitia session: its validated events. Dropped with the session object,
+        # so a session the manager evicts, reloads or deletes takes its cache with it.
+        self._events: weakref.WeakKeyDictionary[Session, _EventCache] = weakref.WeakKeyDictionary()
         # Per session key being appended to: its lock and how many appends hold or await it.
         self._appending: dict[str, list[Any]] = {}
 
@@ -125,7 +141,7 @@ class CognitiaSessionService(BaseSessionService):
         stored = await self.manager.update(self.session_key(app_name, user_id, session_id), create)
         await self._merge(self.app_key(app_name), app_delta)
         await self._merge(self.user_key(app_name, user_id), user_delta)
-        return await self._to_adk(stored, events=[])
+        return await self._to_adk(copy.deepcopy(stored.state), stored.version, events=[])
 
     async def get_session(
         self,
@@ -137,16 +153,13 @@ class CognitiaSessionService(BaseSessionService):
     ) -> AdkSession | None:
         """The session with its events (filtered by ``config``), or ``None``."""
         key = self.session_key(app_name, user_id, session_id.strip())
-        try:
-            stored = await self.manager.get(key)
-        except SessionNotFound:
-            return None
-        turns = await self._event_turns(key, config)
-        # Validated from a copy: a model keeps the dicts and lists of its free-form fields
-        # (state deltas, tool arguments) as given, and these are the manager's cached turns.
-        return await self._to_adk(
-            stored, events=[Event.model_validate(json.loads(json.dumps(t))) for t in turns]
-        )
+        # Locked so that the state and the events come from one version of the session.
+        async with self.manager.locked(key) as stored:
+            if stored is None:
+                return None
+            events = await self._read_events(stored, config)
+            record, version = copy.deepcopy(stored.state), stored.version
+        return await self._to_adk(record, version, events=events)
 
     async def list_sessions(self, *, app_name: str, user_id: str | None = None) -> ListSessionsResponse:
         """The app's sessions (of ``user_id`` if given) without events, oldest update first."""
@@ -156,7 +169,7 @@ class CognitiaSessionService(BaseSessionService):
                 stored = await self.manager.get(key)
             except SessionNotFound:  # deleted since it was listed
                 continue
-            sessions.append(await self._to_adk(stored, events=[]))
+            sessions.append(await self._to_adk(copy.deepcopy(stored.state), stored.version, events=[]))
         sessions.sort(key=lambda s: (s.last_update_time, s.user_id, s.id))
         return ListSessionsResponse(sessions=sessions)
 
@@ -201,6 +214,7 @@ class CognitiaSessionService(BaseSessionService):
     ) -> bool:
         """Store ``turn``; ``True`` if it was the newest stored event already (a retry)."""
         seen = _marker(session)
+        before: list[int] = []
 
         async def append(stored: Session) -> None:
             if not stored.version:
@@ -225,6 +239,7 @@ class CognitiaSessionService(BaseSessionService):
                 "state": {**stored.state["state"], **own_delta},
                 "updated": event.timestamp,
             }
+            before[:] = [stored.version, len(stored.turns)]
             stored.turns.append(turn)
 
         try:
@@ -236,6 +251,9 @@ class CognitiaSessionService(BaseSessionService):
             session.last_update_time = stored.state["updated"]
             _set_marker(session, stored.version)
             return True
+        cache = self._events.get(stored)
+        if cache is not None:
+            cache.appended(before, stored.version, turn, self.cached_events)
         session.last_update_time = event.timestamp
         _set_marker(session, stored.version)
         return False
@@ -269,30 +287,39 @@ class CognitiaSessionService(BaseSessionService):
 
     # -- internals --------------------------------------------------------------------------
 
-    async def _event_turns(self, key: str, config: GetSessionConfig | None) -> list[Turn]:
-        """The stored events ``config`` asks for, reading only the tail of the log where it can."""
+    async def _read_events(self, stored: Session, config: GetSessionConfig | None) -> list[Event]:
+        """Copies of the stored events ``config`` asks for, reading only the tail of the log where it can."""
         recent = config.num_recent_events if config else None
         after = config.after_timestamp if config else None
         if recent == 0:
             return []
+        cache = self._events.get(stored)
+        if cache is None:
+            cache = _EventCache()
+            if self.cached_events:
+                self._events[stored] = cache
         if after is None:
-            return await self.manager.turns(key, last=recent)
-        # As InMemorySessionService does: walk back from the newest event and stop at the
-        # first one older than after_timestamp. Read windows that grow until one holds it.
-        window = recent if recent is not None else 64
-        while True:
-            turns = await self.manager.turns(key, last=window)
-            start = len(turns)
-            while start > 0 and turns[start - 1]["timestamp"] >= after:
-                start -= 1
-            if start > 0 or recent is not None or len(turns) < window:
-                return turns[start:]
-            window *= 4
+            events, private = await cache.newest(stored, recent, self.cached_events)
+        else:
+            # As InMemorySessionService does: walk back from the newest event and stop at
+            # the first one older than after_timestamp. Read windows that grow until one holds it.
+            window = recent if recent is not None else 64
+            while True:
+                events, private = await cache.newest(stored, window, self.cached_events)
+                start = len(events)
+                while start > 0 and events[start - 1].timestamp >= after:
+                    start -= 1
+                if start > 0 or recent is not None or len(events) < window:
+                    events, private = events[start:], max(0, private - start)
+                    break
+                window *= 4
+        # Events the cache keeps are copied; the older ones were built for this read alone.
+        return events[:private] + [event.model_copy(deep=True) for event in events[private:]]
 
-    async def _to_adk(self, stored: Session, *, events: list[Event]) -> AdkSession:
-        record = stored.state
+    async def _to_adk(self, record: dict[str, Any], version: int, *, events: list[Event]) -> AdkSession:
+        """An ADK session from a copy of a stored record, with the app and user state merged in."""
         app_name, user_id = record["app_name"], record["user_id"]
-        state = copy.deepcopy(record["state"])
+        state = record["state"]
         for key, value in (await self._scoped_state(self.app_key(app_name))).items():
             state[State.APP_PREFIX + key] = value
         for key, value in (await self._scoped_state(self.user_key(app_name, user_id))).items():
@@ -305,7 +332,7 @@ class CognitiaSessionService(BaseSessionService):
             events=events,
             last_update_time=record["updated"],
         )
-        _set_marker(session, stored.version)
+        _set_marker(session, version)
         return session
 
     async def _scoped_state(self, key: str) -> dict[str, Any]:
@@ -324,6 +351,63 @@ class CognitiaSessionService(BaseSessionService):
             stored.state = {**stored.state, **delta}
 
         await self.manager.update(key, merge)
+
+
+class _EventCache:
+    """The newest events of one live session's log, validated once and shared by later reads.
+
+    ``items`` are the last ``len(items)`` of the ``total`` events the log held at
+    ``version``; an item still a stored turn (a dict) is validated when first read. Any
+    save the cache did not see changes the version, and the cache starts over.
+    """
+
+    __slots__ = ("items", "total", "version")
+
+    def __init__(self) -> None:
+        self.version = -1
+        self.total = 0
+        self.items: list[Event | Turn] = []
+
+    async def newest(self, stored: Session, n: int | None, limit: int) -> tuple[list[Event], int]:
+        """The newest ``n`` events (all if ``None``), oldest first, and how many of them, from
+        the first, were built for this call alone; the others are the cache's own."""
+        total = len(stored.turns)
+        n = total if n is None else min(n, total)
+        if stored.turns.pending:
+            # Turns appended to the live session and not saved: served, never cached.
+            self.version = -1
+            return ([_event(turn) for turn in await stored.turns.last(n)] if n else []), n
+        if self.version != stored.version or self.total != total:
+            self.version, self.total, self.items = stored.version, total, []
+        if n == 0:
+            return [], 0
+        items = self.items
+        if n > len(items):
+            turns = await stored.turns.last(n)
+            items[:0] = turns[: n - len(items)]
+        tail = items[len(items) - n :]
+        for i, item in enumerate(tail):
+            if type(item) is dict:
+                tail[i] = items[len(items) - n + i] = _event(item)
+        if len(items) > limit:
+            del items[: len(items) - limit]
+        return tail, max(0, n - len(items))  # type: ignore[return-value]  # tail is all validated
+
+    def appended(self, before: list[int], version: int, turn: Turn, limit: int) -> None:
+        """Record that the save from ``before`` (version, event count) to ``version`` added ``turn``."""
+        if before == [self.version, self.total]:
+            self.version, self.total = version, self.total + 1
+            self.items.append(turn)
+            if len(self.items) > limit:
+                del self.items[: len(self.items) - limit]
+        else:
+            self.version = -1
+
+
+def _event(turn: Turn) -> Event:
+    # Parsed from a copy: a model keeps the dicts and lists of its free-form fields (state
+    # deltas, tool arguments) as given, and turns are the manager's cached dicts.
+    return Event.model_validate_json(json.dumps(turn))
 
 
 class _AlreadyStored(Exception):

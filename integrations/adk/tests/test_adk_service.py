@@ -170,20 +170,21 @@ async def test_state_prefixes_behave_like_adks_in_memory_service(
         assert "temp:" not in json.dumps(await store_backend.load_turns(key))
 
 
-class TurnReadsRecorded(InMemorySessionManager):
-    """A real manager that also notes how many turns each read asked for."""
+def record_turn_reads(backend: BackendBase, monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
+    """How many turns each read of ``backend``'s turn logs asks for, from now on."""
+    reads: list[int | None] = []
+    load_turns = backend.load_turns
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.reads: list[int | None] = []
+    async def recorded(key: str, *, last: int | None = None) -> list[dict[str, Any]]:
+        reads.append(last)
+        return await load_turns(key, last=last)
 
-    async def turns(self, key: str, *, last: int | None = None) -> list[dict[str, Any]]:
-        self.reads.append(last)
-        return await super().turns(key, last=last)
+    monkeypatch.setattr(backend, "load_turns", recorded)
+    return reads
 
 
 async def test_get_session_config_matches_adk_and_reads_only_the_tail(
-    store_backend: BackendBase, agent: Agent
+    store_backend: BackendBase, agent: Agent, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Record a conversation with ADK's own service, then replay the very same events into
     # ours, so both hold identical ids and timestamps.
@@ -193,11 +194,6 @@ async def test_get_session_config_matches_adk_and_reads_only_the_tail(
     for turn in range(4):
         await ask(runner, "ann", "s1", f"turn {turn}")
     recorded = await stored(reference, "ann", "s1")
-
-    ours = CognitiaSessionService(store_backend)
-    target = await ours.create_session(app_name=APP, user_id="ann", session_id="s1")
-    for event in recorded.events:
-        await ours.append_event(target, event.model_copy(deep=True))
 
     middle = recorded.events[7].timestamp
     configs: list[dict[str, Any]] = [
@@ -210,17 +206,26 @@ async def test_get_session_config_matches_adk_and_reads_only_the_tail(
         {"after_timestamp": 0.0},
         {"num_recent_events": 3, "after_timestamp": middle},
     ]
-    for config in configs:
-        mine = await stored(ours, "ann", "s1", **config)
-        theirs = await stored(reference, "ann", "s1", **config)
-        assert [event.id for event in mine.events] == [event.id for event in theirs.events], config
-        assert mine.events == theirs.events
+    # The default cache holds every event, 2 holds fewer than most reads ask for, 0 none.
+    for cached in (1_000, 2, 0):
+        ours = CognitiaSessionService(store_backend, prefix=f"adk{cached}:", cached_events=cached)
+        target = await ours.create_session(app_name=APP, user_id="ann", session_id="s1")
+        for event in recorded.events:
+            await ours.append_event(target, event.model_copy(deep=True))
+        for config in configs + configs[::-1]:
+            mine = await stored(ours, "ann", "s1", **config)
+            theirs = await stored(reference, "ann", "s1", **config)
+            assert [event.id for event in mine.events] == [event.id for event in theirs.events], (
+                cached,
+                config,
+            )
+            assert mine.events == theirs.events
 
-    manager = TurnReadsRecorded(store_backend)
-    fresh = CognitiaSessionService(manager)
+    reads = record_turn_reads(store_backend, monkeypatch)
+    fresh = CognitiaSessionService(store_backend, prefix="adk0:")
     tail = await stored(fresh, "ann", "s1", num_recent_events=3)
     assert len(tail.events) == 3
-    assert manager.reads == [3]
+    assert reads == [3]
 
 
 async def test_saved_hooks_fire_once_per_event(store_backend: BackendBase, agent: Agent) -> None:
@@ -444,24 +449,107 @@ async def test_session_ids_with_surrounding_whitespace_name_the_stripped_session
     assert await service.get_session(app_name=APP, user_id="ann", session_id="s1") is None
 
 
-async def test_sessions_read_back_share_nothing_with_storage(store_backend: BackendBase) -> None:
+@pytest.mark.parametrize("cached_events", [1_000, 1, 0])
+async def test_sessions_read_back_share_nothing_with_storage(
+    store_backend: BackendBase, cached_events: int
+) -> None:
     """Changing an event or the state of a session object read from the service (ADK's code
-    and tools do) never changes what the next read returns."""
-    service = CognitiaSessionService(store_backend)
+    and tools do) never changes what the next read returns, whether the event came from the
+    cache of validated events (with 1, the newest one does) or was built for the read."""
+    service = CognitiaSessionService(store_backend, cached_events=cached_events)
     session = await service.create_session(
         app_name=APP, user_id="ann", session_id="s1", state={"app:cfg": {"a": 1}}
     )
     delta = {"plan": {"steps": ["a"]}, "user:prefs": {"tone": "dry"}}
-    await service.append_event(
-        session, Event(author="user", invocation_id="i1", actions=EventActions(state_delta=delta))
-    )
+    for invocation in ("i1", "i2"):
+        event = Event(author="user", invocation_id=invocation, actions=EventActions(state_delta=delta))
+        await service.append_event(session, event)
 
     first = await stored(service, "ann", "s1")
-    first.events[0].actions.state_delta["plan"]["steps"].append("b")
+    for event in first.events:
+        event.actions.state_delta["plan"]["steps"].append("b")
+        event.invocation_id = "changed"
     first.state["plan"]["steps"].append("c")
     first.state["user:prefs"]["tone"] = "warm"
     first.state["app:cfg"]["a"] = 2
 
     second = await stored(service, "ann", "s1")
-    assert second.events[0].actions.state_delta == {"plan": {"steps": ["a"]}, "user:prefs": {"tone": "dry"}}
+    assert [event.invocation_id for event in second.events] == ["i1", "i2"]
+    for event in second.events:
+        assert event.actions.state_delta == {"plan": {"steps": ["a"]}, "user:prefs": {"tone": "dry"}}
     assert second.state == {"plan": {"steps": ["a"]}, "user:prefs": {"tone": "dry"}, "app:cfg": {"a": 1}}
+
+
+def count_validations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One item per ADK event built from JSON, from now on (ADK's own validation still runs)."""
+    calls: list[int] = []
+    validate = Event.model_validate_json
+
+    def counted(json_data: str | bytes, **kwargs: Any) -> Event:
+        calls.append(1)
+        return validate(json_data, **kwargs)
+
+    monkeypatch.setattr(Event, "model_validate_json", staticmethod(counted))
+    return calls
+
+
+@pytest.mark.parametrize("cached_events", [1_000, 0])
+async def test_a_live_session_validates_each_event_once(
+    store_backend: BackendBase, agent: Agent, monkeypatch: pytest.MonkeyPatch, cached_events: int
+) -> None:
+    """The Runner reads the whole session every turn; with the cache on, each stored event
+    is built from JSON once, and every read still gets events of its own."""
+    service = CognitiaSessionService(store_backend, cached_events=cached_events)
+    runner = Runner(agent=agent, app_name=APP, session_service=service)
+    await service.create_session(app_name=APP, user_id="ann", session_id="s1")
+    validations = count_validations(monkeypatch)
+    for turn in range(5):
+        await ask(runner, "ann", "s1", f"turn {turn}")
+
+    session = await stored(service, "ann", "s1")
+    assert len(session.events) == 20  # user, call, response, answer per turn
+    if cached_events:
+        assert len(validations) == 20
+    else:
+        assert len(validations) == sum(4 * turn for turn in range(6))  # every read, every event
+    again = await stored(service, "ann", "s1")
+    assert again.events == session.events
+    assert all(a is not b for a, b in zip(again.events, session.events, strict=True))
+    assert again.events[1].content is not session.events[1].content
+
+
+async def test_the_cached_events_follow_changes_made_around_the_service(store_backend: BackendBase) -> None:
+    """Saves through the manager itself, and turns appended to the live session and not saved
+    yet, show in the next read as they would without the cache."""
+    service = CognitiaSessionService(store_backend)
+    session = await service.create_session(app_name=APP, user_id="ann", session_id="s1")
+    for name in ("one", "two", "three"):
+        await service.append_event(session, Event(author="user", invocation_id=name))
+    key = service.session_key(APP, "ann", "s1")
+    invocations = [event.invocation_id for event in (await stored(service, "ann", "s1")).events]
+    assert invocations == ["one", "two", "three"]
+
+    async def drop_newest(live: Any) -> None:
+        await live.turns.pop()
+
+    await service.manager.update(key, drop_newest)
+    invocations = [event.invocation_id for event in (await stored(service, "ann", "s1")).events]
+    assert invocations == ["one", "two"]
+
+    live = await service.manager.get(key)
+    live.turns.append(
+        Event(author="user", invocation_id="unsaved").model_dump(mode="json", exclude_none=True)
+    )
+    invocations = [event.invocation_id for event in (await stored(service, "ann", "s1")).events]
+    assert invocations == ["one", "two", "unsaved"]
+    await service.manager.save(live)
+    copy = await stored(service, "ann", "s1")
+    await service.append_event(copy, Event(author="user", invocation_id="four"))
+    invocations = [event.invocation_id for event in (await stored(service, "ann", "s1")).events]
+    assert invocations == ["one", "two", "unsaved", "four"]
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "10", None])
+def test_cached_events_must_be_a_count(bad: Any) -> None:
+    with pytest.raises(ValueError, match=f"cached_events must be a non-negative int, got {bad!r}"):
+        CognitiaSessionService(InMemorySessionManager(), cached_events=bad)
