@@ -19,6 +19,10 @@ median service time on the long one over the fresh one (1.0: a flat per-turn cos
 Alternating, like interleaving the services turn by turn, makes a busy machine slow both
 sides alike. structlog is filtered to warnings.
 
+At the end, a new service on each SQLite file reads the long session once and the memory
+it still holds is printed (tracemalloc): cognitia keeps the live session's turns and its
+validated events, ADK's SQLite service keeps nothing.
+
 The ratios to ADK's services come with a bound: the Runner's own work per turn (a built-in's
 turn time minus its service time) is paid whatever the service, so even a service that took
 no time at all would be only that much faster end to end.
@@ -30,11 +34,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncGenerator, Awaitable
+import tracemalloc
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -181,6 +187,17 @@ async def main(turns: int, window: int) -> None:
         for case in cases:
             full = await case.service.get_session(app_name=APP, user_id=USER, session_id=SESSION)
             assert full is not None and len(full.events) == 4 * (turns + 50), "every event must be stored"
+        del full
+        fresh = [SqliteSessionBackend(backend.db_path) for _ in range(2)]
+        held = {
+            "cognitia sqlite": await held_by(lambda: CognitiaSessionService(fresh[0])),
+            "cognitia sqlite, cached_events=0": await held_by(
+                lambda: CognitiaSessionService(fresh[1], cached_events=0)
+            ),
+            "adk sqlite": await held_by(lambda: SqliteSessionService(f"{tmp}/adk-sqlite.db")),
+        }
+        for opened in fresh:
+            await opened.aclose()
         await backend.aclose()
         await database.close()
 
@@ -198,6 +215,9 @@ async def main(turns: int, window: int) -> None:
             f"{case.name:<16} {service_rate:>16.0f} {turn_rate:>9.0f} {growth:>19.2f}"
             f" {get:>15.2f} {append:>16.2f}"
         )
+    print(f"memory a service holds after one whole read of the {4 * (turns + 50)}-event session:")
+    for name, size in held.items():
+        print(f"  {name:<33} {size / 2**20:6.1f} MiB")
     ours = rates["cognitia sqlite"]
     for builtin in ("adk database", "adk sqlite"):
         theirs = rates[builtin]
@@ -211,6 +231,21 @@ async def main(turns: int, window: int) -> None:
             f"end to end {ours[1] / theirs[1]:.2f}x "
             f"(a service that took no time at all: {ceiling:.2f}x)"
         )
+
+
+async def held_by(make: Callable[[], BaseSessionService]) -> int:
+    """Bytes a new service on existing storage still holds after handing out the long session once."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        service = make()
+        session = await service.get_session(app_name=APP, user_id=USER, session_id=SESSION)
+        assert session is not None
+        del session
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
 
 
 if __name__ == "__main__":
