@@ -16,12 +16,12 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast, overload
 
-from ._json import check_key, loads
-from .errors import VersionConflictError
+from ._json import check_key, dumps, loads
+from .errors import StateNotSerializableError, VersionConflictError
 from .session._session import Session, Turns
 from .session.backends._protocol import SessionBackend
 from .session.backends._scope import MemoryScope, scoped_key
-from .session.manager import InMemorySessionManager, as_manager
+from .session.manager import InMemorySessionManager, as_manager, conflict_pause
 
 __all__ = ["PersistedDecorator", "PersistedHandler", "PersistedStream", "persisted_session"]
 
@@ -257,8 +257,16 @@ def persisted_session(
     elif callable(initial):
         make_initial = initial
     elif isinstance(initial, dict):
-        snapshot = dict(initial)
-        make_initial = lambda: loads(_json_copy(snapshot))  # noqa: E731
+        # Encoded once, here: a value JSON cannot hold is reported at decoration, not at
+        # every call, and each new session gets its own copy.
+        try:
+            encoded = dumps("initial", initial)
+        except StateNotSerializableError as exc:
+            where = exc.path.replace("state", "initial", 1)
+            raise TypeError(
+                f"initial state for @persisted_session cannot be stored: {where} {exc.problem}"
+            ) from None
+        make_initial = lambda: loads(encoded)  # noqa: E731
     else:
         raise TypeError(f"initial must be a dict or a callable returning one, got {type(initial).__name__}")
 
@@ -294,32 +302,31 @@ def persisted_session(
     return cast(PersistedDecorator, decorate)
 
 
-def _json_copy(value: dict[str, Any]) -> str:
-    from ._json import dumps
-
-    return dumps("initial", value)
-
-
 def _call_wrapper(p: _Persister, *, is_async: bool) -> Callable[..., Coroutine[Any, Any, Any]]:
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         call = p.resolve(args, kwargs)
         manager = p.manager
         for attempt in range(p.attempts):
+            await conflict_pause(attempt)
             async with manager._operation(call.key):
                 session = await p.session_for(call.key)
                 point = session._checkpoint()
                 started_at, t0 = time.time(), time.perf_counter()
+                saving = False
                 try:
                     kwargs[p.param] = session
                     output = p.handler(*args, **kwargs)
                     if is_async:
                         output = await output
+                    saving = True
                     await p.finish(session, call, output, started_at, t0)
-                except VersionConflictError:
-                    if attempt + 1 == p.attempts:
+                except BaseException as exc:
+                    # Only this session's own save conflict is retried (the manager has
+                    # dropped the live copy); a conflict the handler raised is its failure.
+                    if saving and isinstance(exc, VersionConflictError):
+                        if attempt + 1 < p.attempts:
+                            continue
                         raise
-                    continue
-                except BaseException:
                     p.rollback(session, point)
                     raise
                 return output

@@ -230,6 +230,9 @@ def test_misuse_is_refused_at_decoration_time() -> None:
 
     with pytest.raises(TypeError, match="initial"):
         persisted_session(backend, initial=5)  # type: ignore[arg-type]
+    # An initial state JSON cannot hold is refused here, not at every call.
+    with pytest.raises(TypeError, match=r'initial\["seen"\] is a set'):
+        persisted_session(backend, initial={"seen": {"a"}})
     with pytest.raises(ValueError, match="on_conflict"):
 
         @persisted_session(backend, on_conflict="ignore")  # type: ignore[arg-type]

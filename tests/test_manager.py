@@ -12,6 +12,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 from _servers import SERVERS
+from structlog.testing import capture_logs
 
 from cognitia import (
     BackendClosedError,
@@ -19,7 +20,9 @@ from cognitia import (
     Session,
     SessionEvent,
     SessionNotFound,
+    StateNotSerializableError,
     VersionConflictError,
+    persisted_session,
 )
 from cognitia.session.backends import (
     InMemorySessionBackend,
@@ -853,3 +856,134 @@ async def test_turns_refuses_a_negative_count_whether_live_or_stored(backend: Se
         assert texts(await manager.turns("agent:chat", last=5)) == ["one"]
         await manager.close("agent:chat")
     assert "agent:chat" not in manager
+
+
+async def test_register_over_a_live_copy_keeps_the_turns_another_worker_stored(
+    two_workers: Callable[[], SessionBackend],
+) -> None:
+    a = InMemorySessionManager(two_workers(), revalidate=True)
+    b = InMemorySessionManager(two_workers(), revalidate=True)
+    await a.register("agent:chat", {"topic": None})
+    await b.update("agent:chat", say("one"))
+    await b.update("agent:chat", say("two"))
+    session = await a.register("agent:chat", {"topic": "reset"})  # a's live copy is stale
+    assert len(session.turns) == 2
+    assert texts(await a.turns("agent:chat")) == ["one", "two"]
+    await a.update("agent:chat", say("three"))
+
+    async def undo(session: Session) -> None:
+        await session.turns.pop()
+
+    await a.update("agent:chat", undo)  # removes "three", and nothing else
+    assert texts(await InMemorySessionManager(two_workers()).turns("agent:chat")) == ["one", "two"]
+
+
+async def test_eviction_never_waits_for_a_key_in_use(backend: SessionBackend) -> None:
+    manager = InMemorySessionManager(backend, max_sessions=1)
+    evicted = record(manager, "evicted")
+
+    # A handler that calls a sub-agent under another key: the sub-call fills the live set
+    # while the outer key is held, and must not wait for it.
+    async def outer(session: Session) -> None:
+        await manager.update("agent:sub", say("sub"))
+        session.turns.append({"text": "main"})
+
+    with anyio.fail_after(10):
+        await manager.update("agent:main", outer)
+    assert texts(await manager.turns("agent:main")) == ["main"]
+    assert texts(await manager.turns("agent:sub")) == ["sub"]
+    assert [e.key for e in evicted] == ["agent:sub"]
+
+    # A key held by a long operation is skipped while others come and go.
+    held, release = anyio.Event(), anyio.Event()
+
+    async def hold() -> None:
+        async with manager.locked("agent:main"):
+            held.set()
+            await release.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hold)
+        await held.wait()
+        with anyio.fail_after(10):
+            await manager.register("agent:b", {})
+            await manager.register("agent:c", {})
+        assert manager.live_keys() == ["agent:main", "agent:c"]
+        release.set()
+    assert manager.live_keys() == ["agent:main"]
+
+
+async def test_a_session_that_cannot_be_saved_fails_only_its_own_key(backend: SessionBackend) -> None:
+    def poison(session: Session) -> None:
+        session.state["SECRET"] = {"a set"}  # JSON cannot hold it: every save of it fails
+
+    crowded = InMemorySessionManager(backend, max_sessions=1)
+    poison(await crowded.register("agent:bad", {"n": 0}))
+    clock = Clock()
+    idle = InMemorySessionManager(backend, idle_ttl=60, clock=clock)
+    poison(await idle.register("agent:bad-too", {"n": 0}))
+    with capture_logs() as logs:
+        good = await crowded.register("agent:good", {"n": 1})  # over capacity
+        good.state["n"] = 2
+        fine = await idle.register("agent:fine", {"n": 1})
+        fine.state["n"] = 2
+        clock.advance(61)
+        assert await idle.evict_idle() == ["agent:fine"]
+    failures = [entry for entry in logs if entry["event"] == "session.retire_failed"]
+    assert [(f["key"], f["lifecycle_event"], f["error"]) for f in failures] == [
+        ("agent:bad", "evicted", "cognitia.errors.StateNotSerializableError"),
+        ("agent:bad-too", "expired", "cognitia.errors.StateNotSerializableError"),
+    ]
+    assert "SECRET" not in repr(logs)
+    assert crowded.live_keys() == ["agent:bad", "agent:good"]
+    assert idle.live_keys() == ["agent:bad-too"]
+    assert (await InMemorySessionManager(backend).get("agent:fine")).state == {"n": 2}
+
+    # Closing tries every session, then raises what failed; the manager is closed anyway.
+    worse = await crowded.register("agent:worse", {})
+    worse.state["when"] = object()
+    with pytest.raises(ExceptionGroup) as failed:
+        await crowded.aclose()
+    refused = failed.value.exceptions
+    assert all(isinstance(exc, StateNotSerializableError) for exc in refused)
+    assert sorted(exc.key for exc in refused if isinstance(exc, StateNotSerializableError)) == [
+        "agent:bad",
+        "agent:worse",
+    ]
+    assert crowded.closed
+    assert (await InMemorySessionManager(backend).get("agent:good")).state == {"n": 2}
+    with pytest.raises(StateNotSerializableError, match="agent:bad-too"):
+        await idle.aclose()
+    assert idle.closed
+
+
+@pytest.mark.parametrize("via", ["update", "decorator"])
+async def test_a_conflict_raised_by_the_change_itself_is_not_retried(
+    backend: SessionBackend, via: str
+) -> None:
+    manager = InMemorySessionManager(backend)
+    await manager.register("agent:a", {"n": 0})
+    runs = 0
+
+    def change(session: Session) -> None:
+        nonlocal runs
+        runs += 1
+        session.state["n"] += 1
+        session.turns.append({"text": "half done"})
+        raise VersionConflictError("agent:elsewhere", 1, 2)  # from some other session it touched
+
+    if via == "update":
+        with pytest.raises(VersionConflictError):
+            await manager.update("agent:a", change)
+    else:
+
+        @persisted_session(manager, initial={"n": 0})
+        async def handler(*, session_id: str, session: Session) -> None:
+            change(session)
+
+        with pytest.raises(VersionConflictError):
+            await handler(session_id="agent:a")
+    assert runs == 1
+    live = await manager.get("agent:a")
+    assert live.state == {"n": 0} and len(live.turns) == 0
+    assert (await InMemorySessionManager(backend).get("agent:a")).state == {"n": 0}

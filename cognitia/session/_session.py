@@ -132,6 +132,18 @@ class Turns:
 
     # -- used by the manager ----------------------------------------------------------------
 
+    def _restart(self, stored: int) -> None:
+        """Storage holds ``stored`` turns that this log has not seen: forget what it knew.
+
+        Turns appended and not saved yet stay queued; a pop or clear not saved yet is
+        dropped, as it was made against turns that are no longer the stored ones.
+        """
+        self._stored = self._backing = stored
+        self._known = []
+        self._complete = stored == 0
+        self._truncate = None
+        self._generation += 1
+
     def _take_pending(self) -> list[dict[str, Any]]:
         return self._pending
 

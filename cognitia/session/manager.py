@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import inspect
+import random
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,6 +42,18 @@ __all__ = [
 log = structlog.get_logger("cognitia")
 
 H = TypeVar("H", bound=Hook)
+
+
+async def conflict_pause(attempt: int) -> None:
+    """Wait before re-applying a change after ``attempt`` conflicts (``0``: the first try).
+
+    The first retry runs at once: most conflicts come from a live copy another worker has
+    moved past, and reloading settles them. Writers colliding again are truly concurrent;
+    each then waits a random time, doubling up to a tenth of a second, so they stop
+    landing together.
+    """
+    if attempt > 1:
+        await anyio.sleep(random.uniform(0, min(0.1, 0.001 * 2**attempt)))
 
 
 def as_manager(store: SessionBackend | InMemorySessionManager, **options: Any) -> InMemorySessionManager:
@@ -152,7 +165,7 @@ class _Operation(_Held):
         self._release()
         manager = self._manager
         if exc is None and manager.max_sessions is not None and len(manager._live) > manager.max_sessions:
-            await manager._evict_over_capacity()
+            await manager._evict_over_capacity(self._key)
 
 
 class InMemorySessionManager:
@@ -172,7 +185,8 @@ class InMemorySessionManager:
             ``sweep_interval`` seconds while the manager is entered with ``async with``.
         max_sessions: evict the least recently used live sessions beyond this many
             (event ``evicted``). Evicted sessions stay in storage.
-        retries: how many times :meth:`update` re-applies a change after a version conflict.
+        retries: how many times :meth:`update` re-applies a change after a version conflict
+            (at once the first time, then after a short random pause that doubles each time).
         revalidate: before a live session is used, check that storage still holds the
             version it was loaded or saved as, and reload it if another worker (or another
             manager on the same storage) saved or deleted it since (event ``loaded`` with
@@ -280,14 +294,24 @@ class InMemorySessionManager:
         state = {} if state is None else state
         async with self._operation(key):
             session = self._live.get(key)
+            # The stored turn log is kept, so the live session must know its length; a live
+            # copy is trusted as it is unless another worker may have saved since.
+            verify = self._store.backend is not None and (session is None or self.revalidate)
+            stored = await self._store.read(key) if verify else None
+            count = 0 if stored is None else stored.turn_count
             if session is None:
-                # The stored turn log is kept, so the live session must know its length.
-                stored = await self._store.read(key)
-                count = 0 if stored is None else stored.turn_count
                 session = Session(key, state, turns=Turns(key, count, self._store.turns))
             else:
                 session.state = state
+                if verify and (stored is None or stored.version != session.version):
+                    session.turns._restart(count)
             await self._persist(session, "registered", expected=None)
+            if verify and session.version != (0 if stored is None else stored.version) + 1:
+                # Every save adds one to the version: another writer saved between the read
+                # and this write, and may have added turns.
+                now = await self._store.read(key)
+                if now is not None and now.version == session.version:
+                    session.turns._restart(now.turn_count)
             self._admit(session)
             return session
 
@@ -361,21 +385,26 @@ class InMemorySessionManager:
         """
         attempts = (self.retries if retries is None else retries) + 1
         for attempt in range(attempts):
+            await conflict_pause(attempt)
             async with self._operation(key):
                 session = await self._get_locked(key)
                 if session is None:
                     session = Session(key, {}, turns=Turns(key, 0, self._store.turns))
                 point = session._checkpoint()
+                saving = False
                 try:
                     result = change(session)
                     if inspect.isawaitable(result):
                         await result
+                    saving = True
                     await self._persist(session, "saved", expected=session.version)
-                except VersionConflictError:
-                    if attempt + 1 == attempts:
+                except BaseException as exc:
+                    # Only this save's conflict is retried (the live copy is dropped, so
+                    # the next attempt reloads); a conflict raised by `change` is its failure.
+                    if saving and isinstance(exc, VersionConflictError):
+                        if attempt + 1 < attempts:
+                            continue
                         raise
-                    continue
-                except BaseException:
                     # A change that failed (or could not be stored) must not linger in the
                     # live session, or the next save would store half of it.
                     if not session._rollback(point) and self._live.get(key) is session:
@@ -399,9 +428,22 @@ class InMemorySessionManager:
             return True
 
     async def close_all(self) -> None:
-        """:meth:`close` every live session."""
+        """:meth:`close` every live session.
+
+        A session that cannot be saved (its state no longer encodes, storage is down) does
+        not stop the others from closing: each is tried, and then the failure is raised
+        (an :class:`ExceptionGroup` if more than one failed). Those sessions stay live.
+        """
+        failures: list[Exception] = []
         for key in list(self._live):
-            await self.close(key)
+            try:
+                await self.close(key)
+            except Exception as exc:
+                failures.append(exc)
+        if len(failures) == 1:
+            raise failures[0]
+        if failures:
+            raise ExceptionGroup(f"{len(failures)} sessions could not be closed", failures)
 
     async def delete(self, key: str, *, expected_version: int | None = None) -> bool:
         """Drop the session from the live set and delete it from storage, turns included.
@@ -518,8 +560,9 @@ class InMemorySessionManager:
                 async with self._operation(key, allow_closed=True):
                     current = self._live.get(key)
                     if current is not None and current.last_active <= deadline:
-                        await self._retire(current, "expired", reason="idle")
-                        evicted.append(key)
+                        # One session that cannot be saved must not keep the others live.
+                        if await self._retire_or_report(current, "expired", reason="idle"):
+                            evicted.append(key)
         return evicted
 
     async def prune(self, *, dry_run: bool = False) -> list[str]:
@@ -542,10 +585,14 @@ class InMemorySessionManager:
                 await self.evict_idle()
                 if self._store.expires:
                     await self.prune()
-            except Exception:
+            except Exception as exc:
                 # A sweep that fails (the database is briefly unreachable) is retried on
                 # the next tick; the manager keeps serving.
-                log.warning("session.sweep_failed", backend=self._store.name, exc_info=True)
+                log.warning(
+                    "session.sweep_failed",
+                    backend=self._store.name,
+                    error=f"{type(exc).__module__}.{type(exc).__qualname__}",
+                )
 
     # -- the manager's own lifecycle ----------------------------------------------------------
 
@@ -575,9 +622,15 @@ class InMemorySessionManager:
         return suppressed
 
     async def aclose(self) -> None:
-        """Close every live session, then refuse further operations. The backend stays open."""
-        await self.close_all()
-        self._closed = True
+        """Close every live session, then refuse further operations. The backend stays open.
+
+        The manager is closed even if some sessions could not be saved; their failures are
+        raised as by :meth:`close_all`.
+        """
+        try:
+            await self.close_all()
+        finally:
+            self._closed = True
 
     @property
     def closed(self) -> bool:
@@ -735,15 +788,42 @@ class InMemorySessionManager:
         self._live[session.key] = session
         self._live.move_to_end(session.key)
 
-    async def _evict_over_capacity(self) -> None:
-        """Save and evict least recently used sessions until at most ``max_sessions`` are live."""
+    async def _evict_over_capacity(self, keep: str) -> None:
+        """Save and evict least recently used sessions until at most ``max_sessions`` are live.
+
+        Runs on whichever caller pushed the live set over capacity; its own session,
+        ``keep``, just used, stays. A session whose key is in use (held, or waited for) is
+        skipped, never waited for: the caller must not wait on another key (a handler
+        calling a sub-agent under a second key would wait for itself). A session that
+        cannot be saved stays live and is reported, not raised to that unrelated caller;
+        the next eviction tries it again.
+        """
         assert self.max_sessions is not None
-        while len(self._live) > self.max_sessions:
-            key = next(iter(self._live))
+        for key in list(self._live):
+            if len(self._live) <= self.max_sessions:
+                return
+            if key == keep or key in self._locks._locks:
+                continue
             async with self._locks.hold(key):
                 session = self._live.get(key)
-                if session is not None and len(self._live) > self.max_sessions:
-                    await self._retire(session, "evicted", reason="capacity")
+                if session is not None:
+                    await self._retire_or_report(session, "evicted", reason="capacity")
+
+    async def _retire_or_report(self, session: Session, event: str, *, reason: str | None) -> bool:
+        """:meth:`_retire`, logging a failure (``session.retire_failed``) instead of raising it."""
+        try:
+            await self._retire(session, event, reason=reason)
+        except Exception as exc:
+            # Only the error's type: a message may quote the state (a path to a bad value).
+            log.warning(
+                "session.retire_failed",
+                key=session.key,
+                lifecycle_event=event,
+                backend=self._store.name,
+                error=f"{type(exc).__module__}.{type(exc).__qualname__}",
+            )
+            return False
+        return True
 
     async def _emit(
         self,
