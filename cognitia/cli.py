@@ -18,8 +18,10 @@ failed (a missing key, a storage error), 2 on a usage error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from typing import IO, Any, TextIO
 
 import anyio
 
-from ._json import check_key
+from ._json import check_key, dumps
 from .errors import CognitiaError, SessionNotFound, VersionConflictError
 from .session.backends import MemoryScope
 from .session.backends._base import BackendBase
@@ -159,10 +161,30 @@ def _open_backend(args: argparse.Namespace) -> BackendBase:
     from .session.backends import SqliteSessionBackend
 
     path = Path(args.db or os.environ.get("COGNITIA_DB") or "sessions.db")
-    # Reading commands must not leave an empty database behind after a typo in the path.
-    if args.command != "import" and not path.exists():
-        raise _CommandError(f"no database at {path} (use --db PATH)")
+    # Reading commands must not leave an empty database behind after a typo in the path,
+    # nor add cognitia's tables to some other program's database.
+    if args.command != "import":
+        if not path.exists():
+            raise _CommandError(f"no database at {path} (use --db PATH)")
+        if path.is_dir():
+            raise _CommandError(f"{path} is a directory, not a database (use --db PATH)")
+        if not _holds_sessions(path):
+            raise _CommandError(f"{path} is not a cognitia session database")
     return SqliteSessionBackend(db_path=path)
+
+
+def _holds_sessions(path: Path) -> bool:
+    """Whether the SQLite file at ``path`` has cognitia's tables (read only, nothing created)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            found = db.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?", ("cognitia_sessions",)
+            ).fetchone()
+    except sqlite3.OperationalError as exc:
+        raise _CommandError(f"cannot read {path}: {exc}") from None
+    except sqlite3.DatabaseError:  # not an SQLite database at all
+        return False
+    return bool(found[0])
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -206,7 +228,7 @@ async def _show(backend: BackendBase, args: argparse.Namespace, out: TextIO) -> 
     record = await backend.load_record(check_key(args.key))
     if record is None:
         raise SessionNotFound(args.key)
-    print(json.dumps(record.state, indent=2, ensure_ascii=False), file=out)
+    print(_text(record.state, indent=2), file=out)
 
 
 async def _turns(backend: BackendBase, args: argparse.Namespace, out: TextIO) -> None:
@@ -284,6 +306,8 @@ def _read_export(lines: IO[str], name: str) -> Iterator[_Exported]:
             item = json.loads(line)
         except ValueError as exc:
             raise _CommandError(f"{where}: not JSON ({exc})") from None
+        except RecursionError:
+            raise _CommandError(f"{where}: nested too deeply to read") from None
         if not isinstance(item, dict):
             raise _CommandError(f"{where}: expected a JSON object, got {type(item).__name__}")
         key, state = item.get("key"), item.get("state")
@@ -299,6 +323,14 @@ def _read_export(lines: IO[str], name: str) -> Iterator[_Exported]:
             raise _CommandError(f"{where}: 'version' of {key!r} must be an integer")
         if key in seen:
             raise _CommandError(f"{where}: session {key!r} appears twice")
+        # Storage encodes what it is given: whatever it would refuse (NaN, Infinity, nesting
+        # too deep) is refused here, before anything is written.
+        try:
+            dumps(key, state)
+            for i, turn in enumerate(turns):
+                dumps(key, turn, root=f"turns[{i}]")
+        except CognitiaError as exc:
+            raise _CommandError(f"{where}: {exc}") from None
         seen.add(key)
         yield _Exported(key, state, version, turns)
 
@@ -323,7 +355,21 @@ def _iso(timestamp: float) -> str:
 
 
 def _print_json_line(value: Any, out: TextIO) -> None:
-    print(json.dumps(value, ensure_ascii=False, separators=(",", ":")), file=out)
+    print(_text(value, separators=(",", ":")), file=out)
+
+
+def _text(value: Any, **options: Any) -> str:
+    """``value`` as JSON text, readable UTF-8 where it can be.
+
+    A stored string may hold a lone surrogate (JSON's ``\\u`` escape carries it), which no
+    UTF-8 output can; such a value is written with ASCII escapes, which read back the same.
+    """
+    text = json.dumps(value, ensure_ascii=False, **options)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(value, ensure_ascii=True, **options)
+    return text
 
 
 def _silence_stdout() -> None:

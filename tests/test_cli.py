@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -214,6 +215,14 @@ def test_import_reads_stdin(
         ('{"key": "a", "state": {}, "turns": [1]}\n', "'turns' of 'a' must be a list of objects"),
         ('{"key": "a", "state": {}}\n{"key": "a", "state": {}}\n', "line 2: session 'a' appears twice"),
         ('{"key": "", "state": {}}\n', "non-empty"),
+        # Python's JSON reader takes NaN and Infinity; storage refuses them, so the check
+        # before writing must too.
+        (
+            '{"key": "a", "state": {}}\n{"key": "b", "state": {"x": NaN}}\n',
+            "line 2: cannot store session 'b': state[\"x\"] is nan",
+        ),
+        ('{"key": "a", "state": {}, "turns": [{"t": -Infinity}]}\n', 'turns[0]["t"] is -inf'),
+        ('{"key": "a", "state": ' + "[" * 100_000 + "]" * 100_000 + "}\n", "line 1: nested too deeply"),
     ],
 )
 def test_a_bad_import_file_imports_nothing_and_creates_no_database(
@@ -233,6 +242,46 @@ def test_import_of_a_missing_file_is_a_clear_error(
 ) -> None:
     code, _, err = run(capsys, "--db", str(tmp_path / "x.db"), "import", str(tmp_path / "absent.jsonl"))
     assert code == 1 and "cannot read" in err and "absent.jsonl" in err
+
+
+def test_a_lone_surrogate_in_a_stored_string_is_exported_and_imported_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Pasted bytes decoded with surrogateescape: JSON carries them as \\u escapes.
+    state = {"text": "pasted \udcff bytes"}
+    db = tmp_path / "s.db"
+    seed(db, {"agent:a": (state, [{"q": "\ud800"}]), "agent:b": ({"ok": "é"}, [])})
+    code, out, _ = run(capsys, "--db", str(db), "export")
+    assert code == 0 and len(out.splitlines()) == 2
+    assert "é" in out  # only the value that needs it is written with ASCII escapes
+    code, shown, _ = run(capsys, "--db", str(db), "show", "agent:a")
+    assert code == 0 and json.loads(shown) == state
+    dump = tmp_path / "dump.jsonl"
+    dump.write_text(out, encoding="utf-8")
+    copy = tmp_path / "copy.db"
+    assert run(capsys, "--db", str(copy), "import", str(dump))[0] == 0
+    assert stored(copy, "agent:a") == (state, 1, [{"q": "\ud800"}])
+
+
+def test_reading_commands_never_add_tables_to_another_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "app.db"
+    with sqlite3.connect(other) as connection:
+        connection.execute("CREATE TABLE users (name TEXT)")
+    code, out, err = run(capsys, "--db", str(other), "ls")
+    assert (code, out, err) == (1, "", f"cognitia: {other} is not a cognitia session database\n")
+    with sqlite3.connect(other) as connection:
+        tables = connection.execute("SELECT name FROM sqlite_master").fetchall()
+    assert tables == [("users",)]
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database", encoding="utf-8")
+    assert run(capsys, "--db", str(text), "show", "agent:a")[2] == (
+        f"cognitia: {text} is not a cognitia session database\n"
+    )
+    assert run(capsys, "--db", str(tmp_path), "ls")[2] == (
+        f"cognitia: {tmp_path} is a directory, not a database (use --db PATH)\n"
+    )
 
 
 def test_a_missing_database_is_reported_not_created(
