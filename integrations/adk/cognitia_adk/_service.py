@@ -24,7 +24,7 @@ from google.adk.sessions.base_session_service import (
 )
 from pydantic_core import to_jsonable_python
 
-from cognitia import InMemorySessionManager, Session, SessionNotFound
+from cognitia import InMemorySessionManager, Session, SessionNotFound, Turns
 from cognitia._json import dumps
 from cognitia.session.backends import SessionBackend
 
@@ -205,7 +205,7 @@ class CognitiaSessionService(BaseSessionService):
             retried = await self._append(key, session, event, turn, own_delta)
         await self._merge(self.app_key(session.app_name), app_delta)
         await self._merge(self.user_key(session.app_name, session.user_id), user_delta)
-        if retried and session.events and session.events[-1].id == event.id:
+        if retried and any(e.id == event.id and e == event for e in reversed(session.events)):
             return event
         return self._commit_event_to_session(session, event)
 
@@ -219,8 +219,7 @@ class CognitiaSessionService(BaseSessionService):
         async def append(stored: Session) -> None:
             if not stored.version:
                 raise SessionNotFoundError(f"Session {session.id} not found.")
-            newest = await stored.turns.last(1)
-            if newest and newest[0].get("id") == turn.get("id") and newest[0] == turn:
+            if await _stored_already(stored.turns, turn):
                 raise _AlreadyStored(stored)
             # A session object made by hand has no version: then ADK's own rule applies,
             # storage must not have been updated after the copy was.
@@ -408,6 +407,29 @@ def _event(turn: Turn) -> Event:
     # Parsed from a copy: a model keeps the dicts and lists of its free-form fields (state
     # deltas, tool arguments) as given, and turns are the manager's cached dicts.
     return Event.model_validate_json(json.dumps(turn))
+
+
+async def _stored_already(turns: Turns, turn: Turn) -> bool:
+    """Whether an event equal to ``turn`` is stored: a retried append, to be written once.
+
+    Equal events have equal timestamps, so the search goes back from the newest stored
+    event through those not older than ``turn``: for a new event that is one read of the
+    newest, and a retried one is found however many events were appended since.
+    """
+    event_id, timestamp = turn.get("id"), turn.get("timestamp")
+    examined, wanted = 0, 1
+    while examined < len(turns):
+        tail = await turns.last(wanted)
+        for stored in reversed(tail[: len(tail) - examined]):
+            if stored.get("id") == event_id and stored == turn:
+                return True
+            older = stored.get("timestamp")
+            if isinstance(older, (int, float)) and isinstance(timestamp, (int, float)) and older < timestamp:
+                return False
+        if len(tail) < wanted:
+            return False
+        examined, wanted = len(tail), wanted * 4
+    return False
 
 
 class _AlreadyStored(Exception):

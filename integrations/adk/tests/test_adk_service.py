@@ -437,6 +437,32 @@ async def test_a_retried_append_of_the_same_event_is_stored_once(store_backend: 
     assert len((await stored(service, "ann", "s1")).events) == 4
 
 
+async def test_a_retry_arriving_after_later_events_is_stored_once(store_backend: BackendBase) -> None:
+    """The retried event need not be the newest: its state delta is not applied again and
+    the session object does not get it twice, as with ADK's in-memory service."""
+    reference = InMemorySessionService()
+    service = CognitiaSessionService(store_backend)
+    results = []
+    for subject in (reference, service):
+        session = await subject.create_session(app_name=APP, user_id="ann", session_id="s1")
+        first, second, third = (
+            Event(
+                author="user",
+                invocation_id=f"i{n}",
+                timestamp=float(n),
+                actions=EventActions(state_delta={"count": n}),
+            )
+            for n in (1, 2, 3)
+        )
+        for event in (first, second, third, first.model_copy(deep=True), second):
+            await subject.append_event(session, event)
+        read = await stored(subject, "ann", "s1")
+        results.append(
+            ([e.invocation_id for e in session.events], [e.invocation_id for e in read.events], read.state)
+        )
+    assert results[0] == results[1] == (["i1", "i2", "i3"], ["i1", "i2", "i3"], {"count": 3})
+
+
 async def test_session_ids_with_surrounding_whitespace_name_the_stripped_session(
     store_backend: BackendBase,
 ) -> None:
