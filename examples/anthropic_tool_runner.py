@@ -5,11 +5,12 @@ Messages API through the SDK's HTTP transport (``httpx2.MockTransport``). A real
 application creates ``AsyncAnthropic()`` (with ``ANTHROPIC_API_KEY`` set) instead of
 calling ``offline_client()``; nothing else changes.
 
-    python examples/anthropic_tool_runner.py
+    python examples/anthropic_tool_runner.py [--runtime trio]
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import re
@@ -138,4 +139,6 @@ async def main(db_path: str | Path | None = None) -> None:
 
 
 if __name__ == "__main__":
-    anyio.run(main)
+    parser = argparse.ArgumentParser(description="An Anthropic tool-runner conversation, stored and resumed.")
+    parser.add_argument("--runtime", choices=["asyncio", "trio"], default="asyncio")
+    anyio.run(main, backend=parser.parse_args().runtime)

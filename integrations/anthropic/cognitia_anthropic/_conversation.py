@@ -30,11 +30,14 @@ class ConversationChangedError(CognitiaError, RuntimeError):
     written. ``key`` is the conversation's session key.
     """
 
-    def __init__(self, key: str, expected: int, actual: int) -> None:
+    def __init__(self, key: str, expected: int, actual: int, *, message: str | None = None) -> None:
         self.key = key
         super().__init__(
-            f"conversation {key!r} changed in storage while a runner was recording it "
-            f"(expected {expected} stored messages, found {actual}); nothing was written"
+            message
+            or (
+                f"conversation {key!r} changed in storage while a runner was recording it "
+                f"(expected {expected} stored messages, found {actual}); nothing was written"
+            )
         )
 
 
@@ -94,8 +97,9 @@ class PersistedConversation:
         """Iterate ``runner`` as usual, keeping the stored conversation equal to its history.
 
         The runner's messages must continue the stored conversation: start with all of it
-        or with its newest messages (a window), followed by any new ones. Messages it was
-        given that are not stored yet are stored before its first request.
+        or with its newest messages (a window), followed by any new ones; otherwise
+        :class:`ConversationChangedError` is raised before anything is written. Messages it
+        was given that are not stored yet are stored before its first request.
 
         A reply is stored once you are done with it: when you ask for the next one, or
         when the loop ends. A reply that calls tools is stored together with the tool
@@ -143,6 +147,20 @@ class PersistedConversation:
             if len(history) >= len(part) and await _common_prefix(history, part, part) == len(part):
                 break
         overlap = len(stored) - start
+        if stored and history and not overlap:
+            # None of the newest stored messages is in the runner's history: it was built
+            # from a read that another writer has added to since (or from another
+            # conversation). Appending it would store that history a second time.
+            raise ConversationChangedError(
+                self.key,
+                len(stored),
+                len(stored),
+                message=(
+                    f"the runner's messages do not continue conversation {self.key!r}: its newest "
+                    f"stored message (of {len(stored)}) is not among them, so it changed since they "
+                    "were read; read messages() again. Nothing was written"
+                ),
+            )
         mirror = _Mirror(self, kept=start, messages=history[:overlap], turns=stored[start:])
         await mirror.sync(history)
         return mirror
@@ -179,6 +197,9 @@ class _Mirror:
         same = await _common_prefix(messages, self._messages, self._turns)
         if same == len(messages) == len(self._messages):
             return
+        if same < len(self._messages):
+            await self._slide(messages)
+            same = await _common_prefix(messages, self._messages, self._turns)
         new = await _as_turns(messages[same:])
         drop = len(self._messages) - same
         expected = self._kept + len(self._messages)
@@ -196,6 +217,24 @@ class _Mirror:
         await self._conversation.manager.update(key, change)
         self._messages = messages
         self._turns = [*self._turns[:same], *new]
+
+    async def _slide(self, messages: list[Any]) -> None:
+        """Keep older turns stored when ``messages`` drops only the oldest of the history.
+
+        A history trimmed to its newest messages (``set_messages_params`` with a shorter
+        list) is a window, as when a runner is given one to start with: the messages it
+        left out stay stored. Any other change (a compaction's summary, an edited message)
+        is stored as a replacement by :meth:`sync`.
+        """
+        for drop in range(1, len(self._messages)):
+            rest = len(self._messages) - drop
+            if len(messages) >= rest and (
+                await _common_prefix(messages, self._messages[drop:], self._turns[drop:]) == rest
+            ):
+                self._kept += drop
+                self._messages = self._messages[drop:]
+                self._turns = self._turns[drop:]
+                return
 
 
 def _history(runner: AnyRunner) -> Sequence[BetaMessageParam]:

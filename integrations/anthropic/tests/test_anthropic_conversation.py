@@ -342,6 +342,67 @@ async def test_messages_stored_by_another_writer_are_never_interleaved_or_overwr
     assert digest(await conversation.messages()) == ["user: hello", "user: from elsewhere", "user: again"]
 
 
+async def test_a_runner_built_from_a_read_another_writer_has_added_to_is_refused(
+    backend_factory: Any, api: Any, get_weather: Any
+) -> None:
+    """A runner's history read before another writer appended does not continue the stored
+    conversation: recording it would store the history a second time."""
+    manager = InMemorySessionManager(backend_factory())
+    conversation = PersistedConversation(manager, "user-1")
+    await conversation.append({"role": "user", "content": "hello"})
+    stale = await resume(conversation, api.client(), get_weather)
+    await PersistedConversation(manager, "user-1").append({"role": "user", "content": "from elsewhere"})
+    with pytest.raises(
+        ConversationChangedError, match=r"do not continue conversation 'user-1'.*Nothing was written"
+    ):
+        await conversation.run(stale)
+    assert digest(await conversation.messages()) == ["user: hello", "user: from elsewhere"]
+
+    # Two requests at once, each adding its message to what it read: the second is refused.
+    read = await conversation.messages()
+    first, second = (
+        api.client().beta.messages.tool_runner(
+            model=MODEL,
+            max_tokens=256,
+            tools=[get_weather],
+            messages=[*read, {"role": "user", "content": text}],
+        )
+        for text in ("A", "B")
+    )
+    await conversation.run(first)
+    with pytest.raises(ConversationChangedError):
+        await conversation.run(second)
+    assert digest(await conversation.messages())[2:] == ["user: A", "assistant: echo: A"]
+
+
+async def test_a_history_trimmed_to_its_newest_messages_keeps_the_older_ones_stored(
+    backend_factory: Any, api: Any, get_weather: Any
+) -> None:
+    """Trimming the runner's history mid-run to a window is what giving it a window at the
+    start does: the messages left out are not sent, and stay stored."""
+    conversation = PersistedConversation(backend_factory(), "user-1")
+    await ask(conversation, api.client(), get_weather, "What is the weather in Paris?")
+    await conversation.append({"role": "user", "content": "What is the weather in Oslo?"})
+    runner = await resume(conversation, api.client(), get_weather)
+    async for reply in conversation.record(runner):
+        if reply.stop_reason == "tool_use":  # before the runner adds the reply and its results
+            runner.set_messages_params(lambda params: {**params, "messages": list(params["messages"])[-2:]})
+    # The window is what was sent next: the last two messages, then the reply and results.
+    assert digest(api.requests[-1]["messages"])[:2] == [
+        "assistant: It is sunny in Paris.",
+        "user: What is the weather in Oslo?",
+    ]
+    assert len(api.requests[-1]["messages"]) == 4
+    assert digest(await conversation.messages()) == [
+        *digest(PARIS),
+        "user: What is the weather in Oslo?",
+        "assistant: Let me look.",
+        'call get_weather({"city": "Oslo"})',
+        "result sunny in Oslo",
+        "assistant: It is sunny in Oslo.",
+    ]
+
+
 async def test_the_tool_change_message_of_add_tools_is_stored(
     backend_factory: Any, api: Any, get_weather: Any
 ) -> None:

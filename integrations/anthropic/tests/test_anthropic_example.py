@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -40,3 +42,15 @@ async def test_example_resumes_the_conversation_after_a_restart(
     # The first request after the restart carried the whole stored history plus the new question.
     assert "claude: I can see 7 messages of our conversation." in out
     assert f"+2 messages, {anyio_backend}]" in out
+
+
+def test_the_script_runs_on_the_runtime_it_is_given(tmp_path: Path) -> None:
+    """Run as a script, ``--runtime trio`` runs it on trio (each save line names the runtime)."""
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--runtime", "trio"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
+    assert "trio]" in done.stdout and "asyncio]" not in done.stdout
