@@ -11,6 +11,10 @@ from cognitia.session.backends import SessionBackend
 
 __all__ = ["CognitiaSession"]
 
+APPEND_RETRIES = 30
+"""How often ``add_items`` re-applies an append after a version conflict (with the manager's
+random pauses, several seconds of other writers landing first)."""
+
 
 class CognitiaSession:
     """An OpenAI Agents SDK ``Session`` whose items are turns in a cognitia session.
@@ -82,7 +86,9 @@ class CognitiaSession:
             for turn in turns:
                 session.turns.append(turn)
 
-        await self.manager.update(self.key, append)
+        # Appends commute: re-applied on a fresh copy after a conflict, they land exactly
+        # once, so many writers on one conversation are outlasted rather than reported.
+        await self.manager.update(self.key, append, retries=APPEND_RETRIES)
 
     async def pop_item(self) -> TResponseInputItem | None:
         """Remove and return the newest item, or ``None`` if the conversation is empty."""
