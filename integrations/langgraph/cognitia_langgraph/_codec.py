@@ -6,6 +6,14 @@ it returns is stored as ``[type, base64]``. Everything else (ids, versions, time
 metadata) is stored as the plain JSON it already is, so the log stays readable and
 ``list(filter=...)`` can match metadata without decoding anything.
 
+The turns of a live session are kept in memory, and LangGraph changes the checkpoint dicts
+it loads (applying a step's writes bumps ``channel_versions`` and ``versions_seen`` in
+place). So the saver shares no container with its callers, either way:
+:func:`checkpoint_turn` copies the fields it keeps (metadata as the JSON it is checked as),
+and :func:`load_checkpoint` and :func:`copied` hand out copies. Channel values and pending
+writes are decoded anew on every read, or served again only while they still encode to the
+stored bytes (see ``_reuse``).
+
 A checkpoint turn::
 
     {"kind": "checkpoint", "ns": "", "id": "1f0...", "parent": "1f0..." | null,
@@ -56,7 +64,7 @@ from langgraph.checkpoint.base import (
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from cognitia import CognitiaError, StateNotSerializableError
-from cognitia._json import dumps
+from cognitia._json import dumps, loads
 
 __all__ = [
     "CHECKPOINT",
@@ -72,6 +80,7 @@ __all__ = [
     "carried",
     "checkpoint_turn",
     "chosen_writes",
+    "copied",
     "extended",
     "load_checkpoint",
     "load_value",
@@ -139,6 +148,22 @@ def refuse_pickle(serde: SerializerProtocol) -> None:
         layer = getattr(layer, "serde", None)
         if layer is None:
             return
+
+
+def copied(value: Any) -> Any:
+    """``value`` with every dict and list in it copied, at any depth.
+
+    For the JSON the saver keeps in its turns (metadata, versions): no container of the
+    result is one of ``value``'s.
+    """
+    if isinstance(value, dict):
+        return {key: item if type(item) in _SCALARS else copied(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [item if type(item) in _SCALARS else copied(item) for item in value]
+    return value
+
+
+_SCALARS = frozenset((str, int, float, bool, type(None)))
 
 
 Encode = Callable[[Any], Encoding]
@@ -233,12 +258,13 @@ def checkpoint_turn(
     plain = typed(serde)
     # Metadata is the one part that is not JSON by construction (it may carry user values
     # from the config); check it here so a bad value fails before the session is touched.
-    dumps(key, metadata, root="metadata")
+    # The turn keeps the JSON read back: a copy, and what a reader of storage gets.
+    kept_metadata = loads(dumps(key, metadata, root="metadata"))
     fields: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for name, value in checkpoint.items():
         if name in _PLAIN_FIELDS:
-            fields[name] = value
+            fields[name] = copied(value)  # the caller may change its dicts after the save
         elif name not in ("id", "channel_values"):
             extra[name] = value
     versions = checkpoint["channel_versions"]
@@ -269,7 +295,7 @@ def checkpoint_turn(
         "id": checkpoint["id"],
         "parent": parent_id,
         "checkpoint": fields,
-        "metadata": metadata,
+        "metadata": kept_metadata,
     }
     if extra:
         encoded = _dump(plain, extra, key, "checkpoint (fields beyond LangGraph's standard ones)")
@@ -363,9 +389,12 @@ def resolve(turn: dict[str, Any], found: Mapping[Source, Stored]) -> dict[str, S
 def load_checkpoint(
     serde: SerializerProtocol, turn: dict[str, Any], channel_values: dict[str, Any]
 ) -> Checkpoint:
-    """Rebuild the :class:`Checkpoint` stored by :func:`checkpoint_turn`, with its decoded values."""
+    """Rebuild the :class:`Checkpoint` stored by :func:`checkpoint_turn`, with its decoded values.
+
+    Its versions are copies: LangGraph changes them in place when it runs from the checkpoint.
+    """
     stored = turn["checkpoint"]
-    checkpoint: dict[str, Any] = {name: stored[name] for name in _PLAIN_FIELDS if name in stored}
+    checkpoint: dict[str, Any] = {name: copied(stored[name]) for name in _PLAIN_FIELDS if name in stored}
     checkpoint["id"] = turn["id"]
     checkpoint["channel_values"] = channel_values
     if "extra" in turn:

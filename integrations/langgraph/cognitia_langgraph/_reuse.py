@@ -11,7 +11,7 @@ with an ext record of its class identity, followed by its ``__dict__``, extra an
 fields (what ``model_dump`` reads); an enum or a named tuple is its class's ext record and
 its value or fields; any
 other kind of object (a dataclass, a datetime, a subclass of a built-in type, a model with
-its own ``model_dump``, ...) makes the fingerprint unavailable. Two values with equal
+serialization code of its own, ...) makes the fingerprint unavailable. Two values with equal
 fingerprints therefore encode to equal bytes, which gives two exact shortcuts, each about
 six times cheaper than the encoding it replaces:
 
@@ -26,9 +26,11 @@ six times cheaper than the encoding it replaces:
   fingerprint still equals the one taken when its bytes were made (the caller of
   ``ainvoke`` holds the same objects and may have changed them since).
 
-A pydantic model whose class overrides ``model_dump`` is not fingerprinted; neither is any
-value when the serializer's ``dumps_typed`` is not ``JsonPlusSerializer``'s: those take the
-full path.
+A pydantic model whose class overrides ``model_dump``, or whose ``model_dump`` runs code of
+its own (``@field_serializer``, ``@model_serializer``, ``@computed_field``, a
+``PlainSerializer`` or ``WrapSerializer`` on a field's type), is not fingerprinted: that code
+may read more than the fields (a setting, the clock). Neither is any value when the
+serializer's ``dumps_typed`` is not ``JsonPlusSerializer``'s. Those take the full path.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def _marker(cls: type[Any]) -> ormsgpack.Ext | None:
         _models.clear()
     model = issubclass(cls, BaseModel)
     if model:
-        plain = cls.model_dump is BaseModel.model_dump
+        plain = cls.model_dump is BaseModel.model_dump and not _serializes_in_code(cls)
     else:
         plain = issubclass(cls, enum.Enum) or (issubclass(cls, tuple) and hasattr(cls, "_fields"))
     marker = _markers[cls] = (
@@ -91,6 +93,42 @@ def _marker(cls: type[Any]) -> ormsgpack.Ext | None:
     if model and marker is not None:
         _models[cls] = marker
     return marker
+
+
+def _serializes_in_code(cls: type[BaseModel]) -> bool:
+    """Whether ``model_dump`` of ``cls`` runs code of the class's own, which may read more than the fields.
+
+    ``@field_serializer``, ``@model_serializer`` and ``@computed_field`` (inherited ones
+    included), and a serializer attached to a field's type (``Annotated[..., PlainSerializer(...)]``,
+    also in a nested model), make what ``model_dump`` returns depend on more than
+    ``__dict__``: such a class is not fingerprinted.
+    """
+    decorators = cls.__pydantic_decorators__
+    if decorators.field_serializers or decorators.model_serializers or decorators.computed_fields:
+        return True
+    try:
+        schema: Any = cls.__pydantic_core_schema__
+    except Exception:
+        return True
+    if not isinstance(schema, dict):  # not built yet (``defer_build``): nothing to go by
+        return True
+    pending: list[Any] = [schema]
+    seen: set[int] = set()
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            serialization = node.get("serialization")
+            if isinstance(serialization, dict) and str(serialization.get("type", "")).startswith("function"):
+                return True
+            if node.get("computed_fields"):
+                return True
+            pending.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            pending.extend(node)
+    return False
 
 
 def _model(obj: Any, marker: ormsgpack.Ext) -> list[Any]:
@@ -105,8 +143,8 @@ def _default(obj: Any) -> Any:
         marker = _marker(cls)
     if marker is None:
         # Anything else (dataclasses, datetimes, UUIDs, subclasses of built-in types, a
-        # model with its own model_dump, ...) is rare in a message list and takes the
-        # serializer's full path.
+        # model with serialization code of its own, ...) is rare in a message list and takes
+        # the serializer's full path.
         raise TypeError(f"no fingerprint for {cls.__name__}")
     if isinstance(obj, enum.Enum):
         return [marker, obj.value]

@@ -32,6 +32,7 @@ from ._codec import (
     carried,
     checkpoint_turn,
     chosen_writes,
+    copied,
     extended,
     load_checkpoint,
     load_value,
@@ -553,7 +554,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
                 }
             },
             checkpoint=load_checkpoint(self.serde, checkpoint, decoded),
-            metadata=checkpoint["metadata"],
+            metadata=copied(checkpoint["metadata"]),
             parent_config=(
                 None
                 if parent is None

@@ -5,14 +5,23 @@ from __future__ import annotations
 import base64
 import enum
 import random
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import pytest
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.checkpoint.serde.types import _DeltaSnapshot
-from pydantic import BaseModel, PrivateAttr
+from pydantic import (
+    BaseModel,
+    PlainSerializer,
+    PrivateAttr,
+    WrapSerializer,
+    computed_field,
+    field_serializer,
+    model_serializer,
+)
 
 from cognitia.session.backends import InMemorySessionBackend
 from cognitia_langgraph import CognitiaSaver, _reuse
@@ -55,6 +64,64 @@ class Dumped(BaseModel):
 
     def model_dump(self, **kwargs: Any) -> dict[str, Any]:
         return {"x": self.x * 2}
+
+
+UNIT = {"name": "cm"}
+"""A setting that serialization code of the models below reads: their fields do not change with it."""
+
+
+class FieldSerialized(BaseModel):
+    value: float
+
+    @field_serializer("value")
+    def _with_unit(self, value: float) -> str:
+        return f"{value} {UNIT['name']}"
+
+
+class InheritsFieldSerializer(FieldSerialized):
+    note: str = ""
+
+
+class ModelSerialized(BaseModel):
+    value: float
+
+    @model_serializer
+    def _dump(self) -> dict[str, Any]:
+        return {"value": self.value, "unit": UNIT["name"]}
+
+
+class Computed(BaseModel):
+    value: float
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def unit(self) -> str:
+        return UNIT["name"]
+
+
+class PlainAnnotated(BaseModel):
+    value: Annotated[float, PlainSerializer(lambda v: f"{v} {UNIT['name']}")]
+
+
+class WrapAnnotated(BaseModel):
+    value: Annotated[float, WrapSerializer(lambda v, handler: [handler(v), UNIT["name"]])]
+
+
+class HoldsOne(BaseModel):
+    """No serialization code of its own, but a field whose model has some."""
+
+    inner: FieldSerialized
+
+
+SERIALIZING: list[Callable[[float], BaseModel]] = [
+    lambda v: FieldSerialized(value=v),
+    lambda v: InheritsFieldSerializer(value=v),
+    lambda v: ModelSerialized(value=v),
+    lambda v: Computed(value=v),
+    lambda v: PlainAnnotated(value=v),
+    lambda v: WrapAnnotated(value=v),
+    lambda v: HoldsOne(inner=FieldSerialized(value=v)),
+]
 
 
 class Pair(NamedTuple):
@@ -164,6 +231,39 @@ def test_what_the_fingerprint_cannot_describe_takes_the_full_path(value: Any) ->
     memo: dict[Any, Encoded] = {}
     assert Encodings(SERDE).encode(memo, "c", value) == expected(value)
     assert memo == {}
+
+
+@pytest.mark.parametrize(
+    "make",
+    SERIALIZING,
+    ids=["field_serializer", "inherited", "model_serializer", "computed_field", "plain", "wrap", "nested"],
+)
+def test_a_model_whose_model_dump_runs_its_own_code_takes_the_full_path(
+    make: Callable[[float], BaseModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Such code may read more than the fields (here a setting): equal fields do not mean equal bytes."""
+    monkeypatch.setitem(UNIT, "name", "cm")
+    first = make(1.0)
+    encodings = Encodings(SERDE)
+    memo: dict[Any, Encoded] = {}
+    held = encodings.encode(memo, "c", [first], version=1)
+    assert held == expected([first])
+    grown = [first, make(2.0)]
+    in_cm = SERDE.dumps_typed(grown)
+    UNIT["name"] = "in"
+    assert SERDE.dumps_typed(grown) != in_cm, "the setting changes what the serializer makes"
+    encoding = encodings.encode(memo, "c", grown, version=2, base=1)
+    stored: Extension | list[str] = [encoding.kind, encoding.text]
+    if encoding.extends is not None:
+        stored = Extension([held.kind, held.text], len(grown), encoding.kind, encoding.text)
+    assert raw(stored) == SERDE.dumps_typed(grown)
+    assert fingerprint(grown) is None
+
+
+def test_models_without_serialization_code_are_fingerprinted() -> None:
+    """LangChain's messages (and plain models) keep the shortcut."""
+    for value in (HumanMessage("hi"), AIMessage("yo", tool_calls=[]), Point(x=1), Secretive(x=1), Open(x=1)):
+        assert fingerprint([value]) is not None, type(value).__name__
 
 
 def message(rng: random.Random, n: int) -> BaseMessage:
