@@ -293,9 +293,10 @@ async def bench(steps: int, rounds: int) -> None:
         base = results[BASELINE]
         for name, (rate, p50, growth, _) in results.items():
             if name not in (BASELINE, FLOOR):
+                verdict = "met" if rate / base[0] >= 2 else "not met"
                 print(
                     f"{'':28} {name + ' / base':18} {rate / base[0]:8.2f}x {base[1] / p50:7.2f}x"
-                    f" {growth:.2f} vs {base[2]:.2f}"
+                    f" {growth:.2f} vs {base[2]:.2f} (target >= 2x turns/s: {verdict})"
                 )
         if FLOOR in results:
             floor = results[FLOOR]

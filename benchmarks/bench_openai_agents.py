@@ -145,7 +145,9 @@ async def main() -> None:
             print(f"{name:<20} {rate:>10.0f} {by_sum:>8.2f} {by_median:>16.2f}")
         sdk_rate = results["SDK SQLiteSession"][0]
         for name in ("cognitia (NORMAL)", "cognitia (FULL)"):
-            print(f"ratio {name} / SDK SQLiteSession: {results[name][0] / sdk_rate:.1f}x")
+            ratio = results[name][0] / sdk_rate
+            verdict = "met" if ratio >= 2 else "not met"
+            print(f"ratio {name} / SDK SQLiteSession: {ratio:.1f}x (target >= 2x: {verdict})")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ async def main(turns: int, window: int) -> None:
     ours, builtin = rates["cognitia sqlite"], rates["pydantic-ai memory"]
     print(
         f"cognitia sqlite / pydantic-ai memory: store {ours[0] / builtin[0]:.2f}x, "
-        f"end to end {ours[1] / builtin[1]:.2f}x"
+        f"end to end {ours[1] / builtin[1]:.2f}x (no target: pydantic-ai has no durable store to compare)"
     )
 
 

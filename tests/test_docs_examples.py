@@ -1,4 +1,4 @@
-"""Every ```python block in README.md and docs/ runs, and the documentation site builds.
+"""Every ```python block in the READMEs and docs/ runs, and the documentation site builds.
 
 Each block runs on its own, in a fresh temporary directory as the working directory, so a
 reader can paste any one of them into a file and run it. A block with a top-level
@@ -120,8 +120,10 @@ def python_blocks(path: Path) -> list[Block]:
 
 
 def documentation_files() -> list[Path]:
+    """The README, every page of the site, and the READMEs of the integrations and benchmarks."""
     files = [ROOT / "README.md"] if (ROOT / "README.md").exists() else []
-    return files + sorted(DOCS.rglob("*.md"))
+    readmes = sorted(ROOT.glob("integrations/*/README.md")) + sorted(ROOT.glob("benchmarks/README.md"))
+    return files + sorted(DOCS.rglob("*.md")) + readmes
 
 
 def _compiles(block: Block) -> bool:
