@@ -1,23 +1,42 @@
 """JSON encoding shared by every backend: one place decides what a storable state is.
 
 States are encoded with the standard library's ``json``: no pickle, no custom tags. A value
-JSON cannot represent (an arbitrary object, a set, bytes, NaN or infinity, a cycle) raises
+JSON cannot represent (an arbitrary object, a set, bytes, NaN or infinity, a cycle, nesting
+deeper than Python's recursion limit lets ``json`` go) raises
 :class:`~cognitia.errors.StateNotSerializableError` naming the key and the value's path,
 before anything is written.
 """
 
 from __future__ import annotations
 
+import _thread
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import InvalidKeyError, StateNotSerializableError
 
-__all__ = ["MAX_KEY_LENGTH", "byte_size", "check_key", "dumps", "loads"]
+__all__ = [
+    "MAX_KEY_BYTES",
+    "MAX_KEY_LENGTH",
+    "byte_size",
+    "check_key",
+    "child_path",
+    "dumps",
+    "find_string",
+    "key_prefix_possible",
+    "loads",
+]
 
 MAX_KEY_LENGTH = 1024
+"""Characters a session key may have."""
+MAX_KEY_BYTES = 2048
+"""Bytes a session key may take in UTF-8: PostgreSQL indexes keys in a B-tree, whose entries
+must stay under 2704 bytes."""
+
+T = TypeVar("T")
 
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 _decoder = json.JSONDecoder()
@@ -70,7 +89,7 @@ def check_key(key: object) -> str:
     if type(key) is not str:
         raise InvalidKeyError(f"session key must be a str, got {type(key).__name__}: {key!r}")
     if not key or key.isspace():
-        raise InvalidKeyError(f"session key must be a non-empty string, got {key!r}")
+        raise InvalidKeyError(f"session key must be a non-empty, non-blank string, got {key!r}")
     if len(key) > MAX_KEY_LENGTH:
         raise InvalidKeyError(
             f"session key is {len(key)} characters long, the limit is {MAX_KEY_LENGTH}: {key[:40]!r}..."
@@ -79,13 +98,30 @@ def check_key(key: object) -> str:
         raise InvalidKeyError(f"session key must not contain NUL characters: {key!r}")
     if not key.isascii():
         try:
-            key.encode("utf-8")
+            size = len(key.encode("utf-8"))
         except UnicodeEncodeError:
             # A lone surrogate (left by a lossy decode upstream): storage engines key by UTF-8.
             raise InvalidKeyError(
                 f"session key is not valid Unicode text (lone surrogate): {key!r}"
             ) from None
+        # An ASCII key is one byte a character, well inside the limit.
+        if size > MAX_KEY_BYTES:
+            raise InvalidKeyError(
+                f"session key is {size} bytes long in UTF-8, the limit is {MAX_KEY_BYTES}: {key[:40]!r}..."
+            )
     return key
+
+
+def key_prefix_possible(prefix: str) -> bool:
+    """Whether a valid key can start with ``prefix`` (no key holds NUL or a lone surrogate)."""
+    if "\x00" in prefix:
+        return False
+    if not prefix.isascii():
+        try:
+            prefix.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+    return True
 
 
 def dumps(
@@ -103,25 +139,43 @@ def dumps(
     if root == "state" and not isinstance(value, Mapping):
         raise StateNotSerializableError(key, root, f"must be a dict, got {type(value).__name__}")
     try:
-        if default is None:
-            text = _encode(value)
-        else:
-            text = json.dumps(
-                value, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=default
-            )
-        if not text.isascii():
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                # A lone surrogate cannot be stored as UTF-8 text; JSON's \u escape carries it
-                # losslessly, so fall back to ASCII-only output for this value.
-                text = json.dumps(
-                    value, ensure_ascii=True, allow_nan=False, separators=(",", ":"), default=default
-                )
-        return text
-    except (TypeError, ValueError, RecursionError) as exc:
+        # _encode_text, inlined: this is every save's path.
+        text = _encode(value) if default is None else _encode_converted(value, default)
+        return text if text.isascii() else _keep_lone_surrogates(text, value, default)
+    except RecursionError:
+        # Encoding recurses once per level of nesting (and loops forever on a cycle). The
+        # caller's own stack may be what ran out: on a fresh one every caller gets the same
+        # limit, so where a state is saved from never decides whether it can be stored.
+        try:
+            return _on_fresh_stack(_encode_text, value, default)
+        except (TypeError, ValueError, RecursionError) as exc:
+            path, problem = _on_fresh_stack(_locate, value, root, default)
+            raise StateNotSerializableError(key, path, problem) from exc
+    except (TypeError, ValueError) as exc:
         path, problem = _locate(value, root, default)
         raise StateNotSerializableError(key, path, problem) from exc
+
+
+def _encode_text(value: Any, default: Callable[[Any], Any] | None) -> str:
+    text = _encode(value) if default is None else _encode_converted(value, default)
+    return text if text.isascii() else _keep_lone_surrogates(text, value, default)
+
+
+def _encode_converted(value: Any, default: Callable[[Any], Any]) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=default)
+
+
+def _keep_lone_surrogates(text: str, value: Any, default: Callable[[Any], Any] | None) -> str:
+    """``text`` if it is valid UTF-8 text, else ``value`` encoded as ASCII-only JSON.
+
+    A lone surrogate cannot be stored as UTF-8 text; JSON's \\u escape carries it
+    losslessly, so such a value falls back to ASCII-only output.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":"), default=default)
+    return text
 
 
 def byte_size(text: str) -> int:
@@ -137,18 +191,101 @@ def loads(text: str | bytes) -> Any:
         value, end = _scan(text, 0)
     except StopIteration:
         end = -1
+    except RecursionError:
+        # Decoding recurses once per level of nesting, like encoding: whatever dumps()
+        # accepted decodes on a fresh stack, however deep the caller's is.
+        return _on_fresh_stack(_decode_text, text)
     if end != len(text):  # leading or trailing whitespace, trailing data: the full decoder decides
         return _decoder.decode(text)
     return value
 
 
+def _decode_text(text: str) -> Any:
+    # On a fresh stack this runs a frame shallower than _encode_text's encoder, so it
+    # decodes anything that encoded.
+    value, end = _scan(text, 0)
+    return value if end == len(text) else _decoder.decode(text)
+
+
+def _on_fresh_stack(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` run on a new thread, whose call stack is as shallow as it gets.
+
+    A bare ``_thread`` thread: ``threading.Thread`` would put its own frames below it.
+    """
+    outcome: list[tuple[bool, Any]] = []
+    finished = _thread.allocate_lock()
+    finished.acquire()
+
+    def run() -> None:
+        try:
+            outcome.append((True, function(*args)))
+        except BaseException as exc:  # re-raised in the calling thread
+            outcome.append((False, exc))
+        finally:
+            finished.release()
+
+    _thread.start_new_thread(run, ())
+    finished.acquire()
+    done, result = outcome[0]
+    if not done:
+        raise result
+    return result  # type: ignore[no-any-return]
+
+
+def child_path(path: str, key: object) -> str:
+    """The path of ``key`` (a dict key or list index) inside the value at ``path``."""
+    label = json.dumps(key, ensure_ascii=False) if isinstance(key, str) else repr(key)
+    return f"{path}[{label}]"
+
+
+def find_string(value: Any, root: str, problem: Callable[[str], str | None]) -> tuple[str, str] | None:
+    """The path of the first string in decoded JSON ``value`` that ``problem`` objects to, and
+    the objection; a dict key is reported at the path of its dict. ``None`` if there is none."""
+    if isinstance(value, str):
+        found = problem(value)
+        return None if found is None else (root, found)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = problem(k)
+            if found is not None:
+                return (root, f"has a key that {found}")
+            located = find_string(v, child_path(root, k), problem)
+            if located is not None:
+                return located
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            located = find_string(v, f"{root}[{i}]", problem)
+            if located is not None:
+                return located
+    return None
+
+
+def _int_problem(number: int) -> str | None:
+    """Why JSON cannot write ``number``: Python refuses to turn very long ints into text."""
+    try:
+        int.__repr__(number)
+    except ValueError:
+        return (
+            f"is an int of more than {sys.get_int_max_str_digits()} digits, which Python will not "
+            "convert to text (see sys.set_int_max_str_digits)"
+        )
+    return None
+
+
 def _locate(value: Any, root: str, default: Callable[[Any], Any] | None) -> tuple[str, str]:
-    """Walk ``value`` to find the first thing JSON cannot encode (only on the error path)."""
+    """Walk ``value`` to find the first thing JSON cannot encode (only on the error path).
+
+    The walk recurses once per level of nesting, like the encoder: where it runs out of
+    stack, the value it was about to enter is reported as nested too deeply.
+    """
     ancestors: set[int] = set()
 
     def walk(node: Any, path: str) -> tuple[str, str] | None:
-        if node is None or isinstance(node, (str, bool, int)):
+        if node is None or isinstance(node, (str, bool)):
             return None
+        if isinstance(node, int):
+            problem = _int_problem(node)
+            return None if problem is None else (path, problem)
         if isinstance(node, float):
             return None if math.isfinite(node) else (path, f"is {node!r}, which JSON cannot represent")
         if isinstance(node, (dict, list, tuple)):
@@ -158,18 +295,31 @@ def _locate(value: Any, root: str, default: Callable[[Any], Any] | None) -> tupl
             try:
                 if isinstance(node, dict):
                     for k, v in node.items():
-                        if not isinstance(k, (str, int, float, bool)) and k is not None:
+                        if isinstance(k, float) and not math.isfinite(k):
+                            return (path, f"has the key {k!r}, which JSON cannot represent")
+                        if isinstance(k, int) and not isinstance(k, bool):
+                            problem = _int_problem(k)
+                            if problem is not None:
+                                return (path, f"has a key that {problem}")
+                        elif not isinstance(k, (str, float, bool)) and k is not None:
                             return (
                                 path,
                                 f"has a key of type {type(k).__name__} ({k!r}); keys must be strings",
                             )
-                        label = json.dumps(k, ensure_ascii=False) if isinstance(k, str) else repr(k)
-                        found = walk(v, f"{path}[{label}]")
+                        child = child_path(path, k)
+                        try:
+                            found = walk(v, child)
+                        except RecursionError:
+                            return (child, _TOO_DEEP)
                         if found:
                             return found
                 else:
                     for i, v in enumerate(node):
-                        found = walk(v, f"{path}[{i}]")
+                        child = f"{path}[{i}]"
+                        try:
+                            found = walk(v, child)
+                        except RecursionError:
+                            return (child, _TOO_DEEP)
                         if found:
                             return found
             finally:
@@ -186,4 +336,9 @@ def _locate(value: Any, root: str, default: Callable[[Any], Any] | None) -> tupl
     try:
         return walk(value, root) or (root, "cannot be encoded as JSON")
     except RecursionError:
-        return (root, "is nested too deeply to be encoded as JSON")
+        return (root, _TOO_DEEP)
+
+
+_TOO_DEEP = (
+    "is nested too deeply: JSON is encoded one level at a time, and this goes past Python's recursion limit"
+)

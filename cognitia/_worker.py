@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any, Generic, TypeVar
 
@@ -28,12 +28,15 @@ import anyio.lowlevel
 
 from .errors import BackendClosedError
 
-__all__ = ["Job", "ThreadWorker", "checkpoint"]
+__all__ = ["STOP_GRACE", "Job", "ThreadWorker", "astop_workers", "checkpoint", "stop_workers"]
 
 R = TypeVar("R")
 T = TypeVar("T")
 
 _STOP = object()
+STOP_GRACE = 5.0
+"""Seconds a cancelled :func:`astop_workers` still waits for the threads, shielded, before the
+cancellation goes on (the threads stop either way)."""
 _trio: ModuleType | None = None
 # The running asyncio loop or None, without raising when there is none (on trio): the same
 # function asyncio.get_running_loop() is built on.
@@ -113,10 +116,16 @@ class Job:
                 if not shield:
                     self.abandoned = True
                     raise
-                if not self.done:
-                    self.waiter = self.loop.create_future()
-                    with anyio.CancelScope(shield=True):
-                        await self.waiter
+                # The shield keeps anyio's cancel scopes out; a task.cancel() still gets
+                # through (a second timeout, a failing TaskGroup sibling), so keep waiting
+                # until the job is done, then deliver the first cancellation once.
+                with anyio.CancelScope(shield=True):
+                    while not self.done:
+                        self.waiter = self.loop.create_future()
+                        try:
+                            await self.waiter
+                        except asyncio.CancelledError:
+                            pass
                 raise
         else:
             trio = _trio_lowlevel()
@@ -228,15 +237,11 @@ class ThreadWorker(Generic[R]):
 
     def stop(self) -> None:
         """Let queued jobs finish, then close the resource and end the thread (blocking)."""
-        thread = self._begin_stop()
-        if thread is not None:
-            thread.join()
+        stop_workers([self])
 
     async def astop(self) -> None:
-        """Like :meth:`stop`, without blocking the event loop."""
-        thread = self._begin_stop()
-        if thread is not None:
-            await anyio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
+        """Like :meth:`stop`, without blocking the event loop (see :func:`astop_workers`)."""
+        await astop_workers([self])
 
     def _begin_stop(self) -> threading.Thread | None:
         with self._lock:
@@ -300,3 +305,71 @@ class ThreadWorker(Generic[R]):
                 self._close(resource)
             except Exception:
                 pass
+
+
+def _begin_stop(workers: Iterable[ThreadWorker[Any]]) -> list[threading.Thread]:
+    """Tell every worker to stop (none is left running if the caller is interrupted later)."""
+    threads = []
+    for worker in dict.fromkeys(workers):  # a worker may serve twice (one reading and writing)
+        thread = worker._begin_stop()
+        if thread is not None:
+            threads.append(thread)
+    return threads
+
+
+def _release_after(threads: list[threading.Thread], release: Callable[[], None] | None) -> None:
+    """Call ``release`` now if every thread has ended, else on a thread of its own once they have."""
+    if release is None:
+        return
+    if not any(thread.is_alive() for thread in threads):
+        release()
+        return
+
+    def finish() -> None:
+        for thread in threads:
+            thread.join()
+        release()
+
+    threading.Thread(target=finish, name="cognitia-release", daemon=True).start()
+
+
+def stop_workers(workers: Iterable[ThreadWorker[Any]], release: Callable[[], None] | None = None) -> None:
+    """Stop ``workers`` together, wait for their threads, then call ``release`` (blocking).
+
+    Each worker lets its queued jobs finish, then closes its resource. ``release`` frees what
+    the workers share (a connection pool), once the last thread has ended.
+    """
+    threads = _begin_stop(workers)
+    try:
+        for thread in threads:
+            thread.join()
+    finally:
+        _release_after(threads, release)
+
+
+async def astop_workers(
+    workers: Iterable[ThreadWorker[Any]], release: Callable[[], None] | None = None
+) -> None:
+    """Like :func:`stop_workers`, without blocking the event loop.
+
+    Every worker is told to stop before anything is awaited, so a cancelled call still
+    stops them all. Cancelled while the threads finish their queued jobs, it keeps waiting,
+    shielded, for up to :data:`STOP_GRACE` seconds, then lets the cancellation go on; the
+    threads end on their own and ``release`` runs after the last one.
+    """
+    threads = _begin_stop(workers)
+    try:
+        try:
+            await _join(threads)
+        except BaseException:
+            with anyio.move_on_after(STOP_GRACE, shield=True):
+                await _join(threads)
+            raise
+    finally:
+        _release_after(threads, release)
+
+
+async def _join(threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        if thread.is_alive():
+            await anyio.to_thread.run_sync(thread.join, abandon_on_cancel=True)

@@ -58,6 +58,10 @@ BAD_STATES: list[tuple[str, dict[str, Any], str, str]] = [
     ("inf", {"nested": {"x": [1.0, -math.inf]}}, 'state["nested"]["x"][1]', "inf"),
     ("cycle", _cycle(), 'state["history"][1]', "cycle"),
     ("tuple key", {"map": {("a", 1): "v"}}, 'state["map"]', "tuple"),
+    ("nan key", {"scores": {"a": 1.0, math.nan: 2.0}}, 'state["scores"]', "nan"),
+    ("inf key", {"scores": {-math.inf: 2.0}}, 'state["scores"]', "-inf"),
+    ("huge int", {"ids": [1, 10**5000]}, 'state["ids"][1]', "digits"),
+    ("huge int key", {"by_id": {10**5000: "x"}}, 'state["by_id"]', "digits"),
     ("not a dict", ["a", "list"], "state", "dict"),  # type: ignore[list-item]
 ]
 
@@ -111,15 +115,31 @@ async def test_backend_refuses_unstorable_turns(backend: BackendBase) -> None:
 async def test_too_deeply_nested_state_is_refused_cleanly(backend: BackendBase) -> None:
     with pytest.raises(StateNotSerializableError) as info:
         await backend.save("k", _deep(5000))
-    assert info.value.path.startswith("state")
+    # The path leads down the nesting to where Python's recursion limit was reached.
+    assert info.value.path.startswith('state["a"]["a"]["a"]["a"]')
+    assert "nested too deeply" in info.value.problem and "recursion limit" in info.value.problem
     assert await backend.load("k") is None
 
 
-async def test_lone_surrogates_are_stored_and_read_back(backend: BackendBase) -> None:
-    # JSON can carry any Python str (as a \udXXX escape); a state must round-trip on every backend.
-    await backend.save("k", {"text": "broken \ud800 half", "ok": "é"})
-    assert await backend.load("k") == {"text": "broken \ud800 half", "ok": "é"}
-    record = await backend.load_record("k")
+async def test_lone_surrogates_are_stored_and_read_back(store_backend: BackendBase) -> None:
+    """JSON can carry any Python str (a lone surrogate as a \\udXXX escape), and every backend
+    but PostgreSQL stores it; jsonb holds only Unicode text, so PostgreSQL refuses the state,
+    naming the string's path and the character without quoting the text."""
+    state = {"notes": ["fine", "broken \ud800 half"], "ok": "é", "\udc80 key": 1}
+    if store_backend.name == "postgres":
+        with pytest.raises(StateNotSerializableError) as info:
+            await store_backend.save("k", state)
+        assert info.value.key == "k"
+        assert info.value.path == 'state["notes"][1]'
+        assert info.value.problem == "holds a lone surrogate (U+D800), which PostgreSQL jsonb cannot store"
+        assert "broken" not in str(info.value) and info.value.__cause__ is None
+        with pytest.raises(StateNotSerializableError, match="state has a key that holds a lone surrogate"):
+            await store_backend.save("k", {"\udc80 key": 1})
+        assert await store_backend.load("k") is None
+        return
+    await store_backend.save("k", state)
+    assert await store_backend.load("k") == state
+    record = await store_backend.load_record("k")
     assert record is not None and record.size > 0
 
 
@@ -215,6 +235,7 @@ BAD_KEYS: list[tuple[str, object]] = [
     ("bytes", b"key"),
     ("nul", "a\x00b"),
     ("too long", "k" * 1025),
+    ("too many bytes", "\U0001f413" * 513),  # 513 characters, 2052 bytes in UTF-8
     ("lone surrogate", "user:\ud800"),
 ]
 

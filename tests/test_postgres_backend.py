@@ -8,7 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -236,6 +236,42 @@ async def test_state_and_turns_are_jsonb_queryable_in_sql(postgres_dsn: str, sch
         "agent:q",
     )
     assert turns == [(0, "hi")]
+
+
+@pytest.mark.parametrize(
+    ("text", "character"),
+    [("secret\x00text", "the character U+0000"), ("secret\udfff", "a lone surrogate (U+DFFF)")],
+)
+async def test_a_string_jsonb_cannot_hold_is_refused_naming_its_path(
+    postgres_dsn: str, schema: str, text: str, character: str
+) -> None:
+    """jsonb holds only Unicode text without NUL. The error names the string's path and the
+    character, and neither it nor its cause quotes the text (the driver's message would)."""
+    problem = f"holds {character}, which PostgreSQL jsonb cannot store"
+    async with PostgresSessionBackend(postgres_dsn, schema=schema) as backend:
+        await backend.commit("agent:k", {"n": 1}, turns=[{"said": "hi"}])
+        cases: list[tuple[Callable[[], Awaitable[object]], str]] = [
+            (
+                lambda: backend.save("agent:k", {"history": [{"said": "ok"}, {"said": text}]}),
+                'state["history"][1]["said"]',
+            ),
+            (
+                lambda: backend.commit("agent:k", {"n": 2}, turns=[{"said": "ok"}, {"said": text}]),
+                'turns[1]["said"]',
+            ),
+            (lambda: backend.commit("agent:k", {"by": {text: 1}}, expected_version=1), 'state["by"]'),
+            (lambda: backend.save("agent:new", {"said": text}), 'state["said"]'),
+        ]
+        for write, path in cases:
+            with pytest.raises(StateNotSerializableError) as info:
+                await write()
+            assert info.value.path == path
+            assert info.value.problem in (problem, f"has a key that {problem}")
+            assert "secret" not in str(info.value)
+            assert info.value.__cause__ is None and info.value.__suppress_context__
+        assert await backend.load("agent:k") == {"n": 1}
+        assert await backend.load_turns("agent:k") == [{"said": "hi"}]
+        assert await backend.list_keys() == ["agent:k"]
 
 
 async def test_a_state_jsonb_cannot_hold_fails_alone(postgres_dsn: str, schema: str) -> None:

@@ -115,10 +115,16 @@ async def test_key_prefix_isolates_backends(redis_url: str, redis_prefix: str, r
             assert await second.load("agent:same") == {"who": "second"}
         stored = sorted(redis_client.scan_iter(match=f"{redis_prefix}*", count=1000))
         # first's index went away with its last member (Redis drops empty sorted sets); what
-        # stays is the highest version it deleted.
-        assert stored == sorted([f"{other}index", f"{other}s:agent:same", f"{redis_prefix}removed"]), (
-            "every Redis key must live under its backend's key_prefix"
-        )
+        # stays is the highest version it deleted, and each backend's latest write tokens.
+        assert stored == sorted(
+            [
+                f"{other}index",
+                f"{other}s:agent:same",
+                f"{other}w:agent:same",
+                f"{redis_prefix}removed",
+                f"{redis_prefix}w:agent:same",
+            ]
+        ), "every Redis key must live under its backend's key_prefix"
     finally:
         keys = list(redis_client.scan_iter(match=other + "*", count=1000))
         if keys:
@@ -158,6 +164,23 @@ async def test_a_resent_commit_is_applied_once(redis_url: str, redis_prefix: str
         assert redis_client.llen(f"{redis_prefix}t:agent:r") == 1
         assert _execute(client, commands.commit, *args[:-1], "next-token") == 2
         assert redis_client.llen(f"{redis_prefix}t:agent:r") == 2
+        # Other writers' commits may land between the lost reply and the resend.
+        for i in range(3, 10):
+            assert _execute(client, commands.commit, *args[:-1], f"other-{i}") == i
+        assert _execute(client, commands.commit, *args) == 1
+        assert _execute(client, commands.commit, *args[:-1], "next-token") == 2
+        assert redis_client.llen(f"{redis_prefix}t:agent:r") == 9
+        # A conditional commit resent after others landed is not a conflict either.
+        checked = ("agent:r", "{}", 9, ['{"i":9}'], None, 1.0, None, None, "checked")
+        assert _execute(client, commands.commit, *checked) == 10
+        assert _execute(client, commands.commit, *args[:-1], "other-11") == 11
+        assert _execute(client, commands.commit, *checked) == 10
+        assert redis_client.llen(f"{redis_prefix}t:agent:r") == 11
+        # Only the latest tokens are kept, for a while.
+        assert 0 < redis_client.pttl(f"{redis_prefix}w:agent:r") <= 60_000
+        for i in range(12, 100):
+            _execute(client, commands.commit, *args[:-1], f"other-{i}")
+        assert redis_client.zcard(f"{redis_prefix}w:agent:r") == 64
     finally:
         client.close()
 
@@ -183,7 +206,7 @@ async def test_a_resent_conditional_delete_is_applied_once(
         assert redis_client.hget(f"{redis_prefix}s:agent:r", "v") == "2"
         with pytest.raises(VersionConflictError):  # a new delete is checked again
             _execute(client, commands.delete, "agent:r", 1.0, 1, "next-token")
-        assert 0 < redis_client.pttl(f"{redis_prefix}d:agent:r") <= 60_000
+        assert 0 < redis_client.pttl(f"{redis_prefix}w:agent:r") <= 60_000
     finally:
         client.close()
 
@@ -283,8 +306,10 @@ async def test_a_session_gone_through_redis_expiry_keeps_its_versions_from_the_n
             await backend.delete("agent:k", expected_version=stale)
         assert await backend.load("agent:k") == {"life": "new"}
         assert version > stale  # the new session started above the expired one's versions
-        # Deleted, nothing of the session stays behind but the highest removed version.
+        # Deleted, nothing of the session stays behind but the highest removed version, and
+        # for a minute the tokens of its latest writes (a resent write is still recognised).
         assert await backend.delete("agent:k") is True
         left = sorted(redis_client.scan_iter(match=f"{redis_prefix}*", count=1000))
-        assert left == [f"{redis_prefix}removed"]
+        assert left == [f"{redis_prefix}removed", f"{redis_prefix}w:agent:k"]
+        assert 0 < redis_client.pttl(f"{redis_prefix}w:agent:k") <= 60_000
         assert redis_client.get(f"{redis_prefix}removed") == str(version)

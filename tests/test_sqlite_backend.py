@@ -380,6 +380,67 @@ async def test_cancelling_concurrent_saves_leaves_each_one_whole_or_absent(tmp_p
         await again.save("after", {"ok": True})
 
 
+async def test_a_save_cancelled_twice_returns_only_once_its_write_is_done(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """A save waiting for another process's write lock, cancelled twice (a timeout fires as a
+    failing sibling cancels the task group), still returns only after its write: on asyncio
+    a second task.cancel() gets through anyio's shield."""
+    path = tmp_path / "s.db"
+    async with SqliteSessionBackend(db_path=path, busy_timeout=60) as backend:
+        await backend.save("agent:k", {"v": "old"})
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        events: list[str] = []
+
+        def stored() -> str:
+            db = sqlite3.connect(path)
+            try:
+                return str(db.execute("SELECT state FROM cognitia_sessions").fetchone()[0])
+            finally:
+                db.close()
+
+        async def save() -> None:
+            try:
+                await backend.save("agent:k", {"v": "new"})
+                events.append("returned")
+            finally:
+                events.append(f"finished, stored {stored()}")
+
+        async with anyio.create_task_group() as tg:
+            if anyio_backend == "asyncio":
+                import asyncio
+
+                task = asyncio.ensure_future(save())
+                await anyio.wait_all_tasks_blocked()
+                cancels: list[Callable[[], object]] = [task.cancel, task.cancel]
+            else:
+                scopes: list[anyio.CancelScope] = []
+
+                async def save_in_scopes() -> None:
+                    with anyio.CancelScope() as outer:
+                        scopes.append(outer)
+                        with anyio.CancelScope() as inner:
+                            scopes.append(inner)
+                            await save()
+
+                tg.start_soon(save_in_scopes)
+                await anyio.wait_all_tasks_blocked()
+                cancels = [scopes[1].cancel, scopes[0].cancel]
+            for cancel in cancels:
+                cancel()
+                for _ in range(20):
+                    await anyio.lowlevel.checkpoint()
+            assert events == []  # still waiting for its write
+            assert await backend.load("agent:k") == {"v": "old"}
+            other.execute("COMMIT")
+            other.close()
+            if anyio_backend == "asyncio":
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+        assert events == ['finished, stored {"v":"new"}']
+
+
 async def test_inline_reads_fall_back_to_the_reader_thread_instead_of_waiting(
     anyio_backend: str, tmp_path: Path
 ) -> None:

@@ -7,14 +7,17 @@ and that one worker serves several event loops, asyncio and trio, at the same ti
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
-from cognitia import BackendClosedError
-from cognitia._worker import ThreadWorker
+from cognitia import BackendClosedError, _worker
+from cognitia._worker import ThreadWorker, astop_workers
 
 pytestmark = pytest.mark.anyio
 
@@ -71,6 +74,53 @@ async def test_a_write_cancelled_while_queued_runs_and_then_the_cancellation_pro
         log.gate.set()
     assert log.ran == ["write"]
     assert after == ["scope exited"]
+    worker.stop()
+
+
+async def test_a_write_cancelled_twice_runs_and_then_the_cancellation_propagates_once(
+    anyio_backend: str,
+) -> None:
+    """On asyncio a task.cancel() gets through anyio's shield: a second one (a timeout firing
+    as a failing sibling cancels the task group) must not end the wait before the write."""
+    log = Log()
+    events: list[str] = []
+
+    async def write() -> None:
+        try:
+            await worker.call(record, "write", shield=True)
+            events.append("returned")
+        finally:
+            events.append(f"finished after {log.ran}")
+
+    async with anyio.create_task_group() as tg:
+        worker = await _held_worker(log, tg)
+        if anyio_backend == "asyncio":
+            task = asyncio.ensure_future(write())
+            await anyio.wait_all_tasks_blocked()
+            cancels: list[Callable[[], object]] = [task.cancel, task.cancel]
+        else:
+            scopes: list[anyio.CancelScope] = []
+
+            async def write_in_scopes() -> None:
+                with anyio.CancelScope() as outer:
+                    scopes.append(outer)
+                    with anyio.CancelScope() as inner:
+                        scopes.append(inner)
+                        await write()
+
+            tg.start_soon(write_in_scopes)
+            await anyio.wait_all_tasks_blocked()
+            cancels = [scopes[1].cancel, scopes[0].cancel]
+        for cancel in cancels:
+            cancel()
+            for _ in range(20):
+                await anyio.lowlevel.checkpoint()
+        assert events == [] and log.ran == []  # still waiting for its write
+        log.gate.set()
+        if anyio_backend == "asyncio":
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    assert events == ["finished after ['write']"]
     worker.stop()
 
 
@@ -147,3 +197,29 @@ def test_one_worker_serves_asyncio_and_trio_loops_at_once() -> None:
         assert sorted(results[runtime]) == sorted(f"{runtime}-{i}" for i in range(200))
     assert sorted(log.ran) == sorted(results["asyncio"] + results["trio"])
     assert sum(batches) == 400 and len(batches) < 400  # queued jobs were batched
+
+
+async def test_stopping_workers_through_a_cancellation_stops_them_all(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every worker is told to stop before the first await; what they share is released only
+    once the last thread has ended, even if the cancelled caller stopped waiting before."""
+    monkeypatch.setattr(_worker, "STOP_GRACE", 0.05)  # how long the cancelled call still waits
+    log = Log()
+    released = threading.Event()
+    async with anyio.create_task_group() as tg:
+        busy = await _held_worker(log, tg)
+        idle: ThreadWorker[Log] = ThreadWorker("idle-worker", Log, lambda _: None)
+        assert await idle.call(record, "started") == "started"
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await astop_workers([busy, idle], released.set)
+        assert scope.cancelled_caught
+        assert not released.is_set()  # the busy thread is still running its job
+        for worker in (busy, idle):
+            with pytest.raises(BackendClosedError):
+                await worker.call(record, "late")
+        log.gate.set()
+    assert await anyio.to_thread.run_sync(released.wait, 30)
+    threads = [busy._thread, idle._thread]
+    assert all(thread is not None and not thread.is_alive() for thread in threads)

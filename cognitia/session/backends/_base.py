@@ -6,7 +6,8 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
-from ..._json import byte_size, check_key, dumps, loads
+from ..._json import byte_size, check_key, dumps, key_prefix_possible, loads
+from ..._worker import checkpoint
 from ...errors import BackendClosedError, CognitiaError, StorageError, VersionConflictError
 from ._protocol import Capability, SessionRecord
 from ._scope import MemoryScope
@@ -114,13 +115,18 @@ class BackendBase(ABC):
         """Every stored key, sorted; only those starting with ``prefix`` if given.
 
         ``prefix`` may be a :class:`MemoryScope` to list one namespace. The filtering runs
-        in the storage engine, not in Python.
+        in the storage engine, not in Python. A prefix no key can start with (one holding
+        NUL or a lone surrogate, which keys cannot) lists nothing.
         """
         if isinstance(prefix, MemoryScope):
             prefix = prefix.prefix
         elif not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str or MemoryScope, got {type(prefix).__name__}")
         with self._errors("list keys", prefix or "*"):
+            if not key_prefix_possible(prefix):
+                # NUL or a lone surrogate: no key holds one, and not every engine can take one.
+                await checkpoint()
+                return []
             return await self._raw_list_keys(prefix, self._clock())
 
     # -- versioned records and the turn log -------------------------------------------------

@@ -118,10 +118,17 @@ class InMemorySessionBackend(BackendBase):
 
     async def _raw_prune(self, now: float, dry_run: bool) -> list[str]:
         await anyio.lowlevel.checkpoint()
-        expired = [key for key in self._sorted_keys if not self._entries[key].alive(now)]
-        if not dry_run:
+        # Found and removed in one step, with no await in between: a session saved again
+        # meanwhile is either alive by now (and kept) or saved after the prune.
+        expired: list[str] = []
+        kept: list[str] = []
+        for key in self._sorted_keys:
+            (kept if self._entries[key].alive(now) else expired).append(key)
+        if not dry_run and expired:
             for key in expired:
-                await self._raw_delete(key, now, None)
+                entry = self._entries.pop(key)
+                self._removed_version = max(self._removed_version, entry.version)
+            self._sorted_keys = kept
         return expired
 
     def _describe(self) -> str:

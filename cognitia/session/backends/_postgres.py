@@ -7,7 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..._worker import Job, ThreadWorker
+from ..._json import find_string, loads
+from ..._worker import Job, ThreadWorker, astop_workers, stop_workers
 from ...errors import MissingDependencyError, StateNotSerializableError, StorageError, VersionConflictError
 from ._base import BackendBase, RawRecord, prefix_bounds
 
@@ -260,8 +261,9 @@ class PostgresSessionBackend(BackendBase):
 
     ``jsonb`` does not keep the key order of objects, stores numbers as exact decimals (a
     float written in exponent form, such as ``1e16``, loads back as the ``int`` it
-    denotes) and cannot hold the character ``U+0000``
-    (:class:`~cognitia.errors.StateNotSerializableError`).
+    denotes) and holds only Unicode text: a string with the character ``U+0000`` or a lone
+    surrogate is refused with :class:`~cognitia.errors.StateNotSerializableError` naming
+    its path.
 
     >>> backend = PostgresSessionBackend("postgresql://app@localhost/app", ttl=7 * 86400)
     """
@@ -400,16 +402,10 @@ class PostgresSessionBackend(BackendBase):
         return await self._write(_prune, now, dry_run)  # type: ignore[no-any-return]
 
     def _raw_close(self) -> None:
-        for reader in self._readers:
-            if reader is not self._writer:
-                reader.stop()
-        self._writer.stop()
+        stop_workers((*self._readers, self._writer))
 
     async def _raw_aclose(self) -> None:
-        for reader in self._readers:
-            if reader is not self._writer:
-                await reader.astop()
-        await self._writer.astop()
+        await astop_workers((*self._readers, self._writer))
 
     def _describe(self) -> str:
         # Never the DSN itself: it may hold a password.
@@ -592,14 +588,39 @@ def _commit(
     }
     try:
         row = conn.execute(q.commit[kind, bool(turns), trim], params).fetchone()
-    except pg_errors.UntranslatableCharacter as exc:
-        raise StateNotSerializableError(
-            key, "a string in the state or turns", "holds U+0000, which PostgreSQL jsonb cannot store"
-        ) from exc
+    except (pg_errors.UntranslatableCharacter, pg_errors.InvalidTextRepresentation):
+        # jsonb refused a string (the driver's message quotes the JSON: not passed on).
+        found = _unstorable_string(state, turns)
+        if found is None:
+            raise
+        raise StateNotSerializableError(key, *found) from None
     if row is not None:
         return int(row[0])
     assert expected_version is not None  # an overwrite always returns its row
     raise _conflict(conn, q, key, expected_version, now)
+
+
+def _unstorable_string(state: str, turns: list[str]) -> tuple[str, str] | None:
+    """The path of the first string in the state or turns that jsonb cannot hold, and why."""
+    for root, text in (("state", state), *((f"turns[{i}]", turn) for i, turn in enumerate(turns))):
+        found = find_string(loads(text), root, _jsonb_problem)
+        if found is not None:
+            return found
+    return None
+
+
+def _jsonb_problem(text: str) -> str | None:
+    """Why jsonb cannot store ``text``: its strings are UTF-8 text without NUL."""
+    if "\x00" in text:
+        return "holds the character U+0000, which PostgreSQL jsonb cannot store"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # A surrogate that is not half of a pair (decoding joins pairs): not Unicode text.
+            code = ord(text[exc.start])
+            return f"holds a lone surrogate (U+{code:04X}), which PostgreSQL jsonb cannot store"
+    return None
 
 
 def _conflict(conn: Connection, q: _Statements, key: str, expected: int, now: float) -> VersionConflictError:

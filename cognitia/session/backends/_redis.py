@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from ..._worker import Job, ThreadWorker
+from ..._worker import Job, ThreadWorker, astop_workers, stop_workers
 from ...errors import MissingDependencyError, VersionConflictError
 from ._base import BackendBase, RawRecord
 
@@ -43,15 +43,27 @@ __all__ = ["RedisSessionBackend"]
 # version is kept in the hash "versions" too (field: the key) until the session is deleted
 # or pruned; a new life of the key starts above that version as well.
 
+_TOKENS = 64
+"""How many of a key's latest write tokens are kept: a write resent after a lost reply (redis-py
+resends a command when the connection drops) is recognised as applied while fewer than this
+many other writes to the key landed in between."""
+_TOKEN_MS = 60_000
+"""How long the tokens of a key are kept after its last write."""
+
+# A write carries a random token. The tokens of a key's recent writes are kept in a sorted
+# set (KEYS "written": token -> version), so a write resent after a lost reply is recognised
+# as applied even when other writes to the key landed in between.
+
 _COMMIT = """
-local h, l, idx, xp, vs, rm = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local h, l, idx, xp, vs, rm, w = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local key, now, nonce = ARGV[1], tonumber(ARGV[5]), ARGV[8]
-local meta = redis.call('HMGET', h, 'v', 'n', 'e', 'c')
-local v = tonumber(meta[1])
-if v and meta[4] == nonce then
+local seen = redis.call('ZSCORE', w, nonce)
+if seen then
   -- This very commit was applied and its reply lost; the client resent it.
-  return {1, v}
+  return {1, tonumber(seen)}
 end
+local meta = redis.call('HMGET', h, 'v', 'n', 'e')
+local v = tonumber(meta[1])
 local alive = v ~= nil and (not meta[3] or tonumber(meta[3]) > now)
 if ARGV[3] ~= '' then
   local expected = tonumber(ARGV[3])
@@ -84,7 +96,11 @@ else
   local before = tonumber(redis.call('HGET', vs, key)) or 0
   version = math.max(v or 0, before, tonumber(redis.call('GET', rm)) or 0) + 1
 end
-redis.call('HSET', h, 's', ARGV[2], 'v', version, 'n', n, 'u', ARGV[5], 'c', nonce)
+redis.call('HSET', h, 's', ARGV[2], 'v', version, 'n', n, 'u', ARGV[5])
+redis.call('HDEL', h, 'c')
+redis.call('ZADD', w, version, nonce)
+redis.call('ZREMRANGEBYRANK', w, 0, -@TOKENS@ - 1)
+redis.call('PEXPIRE', w, @TOKEN_MS@)
 if ARGV[7] ~= '' then
   redis.call('HSET', h, 'e', ARGV[6])
   redis.call('PEXPIRE', h, ARGV[7])
@@ -122,9 +138,9 @@ return out
 """
 
 _DELETE = """
-local h, l, idx, xp, done, vs, rm = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local h, l, idx, xp, w, vs, rm = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local key, now, expected, nonce = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-if expected ~= '' and redis.call('GET', done) == nonce then
+if expected ~= '' and redis.call('ZSCORE', w, nonce) then
   -- This very delete was applied and its reply lost; the client resent it.
   return {1, 1}
 end
@@ -135,7 +151,9 @@ if expected ~= '' then
   local actual = -1
   if alive then actual = v end
   if actual ~= tonumber(expected) then return {0, actual} end
-  redis.call('SET', done, nonce, 'PX', ARGV[5])
+  redis.call('ZADD', w, v, nonce)
+  redis.call('ZREMRANGEBYRANK', w, 0, -@TOKENS@ - 1)
+  redis.call('PEXPIRE', w, @TOKEN_MS@)
 end
 local last = math.max(v or 0, tonumber(redis.call('HGET', vs, key)) or 0)
 if last > (tonumber(redis.call('GET', rm)) or 0) then redis.call('SET', rm, last) end
@@ -165,6 +183,11 @@ end
 return keys
 """
 
+_COMMIT, _DELETE = (
+    script.replace("@TOKENS@", str(_TOKENS)).replace("@TOKEN_MS@", str(_TOKEN_MS))
+    for script in (_COMMIT, _DELETE)
+)
+
 _SCRIPTS = {
     name: (text, hashlib.sha1(text.encode()).hexdigest())
     for name, text in [
@@ -178,10 +201,6 @@ _SCRIPTS = {
 
 _PRUNE_BATCH = 500
 """Expired sessions deleted per script run, so one prune never stalls the server for long."""
-
-_DELETE_TOKEN_MS = 60_000
-"""How long a conditional delete's token is kept, so that the same delete resent after a lost
-reply (redis-py resends a command when the connection drops) is recognised as applied."""
 
 Command = tuple[Any, ...]
 Finish = Callable[[Any], Any]
@@ -219,9 +238,9 @@ class _Commands:
     def _keys(self, key: str) -> tuple[str, str]:
         return f"{self.prefix}s:{key}", f"{self.prefix}t:{key}"
 
-    def _deleted(self, key: str) -> str:
-        """The key holding the token of the last conditional delete of ``key``, for a while."""
-        return f"{self.prefix}d:{key}"
+    def _written(self, key: str) -> str:
+        """The sorted set of the tokens of the latest writes of ``key`` (token -> version)."""
+        return f"{self.prefix}w:{key}"
 
     def load(self, key: str, now: float) -> Plan:
         def finish(reply: list[str | None]) -> RawRecord | None:
@@ -253,12 +272,13 @@ class _Commands:
         command = (
             "EVALSHA",
             _SCRIPTS["commit"][1],
-            6,
+            7,
             *self._keys(key),
             self.index,
             self.expiry,
             self.versions,
             self.removed,
+            self._written(key),
             key,
             state,
             "" if expected_version is None else expected_version,
@@ -288,14 +308,13 @@ class _Commands:
             *self._keys(key),
             self.index,
             self.expiry,
-            self._deleted(key),
+            self._written(key),
             self.versions,
             self.removed,
             key,
             repr(now),
             "" if expected_version is None else expected_version,
             nonce,
-            _DELETE_TOKEN_MS,
         )
         return command, finish
 
@@ -393,8 +412,10 @@ class RedisSessionBackend(BackendBase):
     Runs the same on asyncio and trio: redis-py's blocking client is driven by threads the
     backend owns, each with a connection from a shared pool. Operations that queue up while
     a thread is busy are sent together as one pipeline. A dropped connection is reopened and
-    the command resent (commits and conditional deletes carry a token, so a resent one is
-    applied once); an unreachable server surfaces as :class:`~cognitia.errors.StorageError`.
+    the command resent (commits and conditional deletes carry a token, and the tokens of a
+    key's latest writes are kept for a minute, so a resent one is applied once even if other
+    writes landed in between); an unreachable server surfaces as
+    :class:`~cognitia.errors.StorageError`.
 
     Args:
         url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` for TLS, or
@@ -512,14 +533,10 @@ class RedisSessionBackend(BackendBase):
                 return sorted(pruned)
 
     def _raw_close(self) -> None:
-        for worker in self._workers:
-            worker.stop()
-        self._pool.disconnect()
+        stop_workers(self._workers, self._pool.disconnect)
 
     async def _raw_aclose(self) -> None:
-        for worker in self._workers:
-            await worker.astop()
-        self._pool.disconnect()
+        await astop_workers(self._workers, self._pool.disconnect)
 
     def _describe(self) -> str:
         parts = urlsplit(self.url)

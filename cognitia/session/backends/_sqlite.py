@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..._worker import Job, ThreadWorker, checkpoint
+from ..._worker import Job, ThreadWorker, astop_workers, checkpoint, stop_workers
 from ...errors import StorageError, VersionConflictError
 from ._base import BackendBase, RawRecord, check_version, prefix_bounds
 
@@ -325,14 +325,10 @@ class SqliteSessionBackend(BackendBase):
         return await self._writer.call(_prune, now, dry_run, shield=True)
 
     def _raw_close(self) -> None:
-        self._reader.stop()
-        self._writer.stop()
-        self._close_inline()
+        stop_workers((self._reader, self._writer), self._close_inline)
 
     async def _raw_aclose(self) -> None:
-        await self._reader.astop()
-        await self._writer.astop()
-        self._close_inline()
+        await astop_workers((self._reader, self._writer), self._close_inline)
 
     def _close_inline(self) -> None:
         with self._inline_lock:
