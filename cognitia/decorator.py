@@ -226,8 +226,8 @@ def persisted_session(
     is appended to the session's turn log and the state saved, as one atomic step.
 
     - Calls for the same key run one after another; different keys run in parallel.
-    - If the handler raises (or is cancelled), nothing of that turn is stored and the
-      session's state is as before; the exception propagates unchanged.
+    - If the handler raises (or is cancelled), nothing of that turn is stored and the live
+      session is as last saved, state and turns; the exception propagates unchanged.
     - Once the handler has returned, the save completes even if the caller is cancelled.
     - If another worker saved the session in between (a version conflict), the session is
       reloaded and the handler runs again, up to ``retries`` times

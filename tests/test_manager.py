@@ -987,3 +987,54 @@ async def test_a_conflict_raised_by_the_change_itself_is_not_retried(
     live = await manager.get("agent:a")
     assert live.state == {"n": 0} and len(live.turns) == 0
     assert (await InMemorySessionManager(backend).get("agent:a")).state == {"n": 0}
+
+
+async def test_a_save_that_committed_is_never_reported_as_cancelled() -> None:
+    """The caller is cancelled while its save is being written: the save completes (it is
+    shielded), and making room in a full live set afterwards must not turn that into a
+    cancellation, or a caller retrying it would store the turn twice."""
+    scope = anyio.CancelScope()
+
+    class CancelledDuringWrite(DictBackend):
+        async def save(self, key: str, state: dict[str, Any]) -> None:
+            if key == "agent:b":
+                scope.cancel()
+            await super().save(key, state)
+
+    storage: dict[str, str] = {}
+    manager = InMemorySessionManager(CancelledDuringWrite(storage), max_sessions=1)
+    await manager.update("agent:a", say("first"))
+    returned = False
+    with scope:
+        await manager.update("agent:b", say("hello"))
+        returned = True
+    assert scope.cancel_called and returned
+    assert manager.live_keys() == ["agent:b"]  # agent:a was evicted all the same
+    assert texts(await InMemorySessionManager(DictBackend(storage)).turns("agent:b")) == ["hello"]
+
+
+async def test_a_failed_change_drops_what_was_not_saved_state_and_turns_alike(
+    backend: SessionBackend,
+) -> None:
+    """A turn queued with a state edit, neither saved, goes with it when a later change fails:
+    restoring the turn without the edit would store one without the other."""
+    manager = InMemorySessionManager(backend)
+    session = await manager.register("agent:a", {"messages": 0})
+    await manager.update("agent:a", say("stored"))
+    session.state["messages"] = 1
+    session.turns.append({"text": "queued"})
+    await session.turns.pop()  # the queued turn
+    await session.turns.pop()  # and the stored one, not saved yet
+
+    def fail(session: Session) -> None:
+        session.state["messages"] = 2
+        session.turns.append({"text": "failed"})
+        raise RuntimeError("the model is down")
+
+    with pytest.raises(RuntimeError):
+        await manager.update("agent:a", fail)
+    live = await manager.get("agent:a")
+    assert live.state == {"messages": 0}
+    assert texts(await live.turns.all()) == ["stored"]
+    await manager.save(live)
+    assert texts(await InMemorySessionManager(backend).turns("agent:a")) == ["stored"]

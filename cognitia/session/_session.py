@@ -194,20 +194,28 @@ class Session:
     def _checkpoint(self) -> tuple[Any, ...]:
         """What :meth:`_rollback` needs to undo an uncommitted change (no copies made)."""
         t = self.turns
-        return (self.version, t._pending, len(t._pending), t._known, t._stored, t._complete, t._truncate)
+        return (self.version, t._known, t._stored, t._complete, t._truncate)
 
     def _rollback(self, point: tuple[Any, ...]) -> bool:
-        """Undo what a failed change did since ``point``: the state and the turn log.
+        """Undo a failed change: the session goes back to what was last saved, state and turns alike.
 
-        Nothing is undone if the change was committed meanwhile. Returns ``False`` when the
-        state cannot be restored because it was never stored (the caller drops the session).
+        Turns queued before the change are dropped with it, as are the state edits made
+        along with them: restoring one without the other would store a turn without the
+        state that went with it. Nothing is undone if the change was committed meanwhile.
+        Returns ``False`` when the state cannot be restored because it was never stored
+        (the caller drops the session).
         """
-        version, pending, pending_len, known, stored, complete, truncate = point
+        version, known, stored, complete, truncate = point
         if self.version != version:
             return True
         t = self.turns
-        del pending[pending_len:]
-        t._pending, t._known, t._stored, t._complete, t._truncate = pending, known, stored, complete, truncate
+        t._pending = []
+        if truncate is None:
+            # What the log knew of storage before the change is still what storage holds.
+            t._known, t._stored, t._complete, t._truncate = known, stored, complete, None
+            t._generation += 1
+        else:
+            t._restart(t._backing)  # a pop or clear from before the change is dropped too
         if self._saved_json is None:
             return False
         self.state = loads(self._saved_json)

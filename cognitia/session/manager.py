@@ -30,6 +30,7 @@ from .backends._protocol import SessionBackend
 from .backends._scope import MemoryScope
 
 __all__ = [
+    "APPEND_RETRIES",
     "EVENTS",
     "InMemorySessionManager",
     "Session",
@@ -42,6 +43,15 @@ __all__ = [
 log = structlog.get_logger("cognitia")
 
 H = TypeVar("H", bound=Hook)
+
+
+APPEND_RETRIES = 30
+"""Conflict retries for a change that commutes with any other: appending turns, merging keys.
+
+Re-applied on a fresh copy, such a change lands exactly once whatever landed first, so
+several writers on one session are outlasted (with :func:`conflict_pause`, several seconds
+of them) rather than reported. The integrations use it for their appends.
+"""
 
 
 async def conflict_pause(attempt: int) -> None:
@@ -165,7 +175,11 @@ class _Operation(_Held):
         self._release()
         manager = self._manager
         if exc is None and manager.max_sessions is not None and len(manager._live) > manager.max_sessions:
-            await manager._evict_over_capacity(self._key)
+            # The operation has succeeded (a save may have committed): a cancellation arriving
+            # now must not report it as cancelled. Eviction never waits for a key in use, and
+            # each of its saves is bounded by save_timeout.
+            with anyio.CancelScope(shield=True):
+                await manager._evict_over_capacity(self._key)
 
 
 class InMemorySessionManager:

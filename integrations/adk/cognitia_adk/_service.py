@@ -27,6 +27,7 @@ from pydantic_core import to_jsonable_python
 from cognitia import InMemorySessionManager, Session, SessionNotFound, Turns
 from cognitia._json import dumps
 from cognitia.session.backends import SessionBackend
+from cognitia.session.manager import APPEND_RETRIES
 
 __all__ = ["CognitiaSessionService"]
 
@@ -139,8 +140,7 @@ class CognitiaSessionService(BaseSessionService):
             stored.state = record
 
         stored = await self.manager.update(self.session_key(app_name, user_id, session_id), create)
-        await self._merge(self.app_key(app_name), app_delta)
-        await self._merge(self.user_key(app_name, user_id), user_delta)
+        await self._merge_scoped(app_name, user_id, app_delta, user_delta)
         return await self._to_adk(copy.deepcopy(stored.state), stored.version, events=[])
 
     async def get_session(
@@ -203,8 +203,7 @@ class CognitiaSessionService(BaseSessionService):
             # appends made at once through one session object (ADK does so for live tools)
             # each see the version the one before them wrote.
             retried = await self._append(key, session, event, turn, own_delta)
-        await self._merge(self.app_key(session.app_name), app_delta)
-        await self._merge(self.user_key(session.app_name, session.user_id), user_delta)
+        await self._merge_scoped(session.app_name, session.user_id, app_delta, user_delta)
         if retried and any(e.id == event.id and e == event for e in reversed(session.events)):
             return event
         return self._commit_event_to_session(session, event)
@@ -341,15 +340,32 @@ class CognitiaSessionService(BaseSessionService):
             return {}
         return copy.deepcopy(stored.state)
 
+    async def _merge_scoped(
+        self, app_name: str, user_id: str, app_delta: dict[str, Any], user_delta: dict[str, Any]
+    ) -> None:
+        """Store the ``app:`` and ``user:`` values of a session or event already stored.
+
+        They live under keys of their own, so they are written after the session's commit.
+        That commit has happened: the caller's cancellation waits until they are written
+        too, or a retry would find the session (or event) stored without them.
+        """
+        with anyio.CancelScope(shield=True):
+            await self._merge(self.app_key(app_name), app_delta)
+            await self._merge(self.user_key(app_name, user_id), user_delta)
+
     async def _merge(self, key: str, delta: dict[str, Any]) -> None:
-        """``dict.update`` the app or user state under ``key``, re-applied on a conflict."""
+        """``dict.update`` the app or user state under ``key``.
+
+        Merges commute, so one is re-applied after a conflict until it lands: every session
+        of an app writes the same ``app:`` key, and none may lose its values to another.
+        """
         if not delta:
             return
 
         def merge(stored: Session) -> None:
             stored.state = {**stored.state, **delta}
 
-        await self.manager.update(key, merge)
+        await self.manager.update(key, merge, retries=APPEND_RETRIES)
 
 
 class _EventCache:

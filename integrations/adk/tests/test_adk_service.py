@@ -299,6 +299,54 @@ async def test_a_writer_in_another_process_is_detected_by_version(persistent_bac
         assert [event.invocation_id for event in events] == ["from b"]
 
 
+async def test_app_values_written_by_many_sessions_at_once_all_land(persistent_backend_factory: Any) -> None:
+    """Every session of an app writes the one ``app:`` key: two workers appending to many
+    sessions at once never fail on it or lose a value to each other."""
+    async with persistent_backend_factory() as backend_a, persistent_backend_factory() as backend_b:
+        workers = CognitiaSessionService(backend_a), CognitiaSessionService(backend_b)
+        sessions = [
+            await workers[i % 2].create_session(app_name=APP, user_id=f"u{i}", session_id="s")
+            for i in range(40)
+        ]
+
+        async def turn(i: int) -> None:
+            for n in (1, 2):
+                delta = {f"app:u{i}": n, "user:n": n, "own": n}
+                await workers[i % 2].append_event(
+                    sessions[i],
+                    Event(author="user", invocation_id=f"i{n}", actions=EventActions(state_delta=delta)),
+                )
+
+        async with anyio.create_task_group() as tg:
+            for i in range(40):
+                tg.start_soon(turn, i)
+        for i in range(40):
+            state = (await stored(workers[0], f"u{i}", "s")).state
+            assert {k: v for k, v in state.items() if not k.startswith("app:")} == {"user:n": 2, "own": 2}
+        assert {k: v for k, v in state.items() if k.startswith("app:")} == {f"app:u{i}": 2 for i in range(40)}
+
+
+async def test_a_session_created_as_the_caller_is_cancelled_keeps_its_app_and_user_values(
+    store_backend: BackendBase,
+) -> None:
+    """Once the session is stored, its ``app:``/``user:`` values are written even if the caller
+    is cancelled meanwhile: a retry finds the session, so they could never be written later."""
+    service = CognitiaSessionService(store_backend)
+    key = service.session_key(APP, "ann", "s1")
+    scope = anyio.CancelScope()
+    service.manager.on("saved", lambda event: scope.cancel() if event.key == key else None)
+    with scope:
+        await service.create_session(
+            app_name=APP,
+            user_id="ann",
+            session_id="s1",
+            state={"app:model": "v2", "user:name": "Ann", "topic": "dice"},
+        )
+    assert scope.cancel_called
+    session = await stored(service, "ann", "s1")
+    assert session.state == {"app:model": "v2", "user:name": "Ann", "topic": "dice"}
+
+
 async def test_a_conversation_moving_between_workers_on_every_turn(
     persistent_backend_factory: Any, agent: Agent
 ) -> None:

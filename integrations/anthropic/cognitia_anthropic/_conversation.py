@@ -15,6 +15,7 @@ from anthropic.types.beta.parsed_beta_message import ParsedBetaMessage
 
 from cognitia import CognitiaError, InMemorySessionManager, MemoryScope, Session, scoped_key
 from cognitia.session.backends import SessionBackend
+from cognitia.session.manager import APPEND_RETRIES
 
 __all__ = ["ConversationChangedError", "PersistedConversation"]
 
@@ -26,8 +27,9 @@ AnyRunner = BetaAsyncToolRunner[Any] | BetaAsyncStreamingToolRunner[Any]
 class ConversationChangedError(CognitiaError, RuntimeError):
     """The stored conversation changed under a runner whose history is being stored.
 
-    Raised instead of overwriting messages another writer stored meanwhile; nothing was
-    written. ``key`` is the conversation's session key.
+    Raised instead of overwriting messages another writer stored meanwhile; the step being
+    stored was not (the message says whether earlier steps of the run were). ``key`` is the
+    conversation's session key.
     """
 
     def __init__(self, key: str, expected: int, actual: int, *, message: str | None = None) -> None:
@@ -85,7 +87,9 @@ class PersistedConversation:
         """Store ``messages`` (params or replies) at the end of the conversation, in one save."""
         turns = await _as_turns(messages)
         if turns:
-            await self.manager.update(self.key, lambda session: _append(session, turns))
+            await self.manager.update(
+                self.key, lambda session: _append(session, turns), retries=APPEND_RETRIES
+            )
 
     @overload
     def record(self, runner: BetaAsyncStreamingToolRunner[T]) -> AsyncIterator[BetaAsyncMessageStream[T]]: ...
@@ -99,7 +103,7 @@ class PersistedConversation:
         The runner's messages must continue the stored conversation: start with all of it
         or with its newest messages (a window), followed by any new ones; otherwise
         :class:`ConversationChangedError` is raised before anything is written. Messages it
-        was given that are not stored yet are stored before its first request.
+        was given that are not stored yet are stored with its first reply, in one save.
 
         A reply is stored once you are done with it: when you ask for the next one, or
         when the loop ends. A reply that calls tools is stored together with the tool
@@ -161,9 +165,9 @@ class PersistedConversation:
                     "were read; read messages() again. Nothing was written"
                 ),
             )
-        mirror = _Mirror(self, kept=start, messages=history[:overlap], turns=stored[start:])
-        await mirror.sync(history)
-        return mirror
+        # Messages the runner was given that are not stored yet are stored with its first
+        # reply, in the same save: a run that loses a race at its first step stores nothing.
+        return _Mirror(self, kept=start, messages=history[:overlap], turns=stored[start:])
 
     def __repr__(self) -> str:
         return f"<PersistedConversation {self.key!r} manager={self.manager!r}>"
@@ -191,6 +195,8 @@ class _Mirror:
         self._kept = kept
         self._messages = messages
         self._turns = turns
+        self._stored_any = False
+        """Whether a step of this run has been stored (an error must not say "nothing")."""
 
     async def sync(self, history: Sequence[Any], *more: BetaMessageParam | None) -> None:
         messages = [*history, *(message for message in more if message is not None)]
@@ -205,9 +211,25 @@ class _Mirror:
         expected = self._kept + len(self._messages)
         key = self._conversation.key
 
+        stored_any = self._stored_any
+
         async def change(session: Session) -> None:
             if len(session.turns) != expected:
-                raise ConversationChangedError(key, expected, len(session.turns))
+                found = len(session.turns)
+                raise ConversationChangedError(
+                    key,
+                    expected,
+                    found,
+                    message=(
+                        f"conversation {key!r} changed in storage while a runner was recording it "
+                        f"(expected {expected} stored messages, found {found}); "
+                        + (
+                            "this step was not stored, the run's earlier steps are"
+                            if stored_any
+                            else "nothing of this run was stored"
+                        )
+                    ),
+                )
             if drop:
                 await session.turns.last(drop)  # one read for the turns replaced
                 for _ in range(drop):
@@ -217,6 +239,7 @@ class _Mirror:
         await self._conversation.manager.update(key, change)
         self._messages = messages
         self._turns = [*self._turns[:same], *new]
+        self._stored_any = True
 
     async def _slide(self, messages: list[Any]) -> None:
         """Keep older turns stored when ``messages`` drops only the oldest of the history.

@@ -78,6 +78,13 @@ def get_weather(tool_calls: list[str]) -> BetaAsyncFunctionTool[Any]:
     return get_weather
 
 
+def record_saves(manager: InMemorySessionManager) -> list[int]:
+    """The number of turns each save of ``manager`` writes, as they happen."""
+    saves: list[int] = []
+    manager.on("saved", lambda event: saves.append(event.turns))
+    return saves
+
+
 async def resume(
     conversation: PersistedConversation, client: AsyncAnthropic, *tools: Any, **options: Any
 ) -> Any:
@@ -449,13 +456,15 @@ async def test_a_reply_broken_on_is_stored_when_the_runner_is_run_again(
     assert tool_calls == ["Paris"]
 
 
-async def test_messages_given_only_to_the_runner_are_stored_before_its_first_request(
+async def test_messages_given_only_to_the_runner_are_stored_with_its_first_reply(
     backend_factory: Any, api: Any, get_weather: Any
 ) -> None:
     """The runner may be given the newest stored messages (a window) plus new ones: the new
-    ones are stored at once, after the whole stored conversation."""
-    conversation = PersistedConversation(backend_factory(), "user-1")
+    ones are stored after the whole stored conversation, in the same save as the first reply."""
+    manager = InMemorySessionManager(backend_factory())
+    conversation = PersistedConversation(manager, "user-1")
     await ask(conversation, api.client(), get_weather, "What is the weather in Paris?")
+    saves = record_saves(manager)
     window = (await conversation.messages())[-1:]
     runner = api.client().beta.messages.tool_runner(
         model=MODEL,
@@ -464,8 +473,59 @@ async def test_messages_given_only_to_the_runner_are_stored_before_its_first_req
         messages=[*window, {"role": "user", "content": "ok"}],
     )
     async for _ in conversation.record(runner):
-        assert digest((await conversation.messages())[4:]) == ["user: ok"]
+        assert len(await conversation.messages()) == 4  # nothing of this run yet
     assert digest(await conversation.messages()) == [*digest(PARIS), "user: ok", "assistant: echo: ok"]
+    assert saves == [2]  # one save: the new message and the reply
+
+
+async def test_a_run_that_loses_a_race_at_its_first_step_stores_nothing(
+    backend_factory: Any, api: Any, get_weather: Any
+) -> None:
+    """Another writer appends while the first request is under way: nothing of the run is
+    stored, so running it again (from a fresh read) stores its prompt once."""
+    manager = InMemorySessionManager(backend_factory())
+    conversation = PersistedConversation(manager, "user-1")
+    await conversation.append({"role": "user", "content": "hello"})
+    prompt = {"role": "user", "content": "What is the weather in Paris?"}
+    runner = api.client().beta.messages.tool_runner(
+        model=MODEL, max_tokens=256, tools=[get_weather], messages=[*await conversation.messages(), prompt]
+    )
+    with pytest.raises(ConversationChangedError, match="nothing of this run was stored"):
+        async for _ in conversation.record(runner):
+            await PersistedConversation(manager, "user-1").append({"role": "user", "content": "elsewhere"})
+    assert digest(await conversation.messages()) == ["user: hello", "user: elsewhere"]
+
+    again = api.client().beta.messages.tool_runner(
+        model=MODEL, max_tokens=256, tools=[get_weather], messages=[*await conversation.messages(), prompt]
+    )
+    await conversation.run(again)
+    assert digest(await conversation.messages()).count("user: What is the weather in Paris?") == 1
+
+    # Lost at a later step, the error says the earlier steps stay stored.
+    runner = api.client().beta.messages.tool_runner(
+        model=MODEL,
+        max_tokens=256,
+        tools=[get_weather],
+        messages=[
+            *await conversation.messages(),
+            {"role": "user", "content": "What is the weather in Oslo?"},
+        ],
+    )
+    with pytest.raises(
+        ConversationChangedError, match="this step was not stored, the run's earlier steps are"
+    ):
+        steps = 0
+        async for _ in conversation.record(runner):
+            steps += 1
+            if steps == 2:
+                await PersistedConversation(manager, "user-1").append({"role": "user", "content": "late"})
+    assert digest(await conversation.messages())[-5:] == [
+        "user: What is the weather in Oslo?",
+        "assistant: Let me look.",
+        'call get_weather({"city": "Oslo"})',
+        "result sunny in Oslo",
+        "user: late",
+    ]
 
 
 async def test_files_in_image_sources_are_stored_base64_encoded(

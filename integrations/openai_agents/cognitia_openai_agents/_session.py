@@ -8,12 +8,9 @@ from agents.memory.session_settings import coerce_session_settings
 
 from cognitia import InMemorySessionManager, MemoryScope, Session, scoped_key
 from cognitia.session.backends import SessionBackend
+from cognitia.session.manager import APPEND_RETRIES
 
 __all__ = ["CognitiaSession"]
-
-APPEND_RETRIES = 30
-"""How often ``add_items`` re-applies an append after a version conflict (with the manager's
-random pauses, several seconds of other writers landing first)."""
 
 
 class CognitiaSession:
@@ -86,8 +83,6 @@ class CognitiaSession:
             for turn in turns:
                 session.turns.append(turn)
 
-        # Appends commute: re-applied on a fresh copy after a conflict, they land exactly
-        # once, so many writers on one conversation are outlasted rather than reported.
         await self.manager.update(self.key, append, retries=APPEND_RETRIES)
 
     async def pop_item(self) -> TResponseInputItem | None:

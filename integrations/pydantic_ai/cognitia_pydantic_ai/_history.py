@@ -7,6 +7,7 @@ from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
 from pydantic_ai.run import AgentRunResult
 
 from cognitia import InMemorySessionManager, Session
+from cognitia.session.manager import APPEND_RETRIES
 
 __all__ = ["history", "remember"]
 
@@ -48,4 +49,4 @@ async def remember(
         for message in dumped:
             session.turns.append({"message": message})
 
-    return await manager.update(key, append)
+    return await manager.update(key, append, retries=APPEND_RETRIES)
