@@ -307,7 +307,8 @@ def _call_wrapper(p: _Persister, *, is_async: bool) -> Callable[..., Coroutine[A
         call = p.resolve(args, kwargs)
         manager = p.manager
         for attempt in range(p.attempts):
-            await conflict_pause(attempt)
+            if attempt:
+                await conflict_pause(attempt)
             async with manager._operation(call.key):
                 session = await p.session_for(call.key)
                 point = session._checkpoint()

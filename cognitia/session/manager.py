@@ -399,7 +399,8 @@ class InMemorySessionManager:
         """
         attempts = (self.retries if retries is None else retries) + 1
         for attempt in range(attempts):
-            await conflict_pause(attempt)
+            if attempt:
+                await conflict_pause(attempt)
             async with self._operation(key):
                 session = await self._get_locked(key)
                 if session is None:
