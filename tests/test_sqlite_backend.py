@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sqlite3
@@ -16,6 +17,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+from _cancel_twice import cancel_twice_while_waiting
 
 from cognitia import BackendClosedError, StorageError, VersionConflictError
 from cognitia.session.backends import MemoryScope, SqliteSessionBackend, _sqlite
@@ -408,34 +410,12 @@ async def test_a_save_cancelled_twice_returns_only_once_its_write_is_done(
                 events.append(f"finished, stored {stored()}")
 
         async with anyio.create_task_group() as tg:
-            if anyio_backend == "asyncio":
-                import asyncio
-
-                task = asyncio.ensure_future(save())
-                await anyio.wait_all_tasks_blocked()
-                cancels: list[Callable[[], object]] = [task.cancel, task.cancel]
-            else:
-                scopes: list[anyio.CancelScope] = []
-
-                async def save_in_scopes() -> None:
-                    with anyio.CancelScope() as outer:
-                        scopes.append(outer)
-                        with anyio.CancelScope() as inner:
-                            scopes.append(inner)
-                            await save()
-
-                tg.start_soon(save_in_scopes)
-                await anyio.wait_all_tasks_blocked()
-                cancels = [scopes[1].cancel, scopes[0].cancel]
-            for cancel in cancels:
-                cancel()
-                for _ in range(20):
-                    await anyio.lowlevel.checkpoint()
+            task = await cancel_twice_while_waiting(tg, anyio_backend, save)
             assert events == []  # still waiting for its write
             assert await backend.load("agent:k") == {"v": "old"}
             other.execute("COMMIT")
             other.close()
-            if anyio_backend == "asyncio":
+            if task is not None:
                 with pytest.raises(asyncio.CancelledError):
                     await task
         assert events == ['finished, stored {"v":"new"}']

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
+from _cancel_twice import cancel_twice_while_waiting
 
 from cognitia import BackendClosedError, _worker
 from cognitia._worker import ThreadWorker, astop_workers
@@ -94,30 +94,10 @@ async def test_a_write_cancelled_twice_runs_and_then_the_cancellation_propagates
 
     async with anyio.create_task_group() as tg:
         worker = await _held_worker(log, tg)
-        if anyio_backend == "asyncio":
-            task = asyncio.ensure_future(write())
-            await anyio.wait_all_tasks_blocked()
-            cancels: list[Callable[[], object]] = [task.cancel, task.cancel]
-        else:
-            scopes: list[anyio.CancelScope] = []
-
-            async def write_in_scopes() -> None:
-                with anyio.CancelScope() as outer:
-                    scopes.append(outer)
-                    with anyio.CancelScope() as inner:
-                        scopes.append(inner)
-                        await write()
-
-            tg.start_soon(write_in_scopes)
-            await anyio.wait_all_tasks_blocked()
-            cancels = [scopes[1].cancel, scopes[0].cancel]
-        for cancel in cancels:
-            cancel()
-            for _ in range(20):
-                await anyio.lowlevel.checkpoint()
+        task = await cancel_twice_while_waiting(tg, anyio_backend, write)
         assert events == [] and log.ran == []  # still waiting for its write
         log.gate.set()
-        if anyio_backend == "asyncio":
+        if task is not None:
             with pytest.raises(asyncio.CancelledError):
                 await task
     assert events == ["finished after ['write']"]
