@@ -53,6 +53,8 @@ class _Exported:
     state: dict[str, Any]
     version: int
     turns: list[dict[str, Any]]
+    where: str
+    """The file and line it was read from."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -261,6 +263,17 @@ async def _export(backend: BackendBase, args: argparse.Namespace, out: TextIO) -
 
 async def _import(backend: BackendBase, args: argparse.Namespace, out: TextIO) -> None:
     sessions: list[_Exported] = args.sessions
+    # What this engine cannot hold (PostgreSQL: U+0000, lone surrogates) is refused before
+    # the first session is written, as a malformed line is.
+    for session in sessions:
+        try:
+            backend.check_storable(
+                session.key,
+                dumps(session.key, session.state),
+                [dumps(session.key, turn, root=f"turns[{i}]") for i, turn in enumerate(session.turns)],
+            )
+        except CognitiaError as exc:
+            raise _CommandError(f"{session.where}: {exc}") from None
     if not args.replace:
         existing = [s.key for s in sessions if await backend.load_record(s.key) is not None]
         if existing:
@@ -332,7 +345,7 @@ def _read_export(lines: IO[str], name: str) -> Iterator[_Exported]:
         except CognitiaError as exc:
             raise _CommandError(f"{where}: {exc}") from None
         seen.add(key)
-        yield _Exported(key, state, version, turns)
+        yield _Exported(key, state, version, turns, where)
 
 
 _COMMANDS: dict[str, Callable[[BackendBase, argparse.Namespace, TextIO], Awaitable[None]]] = {

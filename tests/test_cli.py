@@ -389,3 +389,19 @@ def test_the_commands_work_on_a_server(
         for session in sessions:
             run(capsys, *where, "rm", str(session["key"]))
     assert run(capsys, *where, "ls", prefix, "--json")[1] == ""
+
+
+def test_an_import_postgresql_cannot_hold_writes_nothing(
+    postgres_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Strings jsonb cannot hold (U+0000, a lone surrogate), which a SQLite export may carry,
+    are found before the first session is written."""
+    prefix = f"cli-test:{uuid.uuid4().hex}:"
+    for bad in ({"text": "nul \x00 here"}, {"text": "pasted \udcff bytes"}):
+        dump = tmp_path / "in.jsonl"
+        lines = [{"key": prefix + "a", "state": {"ok": True}}, {"key": prefix + "b", "state": bad}]
+        dump.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+        code, _, err = run(capsys, "--postgres", postgres_dsn, "import", str(dump))
+        assert code == 1
+        assert "line 2: cannot store session" in err and 'state["text"]' in err and "jsonb" in err
+        assert run(capsys, "--postgres", postgres_dsn, "ls", prefix, "--json")[1] == ""

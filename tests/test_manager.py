@@ -1038,3 +1038,86 @@ async def test_a_failed_change_drops_what_was_not_saved_state_and_turns_alike(
     assert texts(await live.turns.all()) == ["stored"]
     await manager.save(live)
     assert texts(await InMemorySessionManager(backend).turns("agent:a")) == ["stored"]
+
+
+async def test_a_session_storage_refuses_on_its_way_out_stays_live_with_its_unsaved_turns() -> None:
+    """Storage down while a session expires or closes: it stays live, unsaved turn and all,
+    and goes out once storage is back."""
+    down = True
+
+    class Flaky(DictBackend):
+        async def save(self, key: str, state: dict[str, Any]) -> None:
+            if down:
+                raise ConnectionError("storage is unreachable")
+            await super().save(key, state)
+
+    storage: dict[str, str] = {}
+    clock = Clock()
+    manager = InMemorySessionManager(Flaky(storage), idle_ttl=60, clock=clock)
+    down = False
+    await manager.register("agent:a", {"n": 1})
+    await manager.register("agent:b", {"n": 1})
+    down = True
+    (await manager.get("agent:a")).turns.append({"text": "unsaved"})
+    (await manager.get("agent:b")).state["n"] = 2
+    clock.advance(61)
+    with capture_logs() as logs:
+        assert await manager.evict_idle() == []
+    assert [entry["key"] for entry in logs if entry["event"] == "session.retire_failed"] == [
+        "agent:a",
+        "agent:b",
+    ]
+    assert sorted(manager.live_keys()) == ["agent:a", "agent:b"]
+    with pytest.raises(ExceptionGroup):
+        await manager.close_all()
+    assert sorted(manager.live_keys()) == ["agent:a", "agent:b"]
+    down = False
+    assert sorted(await manager.evict_idle()) == ["agent:a", "agent:b"]
+    fresh = InMemorySessionManager(DictBackend(storage))
+    assert texts(await fresh.turns("agent:a")) == ["unsaved"]
+    assert (await fresh.get("agent:b")).state == {"n": 2}
+
+
+async def test_callers_making_room_at_once_evict_only_what_is_over(anyio_backend: str) -> None:
+    """Two sessions admitted at once into a full live set: exactly two are evicted, though
+    each eviction's save is still running when the other caller looks."""
+
+    class SlowSaves(DictBackend):
+        slow = False
+
+        async def save(self, key: str, state: dict[str, Any]) -> None:
+            if self.slow:
+                await anyio.sleep(0.05)
+            await super().save(key, state)
+
+    backend = SlowSaves({})
+    manager = InMemorySessionManager(backend, max_sessions=3)
+    evicted = record(manager, "evicted")
+    for key in ("k:1", "k:2", "k:3"):
+        (await manager.register(key, {})).state["dirty"] = True  # eviction must save them
+    backend.slow = True
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(manager.register, "k:4", {})
+        tg.start_soon(manager.register, "k:5", {})
+    assert sorted(e.key for e in evicted) == ["k:1", "k:2"]
+    assert sorted(manager.live_keys()) == ["k:3", "k:4", "k:5"]
+
+
+async def test_registering_a_new_key_reads_storage_once(two_workers: Callable[[], SessionBackend]) -> None:
+    """Even after deletes (on cognitia's backends a new key's first version is above every
+    version removed)."""
+    backend = two_workers()
+    reads: list[str] = []
+    manager = InMemorySessionManager(backend, revalidate=True)
+    original = manager._store.read
+
+    async def read(key: str) -> Any:
+        reads.append(key)
+        return await original(key)
+
+    manager._store.read = read  # type: ignore[method-assign]
+    await manager.register("agent:gone", {})
+    await manager.delete("agent:gone")
+    reads.clear()
+    await manager.register("agent:new", {"n": 1})
+    assert reads == ["agent:new"]

@@ -248,6 +248,8 @@ class InMemorySessionManager:
         self._clock = clock
         self._locks = _KeyLocks()
         self._closed = False
+        self._evicting = 0
+        """Sessions being saved on their way out for capacity: no longer counted as live."""
         self._task_group: anyio.abc.TaskGroup | None = None
 
     @classmethod
@@ -308,24 +310,36 @@ class InMemorySessionManager:
         state = {} if state is None else state
         async with self._operation(key):
             session = self._live.get(key)
-            # The stored turn log is kept, so the live session must know its length; a live
-            # copy is trusted as it is unless another worker may have saved since.
-            verify = self._store.backend is not None and (session is None or self.revalidate)
-            stored = await self._store.read(key) if verify else None
-            count = 0 if stored is None else stored.turn_count
-            if session is None:
-                session = Session(key, state, turns=Turns(key, count, self._store.turns))
+            if self._store.backend is None or (session is not None and not self.revalidate):
+                # No storage, or a live copy only this manager writes: it is current.
+                if session is None:
+                    session = Session(key, state, turns=Turns(key, 0, self._store.turns))
+                else:
+                    session.state = state
+                await self._persist(session, "registered", expected=None)
             else:
-                session.state = state
-                if verify and (stored is None or stored.version != session.version):
-                    session.turns._restart(count)
-            await self._persist(session, "registered", expected=None)
-            if verify and session.version != (0 if stored is None else stored.version) + 1:
-                # Every save adds one to the version: another writer saved between the read
-                # and this write, and may have added turns.
-                now = await self._store.read(key)
-                if now is not None and now.version == session.version:
-                    session.turns._restart(now.turn_count)
+                # The stored turn log is kept, so the session must know its length: what
+                # storage holds decides, and the write checks it is still what was read.
+                for attempt in range(self.retries + 1):
+                    if attempt:
+                        await conflict_pause(attempt)
+                    stored = await self._store.read(key)
+                    count = 0 if stored is None else stored.turn_count
+                    if session is None:
+                        session = Session(key, state, turns=Turns(key, count, self._store.turns))
+                    else:
+                        session.state = state
+                        if stored is None or stored.version != session.version:
+                            session.turns._restart(count)  # another worker saved since
+                    try:
+                        await self._persist(
+                            session, "registered", expected=0 if stored is None else stored.version
+                        )
+                        break
+                    except VersionConflictError:
+                        if attempt == self.retries:
+                            raise
+            assert session is not None
             self._admit(session)
             return session
 
@@ -781,7 +795,18 @@ class InMemorySessionManager:
         """Persist the session if it changed, drop it from the live set, and report ``event``."""
         started = time.perf_counter()
         if self._store.backend is not None and self._changed(session):
-            await self._persist(session, "saved", expected=session.version)
+            try:
+                await self._persist(session, "saved", expected=session.version)
+            except VersionConflictError:
+                raise  # storage moved on: the live copy is rightly gone
+            except BaseException:
+                # Not saved, or not known to be: the session stays live with its unsaved
+                # turns. The next try stores them, or, if this write did land, reports a
+                # conflict and reloads what storage holds.
+                if session.key not in self._live:
+                    self._live[session.key] = session
+                    self._live.move_to_end(session.key, last=False)
+                raise
         self._live.pop(session.key, None)
         self._store.dropped(session.key, session.version)
         await self._emit(event, session.key, session.version, started, reason=reason)
@@ -815,14 +840,18 @@ class InMemorySessionManager:
         """
         assert self.max_sessions is not None
         for key in list(self._live):
-            if len(self._live) <= self.max_sessions:
+            if len(self._live) - self._evicting <= self.max_sessions:
                 return
             if key == keep or key in self._locks._locks:
                 continue
             async with self._locks.hold(key):
                 session = self._live.get(key)
                 if session is not None:
-                    await self._retire_or_report(session, "evicted", reason="capacity")
+                    self._evicting += 1
+                    try:
+                        await self._retire_or_report(session, "evicted", reason="capacity")
+                    finally:
+                        self._evicting -= 1
 
     async def _retire_or_report(self, session: Session, event: str, *, reason: str | None) -> bool:
         """:meth:`_retire`, logging a failure (``session.retire_failed``) instead of raising it."""

@@ -192,6 +192,15 @@ class BackendBase(ABC):
                 key, state, expected_version, list(turns), truncate, now, expires_at
             )
 
+    def check_storable(self, key: str, state: str, turns: Sequence[str] = ()) -> None:
+        """Raise :class:`~cognitia.errors.StateNotSerializableError` if this engine would refuse
+        the encoded ``state`` or ``turns`` of ``key`` that :func:`cognitia._json.dumps` accepted.
+
+        For checking many sessions before writing any (an import); a commit checks anyway.
+        Every value ``dumps`` accepts is storable unless a backend says otherwise.
+        """
+        return None
+
     async def load_turns(self, key: str, *, last: int | None = None) -> list[dict[str, Any]]:
         """The session's turns in order; only the last ``last`` if given."""
         check_key(key)

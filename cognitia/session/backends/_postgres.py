@@ -4,7 +4,7 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..._json import find_string, loads
@@ -374,6 +374,17 @@ class PostgresSessionBackend(BackendBase):
 
     async def _raw_load(self, key: str, now: float) -> RawRecord | None:
         return await self._read(_load, key, now)  # type: ignore[no-any-return]
+
+    def check_storable(self, key: str, state: str, turns: Sequence[str] = ()) -> None:
+        """jsonb holds neither U+0000 nor a lone surrogate: such a string is refused, named by path."""
+        if (
+            "\\u0000" in state
+            or "\\ud" in state.lower()
+            or any("\\u0000" in turn or "\\ud" in turn.lower() for turn in turns)
+        ):
+            found = _unstorable_string(state, list(turns))
+            if found is not None:
+                raise StateNotSerializableError(key, *found)
 
     async def _raw_commit(
         self,

@@ -347,11 +347,20 @@ class CognitiaSessionService(BaseSessionService):
 
         They live under keys of their own, so they are written after the session's commit.
         That commit has happened: the caller's cancellation waits until they are written
-        too, or a retry would find the session (or event) stored without them.
+        too, or a retry would find the session (or event) stored without them. The wait is
+        bounded: past the manager's ``save_timeout`` (storage unreachable), ``TimeoutError``.
         """
-        with anyio.CancelScope(shield=True):
+        if not app_delta and not user_delta:
+            return
+        limit = self.manager.save_timeout
+        with anyio.move_on_after(limit, shield=True) as scope:
             await self._merge(self.app_key(app_name), app_delta)
             await self._merge(self.user_key(app_name, user_id), user_delta)
+        if scope.cancelled_caught:
+            raise TimeoutError(
+                f"storing the app:/user: state of session {user_id!r} of app {app_name!r} took longer "
+                f"than {limit}s; it may be stored in part"
+            )
 
     async def _merge(self, key: str, delta: dict[str, Any]) -> None:
         """``dict.update`` the app or user state under ``key``.

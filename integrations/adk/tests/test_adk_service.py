@@ -347,6 +347,29 @@ async def test_a_session_created_as_the_caller_is_cancelled_keeps_its_app_and_us
     assert session.state == {"app:model": "v2", "user:name": "Ann", "topic": "dice"}
 
 
+async def test_waiting_for_app_and_user_values_is_bounded_by_the_save_timeout() -> None:
+    """Storage that stops answering while the ``app:`` value is written: the caller gets a
+    TimeoutError after the manager's save_timeout instead of waiting for storage forever."""
+    from cognitia.session.backends import InMemorySessionBackend, SessionRecord
+
+    unreachable = True
+
+    class Partitioned(InMemorySessionBackend):
+        async def load_record(self, key: str) -> SessionRecord | None:
+            if unreachable and ":app:" in key:
+                await anyio.sleep_forever()
+            return await super().load_record(key)
+
+    service = CognitiaSessionService(InMemorySessionManager(Partitioned(), save_timeout=0.1))
+    with anyio.fail_after(10):  # a guard: without the bound this would never return
+        with pytest.raises(TimeoutError, match="app:/user: state of session 'ann' of app"):
+            await service.create_session(
+                app_name=APP, user_id="ann", session_id="s1", state={"app:model": "v2"}
+            )
+    unreachable = False
+    assert (await stored(service, "ann", "s1")).state == {}  # the session itself was stored
+
+
 async def test_a_conversation_moving_between_workers_on_every_turn(
     persistent_backend_factory: Any, agent: Agent
 ) -> None:
