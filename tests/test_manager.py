@@ -1121,3 +1121,29 @@ async def test_registering_a_new_key_reads_storage_once(two_workers: Callable[[]
     reads.clear()
     await manager.register("agent:new", {"n": 1})
     assert reads == ["agent:new"]
+
+
+@pytest.mark.parametrize("retries", [0, 3])
+async def test_register_replaces_the_state_however_busy_the_key(retries: int) -> None:
+    """Another worker saving between every read and write: register() still goes through
+    (it replaces the state whatever is stored) and knows the stored turn count."""
+    storage: dict[str, str] = {}
+    other = InMemorySessionManager(DictBackend(storage))
+    busy = 0
+
+    class Busy(DictBackend):
+        async def load(self, key: str) -> dict[str, Any] | None:
+            nonlocal busy
+            loaded = await super().load(key)
+            if busy:
+                busy -= 1
+                await other.update(key, say("from the other worker"))
+            return loaded
+
+    await other.update("agent:x", say("first"))
+    busy = retries + 1
+    manager = InMemorySessionManager(Busy(storage), retries=retries, revalidate=True)
+    session = await manager.register("agent:x", {"replaced": True})
+    stored = InMemorySessionManager(DictBackend(storage))
+    assert (await stored.get("agent:x")).state == {"replaced": True}
+    assert len(session.turns) == len(await stored.turns("agent:x")) == retries + 2

@@ -331,14 +331,19 @@ class InMemorySessionManager:
                         session.state = state
                         if stored is None or stored.version != session.version:
                             session.turns._restart(count)  # another worker saved since
+                    # register() replaces the state whatever is stored: after `retries`
+                    # conflicts the write goes through unchecked, and the count is read again.
+                    unchecked = attempt == self.retries
+                    read = 0 if stored is None else stored.version
                     try:
-                        await self._persist(
-                            session, "registered", expected=0 if stored is None else stored.version
-                        )
-                        break
+                        await self._persist(session, "registered", expected=None if unchecked else read)
                     except VersionConflictError:
-                        if attempt == self.retries:
-                            raise
+                        continue
+                    if unchecked and session.version != read + 1:
+                        now = await self._store.read(key)
+                        if now is not None and now.version == session.version:
+                            session.turns._restart(now.turn_count)
+                    break
             assert session is not None
             self._admit(session)
             return session
