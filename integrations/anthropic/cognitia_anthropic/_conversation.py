@@ -146,10 +146,7 @@ class PersistedConversation:
         stored = await self.manager.turns(self.key)
         history = list(_history(runner))
         # The largest overlap: the stored conversation ends with the runner's first messages.
-        for start in range(max(0, len(stored) - len(history)), len(stored) + 1):
-            part = stored[start:]
-            if len(history) >= len(part) and await _common_prefix(history, part, part) == len(part):
-                break
+        start = await _window_start(history, stored, stored, max(0, len(stored) - len(history)))
         overlap = len(stored) - start
         if stored and history and not overlap:
             # None of the newest stored messages is in the runner's history: it was built
@@ -249,15 +246,11 @@ class _Mirror:
         left out stay stored. Any other change (a compaction's summary, an edited message)
         is stored as a replacement by :meth:`sync`.
         """
-        for drop in range(1, len(self._messages)):
-            rest = len(self._messages) - drop
-            if len(messages) >= rest and (
-                await _common_prefix(messages, self._messages[drop:], self._turns[drop:]) == rest
-            ):
-                self._kept += drop
-                self._messages = self._messages[drop:]
-                self._turns = self._turns[drop:]
-                return
+        drop = await _window_start(messages, self._messages, self._turns, 1)
+        if drop < len(self._messages):
+            self._kept += drop
+            self._messages = self._messages[drop:]
+            self._turns = self._turns[drop:]
 
 
 def _history(runner: AnyRunner) -> Sequence[BetaMessageParam]:
@@ -277,6 +270,18 @@ async def _common_prefix(messages: list[Any], stored: list[Any], turns: list[dic
             break
         n += 1
     return n
+
+
+async def _window_start(
+    messages: list[Any], older: list[Any], turns: list[dict[str, Any]], first: int
+) -> int:
+    """The smallest ``start >= first`` such that ``messages`` begins with ``older[start:]``
+    (``turns`` is ``older`` as stored); ``len(older)`` when only the empty tail does."""
+    for start in range(first, len(older)):
+        rest = len(older) - start
+        if len(messages) >= rest and await _common_prefix(messages, older[start:], turns[start:]) == rest:
+            return start
+    return len(older)
 
 
 def _append(session: Session, turns: list[dict[str, Any]]) -> None:
