@@ -8,7 +8,8 @@ with a version conflict (printed as a ``conflict`` event) and the update is re-a
 on the fresh state, so the total comes out exact: 100. Then a store with a short TTL shows
 expiry and ``prune(dry_run=True)``.
 
-Without ``COGNITIA_POSTGRES_DSN`` it says so and exits (status 0). It works in the schema
+Needs the ``postgres`` extra (``pip install 'cognitia-sessions[postgres]'``). Without
+``COGNITIA_POSTGRES_DSN`` it says so and exits (status 0). It works in the schema
 ``cognitia_example`` and deletes its sessions when done.
 """
 
