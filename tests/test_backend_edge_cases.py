@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+from _nesting import deep, deepest_storable
 from _servers import SERVERS, postgres_query
 
 from cognitia import InvalidKeyError, StateNotSerializableError
@@ -57,30 +58,6 @@ def make_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mak
     yield make
     for backend in opened:
         backend.close()
-
-
-def _deep(levels: int) -> dict[str, Any]:
-    """A state of ``levels`` nested dicts, the state itself being the first."""
-    root: dict[str, Any] = {}
-    node = root
-    for _ in range(levels - 1):
-        node["a"] = {}
-        node = node["a"]
-    return root
-
-
-def _deepest_storable() -> int:
-    """How many levels of nesting ``dumps`` accepts (it refuses 5,000)."""
-    low, high = 1, 5000
-    while low < high:
-        middle = (low + high + 1) // 2
-        try:
-            dumps("k", _deep(middle))
-        except StateNotSerializableError:
-            high = middle - 1
-        else:
-            low = middle
-    return low
 
 
 async def _from_a_deeper_stack(frames: int, operation: Callable[[], Any]) -> Any:
@@ -179,8 +156,8 @@ async def test_the_deepest_storable_state_is_stored_from_any_stack_and_loads_fro
 ) -> None:
     """Encoding and decoding recurse once per level of nesting: how deep the caller's own
     stack is decides neither whether a state is stored nor whether it loads back."""
-    deepest = _deepest_storable()
-    state = _deep(deepest)
+    deepest = deepest_storable()
+    state = deep(deepest)
 
     await _from_a_deeper_stack(300, lambda: store_backend.save("agent:deep", state))
     loaded = await _from_a_deeper_stack(300, lambda: store_backend.load("agent:deep"))
@@ -190,7 +167,7 @@ async def test_the_deepest_storable_state_is_stored_from_any_stack_and_loads_fro
     assert record is not None and dumps("k", record.state) == dumps("k", state)
 
     with pytest.raises(StateNotSerializableError) as info:
-        await store_backend.save("agent:deeper", _deep(deepest + 1))
+        await store_backend.save("agent:deeper", deep(deepest + 1))
     assert info.value.key == "agent:deeper"
     assert info.value.path.startswith('state["a"]["a"]')
     assert "recursion limit" in info.value.problem

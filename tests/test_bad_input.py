@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _nesting import deep, deepest_storable
 
 import cognitia
 from cognitia import (
@@ -34,15 +35,6 @@ def _cycle() -> dict[str, Any]:
     history: list[Any] = [{"ts": 1}]
     history.append(history)
     return {"history": history}
-
-
-def _deep(depth: int) -> dict[str, Any]:
-    root: dict[str, Any] = {}
-    node = root
-    for _ in range(depth):
-        node["a"] = {}
-        node = node["a"]
-    return root
 
 
 class Opaque:
@@ -114,7 +106,7 @@ async def test_backend_refuses_unstorable_turns(backend: BackendBase) -> None:
 
 async def test_too_deeply_nested_state_is_refused_cleanly(backend: BackendBase) -> None:
     with pytest.raises(StateNotSerializableError) as info:
-        await backend.save("k", _deep(5000))
+        await backend.save("k", deep(deepest_storable() + 1))
     # The path leads down the nesting to where Python's recursion limit was reached.
     assert info.value.path.startswith('state["a"]["a"]["a"]["a"]')
     assert "nested too deeply" in info.value.problem and "recursion limit" in info.value.problem

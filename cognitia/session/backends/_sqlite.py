@@ -76,22 +76,25 @@ _INLINE_TAIL = 64
 # does not hold (an expired row, another version), and the general path in _commit then
 # decides, so the outcome is the same either way.
 _FAST_COMMITS = sqlite3.sqlite_version_info >= (3, 35, 0)  # RETURNING
+# Parameters are plain "?" (numbered ones bound from a sequence are deprecated since Python
+# 3.12); the update half of the upsert reads the new values back from `excluded`.
 _UPSERT_ALIVE = (
     "INSERT INTO cognitia_sessions (key, state, version, turn_count, created_at, updated_at, expires_at) "
-    f"VALUES (?1, ?2, {_FIRST_VERSION}, ?3, ?4, ?4, ?5) "
+    f"VALUES (?, ?, {_FIRST_VERSION}, ?, ?, ?, ?) "
     "ON CONFLICT (key) DO UPDATE SET state = excluded.state, version = version + 1, "
-    "turn_count = turn_count + ?3, updated_at = ?4, expires_at = ?5 "
-    "WHERE expires_at IS NULL OR expires_at > ?4 RETURNING version, turn_count"
+    "turn_count = turn_count + excluded.turn_count, updated_at = excluded.updated_at, "
+    "expires_at = excluded.expires_at "
+    "WHERE expires_at IS NULL OR expires_at > excluded.updated_at RETURNING version, turn_count"
 )
 _INSERT_NEW = (
     "INSERT INTO cognitia_sessions (key, state, version, turn_count, created_at, updated_at, expires_at) "
-    f"VALUES (?1, ?2, {_FIRST_VERSION}, ?3, ?4, ?4, ?5) "
+    f"VALUES (?, ?, {_FIRST_VERSION}, ?, ?, ?, ?) "
     "ON CONFLICT (key) DO NOTHING RETURNING version, turn_count"
 )
 _UPDATE_AT_VERSION = (
-    "UPDATE cognitia_sessions SET state = ?2, version = version + 1, turn_count = turn_count + ?3, "
-    "updated_at = ?4, expires_at = ?5 WHERE key = ?1 AND (expires_at IS NULL OR expires_at > ?4) "
-    "AND version = ?6 RETURNING version, turn_count"
+    "UPDATE cognitia_sessions SET state = ?, version = version + 1, turn_count = turn_count + ?, "
+    "updated_at = ?, expires_at = ? WHERE key = ? AND (expires_at IS NULL OR expires_at > ?) "
+    "AND version = ? RETURNING version, turn_count"
 )
 _INSERT_TURN = "INSERT INTO cognitia_turns (key, seq, turn) VALUES (?, ?, ?)"
 
@@ -532,12 +535,12 @@ def _commit_fast(
     """Write the session row in one statement when the key is new or live (at the expected
     version); return (version, turn_count), or ``None`` having written nothing."""
     if expected_version is None:
-        rows = conn.execute(_UPSERT_ALIVE, (key, state, added, now, expires_at)).fetchall()
+        rows = conn.execute(_UPSERT_ALIVE, (key, state, added, now, now, expires_at)).fetchall()
     elif expected_version == 0:
-        rows = conn.execute(_INSERT_NEW, (key, state, added, now, expires_at)).fetchall()
+        rows = conn.execute(_INSERT_NEW, (key, state, added, now, now, expires_at)).fetchall()
     else:
         rows = conn.execute(
-            _UPDATE_AT_VERSION, (key, state, added, now, expires_at, expected_version)
+            _UPDATE_AT_VERSION, (state, added, now, expires_at, key, now, expected_version)
         ).fetchall()
     return (int(rows[0][0]), int(rows[0][1])) if rows else None
 
