@@ -25,6 +25,13 @@ def deep(levels: int) -> dict[str, Any]:
     return root
 
 
+def innermost(state: dict[str, Any]) -> dict[str, Any]:
+    """The deepest dict of a state made by :func:`deep`."""
+    while "a" in state:
+        state = state["a"]
+    return state
+
+
 def _stored(levels: int) -> bool:
     try:
         dumps("k", deep(levels))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _nesting import deep, deepest_storable
+from _nesting import deep, deepest_storable, innermost
 
 import cognitia
 from cognitia import (
@@ -26,6 +26,7 @@ from cognitia import (
     VersionConflictError,
     persisted_session,
 )
+from cognitia._json import dumps
 from cognitia.session.backends import BackendBase, InMemorySessionBackend, SqliteSessionBackend
 
 pytestmark = pytest.mark.anyio
@@ -105,12 +106,39 @@ async def test_backend_refuses_unstorable_turns(backend: BackendBase) -> None:
 
 
 async def test_too_deeply_nested_state_is_refused_cleanly(backend: BackendBase) -> None:
+    levels = deepest_storable()
     with pytest.raises(StateNotSerializableError) as info:
-        await backend.save("k", deep(deepest_storable() + 1))
-    # The path leads down the nesting to where Python's recursion limit was reached.
-    assert info.value.path.startswith('state["a"]["a"]["a"]["a"]')
+        await backend.save("k", deep(levels + 1))
+    # The path names the first dict past the deepest level JSON encodes on this Python.
+    assert info.value.path == "state" + '["a"]' * levels
     assert "nested too deeply" in info.value.problem and "recursion limit" in info.value.problem
     assert await backend.load("k") is None
+
+
+async def test_a_bad_value_at_the_deepest_level_is_named_for_what_it_is(store_backend: BackendBase) -> None:
+    """Nesting JSON can encode is never taken for too much nesting: however deep the value
+    at fault, it is found and named (the search for it keeps its own stack)."""
+    # The deepest dicts hold a value one level further down (on Python 3.11 a scalar is a
+    # level of its own for the encoder, so it goes in the next-to-deepest dict).
+    levels = deepest_storable() - 1
+    path = "state" + '["a"]' * (levels - 1) + '["x"]'
+    state = deep(levels)
+    innermost(state)["x"] = float("nan")
+    with pytest.raises(StateNotSerializableError) as info:
+        await store_backend.save("k", state)
+    assert (info.value.path, info.value.problem) == (path, "is nan, which JSON cannot represent")
+
+    # PostgreSQL's jsonb refuses a lone surrogate, named by path at any depth; the others store it.
+    innermost(state)["x"] = "\ud800"
+    if store_backend.name != "postgres":
+        await store_backend.save("k", state)
+        loaded = await store_backend.load("k")
+        assert loaded is not None and dumps("k", loaded) == dumps("k", state)
+        return
+    with pytest.raises(StateNotSerializableError) as info:
+        await store_backend.save("k", state)
+    assert info.value.path == path and "lone surrogate" in info.value.problem
+    assert await store_backend.load("k") is None
 
 
 async def test_lone_surrogates_are_stored_and_read_back(store_backend: BackendBase) -> None:
