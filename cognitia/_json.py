@@ -400,9 +400,9 @@ def _encoder_depth() -> tuple[int, int]:
     """The deepest level at which the encoder takes a container, and a scalar, measured
     once on a fresh stack (the state itself is level 1).
 
-    JSON is encoded one level at a time: on Python 3.11 the limit is the recursion limit
-    (and a scalar counts as a level), since 3.12 the interpreter's C recursion limit (about
-    1,500 levels on 3.12, 10,000 on 3.13).
+    JSON is encoded one level at a time: on Python 3.11 the limit is the recursion limit,
+    since 3.12 the interpreter's C recursion limit (about 1,500 levels on 3.12, 10,000 on
+    3.13). A scalar may sit one level below the deepest container.
     """
     if not _depth_limits:
         _depth_limits.append((_deepest_encoded([]), _deepest_encoded(0)))

@@ -118,9 +118,8 @@ async def test_too_deeply_nested_state_is_refused_cleanly(backend: BackendBase) 
 async def test_a_bad_value_at_the_deepest_level_is_named_for_what_it_is(store_backend: BackendBase) -> None:
     """Nesting JSON can encode is never taken for too much nesting: however deep the value
     at fault, it is found and named (the search for it keeps its own stack)."""
-    # The deepest dicts hold a value one level further down (on Python 3.11 a scalar is a
-    # level of its own for the encoder, so it goes in the next-to-deepest dict).
-    levels = deepest_storable() - 1
+    # The deepest dict of the deepest state JSON encodes holds the value.
+    levels = deepest_storable()
     path = "state" + '["a"]' * (levels - 1) + '["x"]'
     state = deep(levels)
     innermost(state)["x"] = float("nan")
