@@ -12,6 +12,12 @@ of a commit is shared by all the writes waiting for it.
 
 An ``idle`` function runs after each batch's waiters have been woken (housekeeping such as
 a database checkpoint), so it never delays an operation that already finished.
+
+A worker given a ``here`` function may run a job on the calling thread instead, when the
+job arrives alone: the caller first yields to the event loop once, so that other tasks
+ready to submit jobs do so; if none did and the worker has nothing queued or running, the
+job runs at once through ``here`` (which may decline by raising :class:`RunOnThread`), and
+costs no thread hop. Jobs that arrived together go to the thread as one batch.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import anyio.lowlevel
 
 from .errors import BackendClosedError
 
-__all__ = ["STOP_GRACE", "Job", "ThreadWorker", "astop_workers", "checkpoint", "stop_workers"]
+__all__ = ["STOP_GRACE", "Job", "RunOnThread", "ThreadWorker", "astop_workers", "checkpoint", "stop_workers"]
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -64,6 +70,11 @@ async def checkpoint() -> None:
         await _trio_lowlevel().checkpoint()
     else:
         await asyncio.sleep(0)
+
+
+class RunOnThread(Exception):
+    """Raised by a worker's ``here`` function to send the job to the worker's thread after all,
+    having done nothing."""
 
 
 class Job:
@@ -196,6 +207,7 @@ class ThreadWorker(Generic[R]):
         *,
         batch: Callable[[R, list[Job]], None] | None = None,
         idle: Callable[[R, bool], None] | None = None,
+        here: Callable[[R, Callable[..., Any], tuple[Any, ...]], Any] | None = None,
         max_batch: int = 512,
     ) -> None:
         self.name = name
@@ -203,18 +215,25 @@ class ThreadWorker(Generic[R]):
         self._close = close
         self._batch = batch
         self._idle = idle
+        self._here = here
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._stopping = False
+        # Held while the resource is in use, by the thread or by a caller running a job here.
+        self._busy = threading.Lock()
+        self._resource: R | None = None  # set once the thread has opened it
+        self._pending = 0  # jobs submitted to the thread and not yet run; under _lock
+        self._staged: list[Job] = []  # jobs arriving together, submitted by the first of them
 
-    async def call(self, fn: Callable[..., T], *args: Any, shield: bool = False) -> T:
+    async def call(self, fn: Callable[..., T], *args: Any, shield: bool = False, here: bool = False) -> T:
         """Run ``fn(resource, *args)`` in the worker thread and return its result.
 
         With ``shield=True`` the caller waits for the job even if it is cancelled (the job
         has been handed over and will run; cancellation is delivered afterwards), so a
-        write is either done completely or not submitted at all.
+        write is either done completely or not submitted at all. With ``here=True`` the
+        job may run on the calling thread (see the module's description).
         """
         job = Job(fn, args)
         if shield:
@@ -223,17 +242,88 @@ class ThreadWorker(Generic[R]):
                 await _trio_lowlevel().checkpoint_if_cancelled()
             else:
                 await anyio.lowlevel.checkpoint_if_cancelled()
-        with self._lock:
-            if self._stopping:
-                raise BackendClosedError(f"{self.name} is closed")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
-                self._thread.start()
-            self._queue.put(job)
-        await job.wait(shield)
+        if here and self._resource is not None and self._here is not None:
+            if not await self._stage(job):
+                await job.wait(shield)
+        else:
+            self._submit([job])
+            await job.wait(shield)
         if job.error is not None:
             raise job.error
         return job.result  # type: ignore[no-any-return]
+
+    def _submit(self, jobs: list[Job]) -> None:
+        """Queue ``jobs`` for the thread (started on first use); refused once stopping."""
+        if not jobs:
+            return
+        with self._lock:
+            if not self._stopping:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
+                    self._thread.start()
+                self._pending += len(jobs)
+                for job in jobs:
+                    self._queue.put(job)
+                return
+        for job in jobs:
+            job.error = BackendClosedError(f"{self.name} is closed")
+        _notify(jobs)
+
+    async def _stage(self, job: Job) -> bool:
+        """Run ``job`` here if it arrives alone; ``True`` if it ran, ``False`` if it was queued.
+
+        The first job of a group yields once; jobs submitted meanwhile from the same event
+        loop join its group, and a group of more than one goes to the thread as one batch.
+        """
+        with self._lock:
+            staged = self._staged
+            if staged and staged[0].loop is not job.loop:
+                staged = []  # another event loop's group: this job goes to the thread alone
+            else:
+                staged.append(job)
+                if len(staged) > 1:
+                    return False  # the first job of the group submits it
+        if not staged:
+            self._submit([job])
+            return False
+        try:
+            await checkpoint()
+        except BaseException:
+            # Cancelled before anything was submitted: this job is dropped, the others go.
+            self._close_group(staged)
+            staged.remove(job)
+            self._submit(staged)
+            raise
+        self._close_group(staged)
+        if len(staged) == 1 and self._run_here(job):
+            return True
+        self._submit(staged)
+        return False
+
+    def _close_group(self, staged: list[Job]) -> None:
+        with self._lock:
+            if self._staged is staged:
+                self._staged = []
+
+    def _run_here(self, job: Job) -> bool:
+        """Run ``job`` on this thread if the resource is idle; ``False`` if it was not run."""
+        if not self._busy.acquire(blocking=False):
+            return False
+        try:
+            with self._lock:
+                resource = None if self._stopping or self._pending else self._resource
+            if resource is None or self._here is None:
+                return False
+            try:
+                job.result = self._here(resource, job.fn, job.args)
+            except RunOnThread:
+                return False
+            except BaseException as exc:  # raised to the caller like a job's own error
+                job.error = exc
+            job.done = True
+            return True
+        finally:
+            self._busy.release()
 
     def stop(self) -> None:
         """Let queued jobs finish, then close the resource and end the thread (blocking)."""
@@ -258,11 +348,13 @@ class ThreadWorker(Generic[R]):
         stop = False
         while not stop:
             jobs: list[Job] = []
+            taken = 0
             item = self._queue.get()
             while True:
                 if item is _STOP:
                     stop = True
                     break
+                taken += 1
                 if not item.abandoned:
                     jobs.append(item)
                 # Only this thread takes from the queue, so a non-empty queue cannot empty
@@ -270,41 +362,54 @@ class ThreadWorker(Generic[R]):
                 if len(jobs) >= self._max_batch or self._queue.empty():
                     break
                 item = self._queue.get_nowait()
-            if not jobs:
-                continue
-            if resource is None:
-                # Opened here, not in __init__, so a failure (bad path, server down) reaches
-                # the caller as an error of its operation, and the next operation retries.
-                try:
-                    resource = self._open()
-                except BaseException as exc:
-                    for job in jobs:
-                        job.error = exc
-                    _notify(jobs)
-                    continue
-            if self._batch is not None:
-                try:
-                    self._batch(resource, jobs)
-                except BaseException as exc:
-                    for job in jobs:
-                        if job.error is None:
-                            job.error = exc
-            else:
-                for job in jobs:
-                    job.run(resource)
-            _notify(jobs)
-            if self._idle is not None:
-                # Housekeeping after the waiters are woken, never on their path; told
-                # whether more work is already queued.
-                try:
-                    self._idle(resource, self._queue.empty())
-                except Exception:
-                    pass
+            if jobs:
+                with self._busy:
+                    resource = self._run(resource, jobs)
+            if taken:
+                with self._lock:
+                    self._pending -= taken
+            if jobs and resource is not None:
+                _notify(jobs)
+                if self._idle is not None:
+                    # Housekeeping after the waiters are woken, never on their path; told
+                    # whether more work is already queued.
+                    with self._busy:
+                        try:
+                            self._idle(resource, self._queue.empty())
+                        except Exception:
+                            pass
+        with self._busy:
+            self._resource = None
         if resource is not None:
             try:
                 self._close(resource)
             except Exception:
                 pass
+
+    def _run(self, resource: R | None, jobs: list[Job]) -> R | None:
+        """Run a batch of jobs, opening the resource first if needed; returns the resource."""
+        if resource is None:
+            # Opened here, not in __init__, so a failure (bad path, server down) reaches
+            # the caller as an error of its operation, and the next operation retries.
+            try:
+                resource = self._open()
+            except BaseException as exc:
+                for job in jobs:
+                    job.error = exc
+                _notify(jobs)
+                return None
+            self._resource = resource
+        if self._batch is not None:
+            try:
+                self._batch(resource, jobs)
+            except BaseException as exc:
+                for job in jobs:
+                    if job.error is None:
+                        job.error = exc
+        else:
+            for job in jobs:
+                job.run(resource)
+        return resource
 
 
 def _begin_stop(workers: Iterable[ThreadWorker[Any]]) -> list[threading.Thread]:

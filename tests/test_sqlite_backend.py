@@ -603,3 +603,93 @@ async def test_backends_opening_a_new_file_at_the_same_moment_all_succeed(
         assert await backends[0].list_keys() == [f"agent:{i}" for i in range(6)]
         for backend in backends:
             await backend.aclose()
+
+
+@pytest.mark.parametrize(
+    ("options", "inline"),
+    [
+        ({}, True),
+        ({"synchronous": "OFF"}, True),
+        ({"synchronous": "FULL"}, False),
+        ({"inline_writes": False}, False),
+    ],
+    ids=["normal", "off", "full", "turned-off"],
+)
+async def test_a_write_arriving_alone_is_committed_on_the_calling_thread(
+    anyio_backend: str, tmp_path: Path, options: dict[str, Any], inline: bool
+) -> None:
+    """With synchronous NORMAL or OFF a commit does not wait for the disk: a lone write runs
+    on the caller's thread. Writes arriving together still share one transaction on the
+    writer thread, and a commit that waits for the disk (FULL) always runs there."""
+    async with SqliteSessionBackend(db_path=tmp_path / "s.db", **options) as backend:
+        await backend.save("agent:k", {"n": 0})  # opens the writer's connection
+        conn = backend._writer._resource
+        assert conn is not None
+        writes: list[tuple[int, str]] = []
+        conn.set_trace_callback(
+            lambda sql: (
+                writes.append((threading.get_ident(), sql.split()[0]))
+                if sql.startswith(("INSERT", "UPDATE", "DELETE"))
+                else None
+            )
+        )
+        me = threading.get_ident()
+        await backend.save("agent:k", {"n": 1})
+        await backend.commit("agent:k", {"n": 2}, expected_version=2, turns=[{"t": 1}])
+        assert await backend.delete("agent:k", expected_version=3)
+        assert len(writes) >= 4 and all((thread == me) is inline for thread, _ in writes)
+
+        del writes[:]
+
+        async def save(i: int) -> None:
+            await backend.save(f"agent:{i}", {"n": i})
+
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(save, i)
+        assert writes and all(thread != me for thread, _ in writes)
+        assert len(writes) < 20  # plain saves queued together: multi-row statements
+        assert [await backend.load(f"agent:{i}") for i in range(20)] == [{"n": i} for i in range(20)]
+        conn.set_trace_callback(None)
+
+
+async def test_a_write_on_the_calling_thread_never_waits_for_a_lock(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """Another process holds the write lock: the write goes to the writer thread, which waits
+    with the busy timeout while the event loop goes on; the writer keeps its busy timeout."""
+    path = tmp_path / "s.db"
+    async with SqliteSessionBackend(db_path=path, busy_timeout=30) as backend:
+        await backend.save("agent:k", {"v": "old"})
+        await backend.save("agent:k", {"v": "older"})
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+        loop_ran = threading.Event()
+        blocked: list[bool] = []
+
+        def release() -> None:
+            # Released once the event loop has run on while the save waits (if the save held
+            # the loop, that never happens: released after 10 s, and the test fails).
+            blocked.append(not loop_ran.wait(10))
+            other.execute("COMMIT")
+            other.close()
+
+        releaser = threading.Thread(target=release)
+        releaser.start()
+        saved = anyio.Event()
+
+        async def save() -> None:
+            await backend.save("agent:k", {"v": "new"})
+            saved.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(save)
+            for _ in range(5):
+                await anyio.sleep(0.01)
+            assert not saved.is_set()
+            loop_ran.set()
+        await anyio.to_thread.run_sync(releaser.join)
+        assert blocked == [False]
+        assert await backend.load("agent:k") == {"v": "new"}
+        conn = backend._writer._resource
+        assert conn is not None and conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30000

@@ -2,7 +2,8 @@
 
 A task submits a job and sleeps until the thread has run it. These tests pin down what
 happens when the sleeping task is cancelled (a write still completes, a read is dropped),
-and that one worker serves several event loops, asyncio and trio, at the same time.
+that one worker serves several event loops, asyncio and trio, at the same time, and when a
+job runs on the caller's thread instead (it arrived alone and the thread is idle).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 from _cancel_twice import cancel_twice_while_waiting
 
 from cognitia import BackendClosedError, _worker
-from cognitia._worker import ThreadWorker, astop_workers
+from cognitia._worker import RunOnThread, ThreadWorker, astop_workers
 
 pytestmark = pytest.mark.anyio
 
@@ -203,3 +204,127 @@ async def test_stopping_workers_through_a_cancellation_stops_them_all(
     assert await anyio.to_thread.run_sync(released.wait, 30)
     threads = [busy._thread, idle._thread]
     assert all(thread is not None and not thread.is_alive() for thread in threads)
+
+
+def _here_worker(log: Log, ran_on: dict[str, int], batches: list[int]) -> ThreadWorker[Log]:
+    """A worker that may run jobs on the caller's thread, noting each job's thread and each batch."""
+
+    def run(resource: Log, name: str) -> str:
+        ran_on[name] = threading.get_ident()
+        return record(resource, name)
+
+    def here(resource: Log, fn: Any, args: tuple[Any, ...]) -> Any:
+        if args[0].startswith("decline"):
+            raise RunOnThread
+        return fn(resource, *args)
+
+    def batch(resource: Log, jobs: list[Any]) -> None:
+        batches.append(len(jobs))
+        for job in jobs:
+            job.run(resource)
+
+    worker: ThreadWorker[Log] = ThreadWorker(
+        "test-worker", lambda: log, lambda _: None, batch=batch, here=here
+    )
+    worker.run = run  # type: ignore[attr-defined]
+    return worker
+
+
+async def test_a_job_arriving_alone_runs_here_and_jobs_arriving_together_go_to_the_thread(
+    anyio_backend: str,
+) -> None:
+    log, ran_on, batches = Log(), dict[str, int](), list[int]()
+    worker = _here_worker(log, ran_on, batches)
+    run = worker.run  # type: ignore[attr-defined]
+    me = threading.get_ident()
+    # The thread opens the resource: the first job always runs there.
+    assert await worker.call(run, "open", here=True) == "open"
+    assert ran_on["open"] != me
+    assert await worker.call(run, "alone", here=True) == "alone"
+    assert ran_on["alone"] == me
+    # here=False, or a `here` that declines: the thread.
+    assert await worker.call(run, "not-asked") == "not-asked"
+    assert await worker.call(run, "decline", here=True) == "decline"
+    assert ran_on["not-asked"] != me and ran_on["decline"] != me
+    del batches[:]
+
+    async def one(i: int) -> None:
+        assert await worker.call(run, f"together-{i}", shield=i % 2 == 0, here=True) == f"together-{i}"
+
+    async with anyio.create_task_group() as tg:
+        for i in range(50):
+            tg.start_soon(one, i)
+    together = [name for name in ran_on if name.startswith("together")]
+    assert len(together) == 50 and all(ran_on[name] != me for name in together)
+    assert sum(batches) == 50 and max(batches) > 1
+    assert sorted(log.ran[-50:]) == sorted(together)
+    worker.stop()
+
+
+async def test_a_job_does_not_run_here_while_the_thread_is_busy(anyio_backend: str) -> None:
+    log, ran_on, batches = Log(), dict[str, int](), list[int]()
+    worker = _here_worker(log, ran_on, batches)
+    run = worker.run  # type: ignore[attr-defined]
+    await worker.call(run, "open", here=True)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.call, hold)
+        await anyio.to_thread.run_sync(log.holding.wait)
+        with anyio.move_on_after(0.1) as scope:
+            await worker.call(run, "after-hold", here=True)
+        assert scope.cancelled_caught  # it waits for the held thread
+        log.gate.set()
+    assert await worker.call(run, "next", here=True) == "next"
+    assert log.ran == ["open", "next"]  # the abandoned job never ran; the next one did, here
+    assert ran_on["next"] == threading.get_ident()
+    worker.stop()
+
+
+async def test_cancelling_the_first_job_of_a_group_drops_only_that_job(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first job of a group yields once before deciding; cancelled there, it is never
+    submitted, and a job that joined its group meanwhile still runs."""
+    log, ran_on, batches = Log(), dict[str, int](), list[int]()
+    worker = _here_worker(log, ran_on, batches)
+    run = worker.run  # type: ignore[attr-defined]
+    await worker.call(run, "open", here=True)
+    joiner_may_start, joined = anyio.Event(), anyio.Event()
+    results: list[str] = []
+    real_checkpoint = _worker.checkpoint
+
+    async def first_jobs_yield() -> None:
+        # The first job's yield: it is cancelled, and another job joins its group.
+        monkeypatch.setattr(_worker, "checkpoint", real_checkpoint)
+        first.cancel()
+        joiner_may_start.set()
+        with anyio.CancelScope(shield=True):
+            await joined.wait()
+        await real_checkpoint()
+
+    async def joiner() -> None:
+        await joiner_may_start.wait()
+        joined.set()  # the first job resumes only once this one has joined, below
+        results.append(await worker.call(run, "joined", shield=True, here=True))
+
+    with anyio.fail_after(10):  # a joined job that nobody submits would wait forever
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(joiner)
+            monkeypatch.setattr(_worker, "checkpoint", first_jobs_yield)
+            with anyio.CancelScope() as first:
+                await worker.call(run, "first", shield=True, here=True)
+            assert first.cancelled_caught
+    assert results == ["joined"]
+    assert log.ran == ["open", "joined"]
+    assert ran_on["joined"] != threading.get_ident()  # it went to the thread, as its group would
+    worker.stop()
+
+
+async def test_a_stopped_worker_refuses_jobs_asked_to_run_here(anyio_backend: str) -> None:
+    log, ran_on, batches = Log(), dict[str, int](), list[int]()
+    worker = _here_worker(log, ran_on, batches)
+    run = worker.run  # type: ignore[attr-defined]
+    await worker.call(run, "open", here=True)
+    await worker.astop()
+    with pytest.raises(BackendClosedError, match="test-worker is closed"):
+        await worker.call(run, "late", here=True)
+    assert log.ran == ["open"]

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..._worker import Job, ThreadWorker, astop_workers, checkpoint, stop_workers
+from ..._worker import Job, RunOnThread, ThreadWorker, astop_workers, checkpoint, stop_workers
 from ...errors import StorageError, VersionConflictError
 from ._base import BackendBase, RawRecord, check_version, prefix_bounds
 
@@ -105,7 +105,11 @@ class SqliteSessionBackend(BackendBase):
     Runs the same on asyncio and trio, on the standard library's ``sqlite3``. Writes go to a
     writer thread the backend owns; writes that arrive while a transaction is running are
     committed together in the next one (a failing write is retried alone, so it never fails
-    its neighbours), and ``save`` returns once its transaction is committed. Reads never
+    its neighbours), and ``save`` returns once its transaction is committed. A write that
+    arrives alone, while the writer is idle, is committed on the calling thread instead: with
+    ``synchronous="NORMAL"`` a WAL commit does not wait for the disk and takes less time than
+    the hop to the writer would. It never waits for a lock either; if another process holds
+    the write lock, the write goes to the writer thread, which waits. Reads never
     queue behind writes: loading one session is a primary-key lookup on a WAL snapshot,
     served on the calling thread's own read-only connection (it never waits for a lock; if
     it would, the read goes to the backend's reader thread), and larger reads (listing keys,
@@ -123,6 +127,10 @@ class SqliteSessionBackend(BackendBase):
         inline_reads: serve single-session reads on the calling thread (default). Turn it
             off when the file lives on slow or network storage, where even a point read may
             take long enough to matter to the event loop.
+        inline_writes: commit a write that arrives alone on the calling thread (default),
+            when ``synchronous`` is ``"NORMAL"`` or ``"OFF"``; with ``"FULL"`` or ``"EXTRA"``
+            a commit waits for the disk and always runs on the writer thread. Turn it off
+            for the same reason as ``inline_reads``.
 
     >>> backend = SqliteSessionBackend(db_path="sessions.db")
     """
@@ -139,6 +147,7 @@ class SqliteSessionBackend(BackendBase):
         synchronous: str = "NORMAL",
         busy_timeout: float = 5.0,
         inline_reads: bool = True,
+        inline_writes: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(ttl=ttl, clock=clock)
@@ -155,12 +164,14 @@ class SqliteSessionBackend(BackendBase):
         self._inline_lock = threading.Lock()
         self._schema_ready = threading.Event()
         self._unchecked_writes = 0
+        self._inline_writes = inline_writes and synchronous in ("OFF", "NORMAL")
         self._writer: ThreadWorker[sqlite3.Connection] = ThreadWorker(
             f"cognitia-sqlite-writer:{self.db_path}",
             self._open_writer,
             sqlite3.Connection.close,
             batch=self._write_batch,
             idle=None if self._memory else self._checkpoint,
+            here=self._write_here if self._inline_writes else None,
         )
         self._reader: ThreadWorker[sqlite3.Connection] = (
             self._writer
@@ -214,8 +225,7 @@ class SqliteSessionBackend(BackendBase):
                 conn.execute("PRAGMA journal_mode = WAL")
                 return
             except sqlite3.OperationalError as exc:
-                busy = exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-                if not busy or time.monotonic() + pause > deadline:
+                if not _is_busy(exc) or time.monotonic() + pause > deadline:
                     raise
             time.sleep(pause)  # the writer thread's own time, not the event loop's
             pause = min(pause * 2, 0.05)
@@ -223,6 +233,27 @@ class SqliteSessionBackend(BackendBase):
     def _write_batch(self, conn: sqlite3.Connection, jobs: list[Job]) -> None:
         _run_batch(conn, jobs)
         self._unchecked_writes += len(jobs)
+
+    def _write_here(
+        self, conn: sqlite3.Connection, fn: Callable[..., object], args: tuple[object, ...]
+    ) -> object:
+        """Run a write on the calling thread, on the writer's connection (the worker holds it
+        for us), without waiting for a lock: busy, it goes to the writer thread instead."""
+        if self._unchecked_writes >= CHECKPOINT_EVERY and not self._memory:
+            raise RunOnThread  # the writer thread checkpoints once it has woken the caller
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            result = fn(conn, *args)
+        except sqlite3.OperationalError as exc:
+            # Every write runs in a transaction of its own, rolled back on error: a write
+            # that could not take the lock has left nothing behind.
+            if _is_busy(exc) and not conn.in_transaction:
+                raise RunOnThread from None
+            raise
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        self._unchecked_writes += 1
+        return result
 
     def _checkpoint(self, conn: sqlite3.Connection, idle: bool) -> None:
         """Copy the WAL back into the database: small and often, after the waiters are woken.
@@ -307,11 +338,11 @@ class SqliteSessionBackend(BackendBase):
         expires_at: float | None,
     ) -> int:
         return await self._writer.call(
-            _commit, key, state, expected_version, turns, truncate, now, expires_at, shield=True
+            _commit, key, state, expected_version, turns, truncate, now, expires_at, shield=True, here=True
         )
 
     async def _raw_save(self, key: str, state: str, now: float, expires_at: float | None) -> None:
-        await self._writer.call(_save, key, state, now, expires_at, shield=True)
+        await self._writer.call(_save, key, state, now, expires_at, shield=True, here=True)
 
     async def _raw_load_turns(self, key: str, last: int | None, now: float) -> list[str]:
         if last is not None and last <= _INLINE_TAIL:
@@ -319,7 +350,7 @@ class SqliteSessionBackend(BackendBase):
         return await self._read(_load_turns, key, last, now)  # type: ignore[return-value]
 
     async def _raw_delete(self, key: str, now: float, expected_version: int | None) -> bool:
-        return await self._writer.call(_delete, key, now, expected_version, shield=True)
+        return await self._writer.call(_delete, key, now, expected_version, shield=True, here=True)
 
     async def _raw_list_keys(self, prefix: str, now: float) -> list[str]:
         return await self._read(_list_keys, prefix, now)  # type: ignore[return-value]
@@ -364,6 +395,10 @@ def _migrate(conn: sqlite3.Connection, db_path: str) -> None:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    return exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _noop(conn: sqlite3.Connection) -> None:
