@@ -81,7 +81,7 @@ class Job:
     """One call to run on the worker's resource, its outcome, and the task waiting for it.
 
     ``loop`` is the waiting task's event loop (asyncio) or trio token; ``waiter`` is the
-    future it awaits (asyncio) or the task itself (trio), ``None`` once nobody waits.
+    future it awaits (asyncio) or the task itself while it waits (trio), else ``None``.
     ``done``, ``waiter`` and ``abandoned`` are only touched on the event loop's thread.
     """
 
@@ -100,7 +100,9 @@ class Job:
         if loop is None:
             trio = _trio_lowlevel()
             self.loop = trio.current_trio_token()  # RuntimeError outside a trio task
-            self.waiter = trio.current_task()
+            # The task, set once it waits: a job may be queued before its task waits, and
+            # rescheduling a task that is not waiting would resume it wherever it is.
+            self.waiter = None
             self.trio = True
         else:
             self.loop = loop
@@ -151,9 +153,22 @@ class Job:
                 self.waiter = None
                 return trio.Abort.SUCCEEDED
 
+            if self.done:
+                return
+            self.waiter = trio.current_task()
             await trio.wait_task_rescheduled(abort)
             if cancelled:
                 await trio.checkpoint_if_cancelled()
+
+
+class _Group:
+    """Jobs arriving together while the first of them yields: run here if it stays alone."""
+
+    __slots__ = ("first", "spilled")
+
+    def __init__(self, first: Job) -> None:
+        self.first = first
+        self.spilled = False  # another job joined: every job of the group goes to the thread
 
 
 def _wake_asyncio(jobs: list[Job]) -> None:
@@ -225,7 +240,7 @@ class ThreadWorker(Generic[R]):
         self._busy = threading.Lock()
         self._resource: R | None = None  # set once the thread has opened it
         self._pending = 0  # jobs submitted to the thread and not yet run; under _lock
-        self._staged: list[Job] = []  # jobs arriving together, submitted by the first of them
+        self._group: _Group | None = None  # the open group of jobs arriving together
 
     async def call(self, fn: Callable[..., T], *args: Any, shield: bool = False, here: bool = False) -> T:
         """Run ``fn(resource, *args)`` in the worker thread and return its result.
@@ -243,7 +258,7 @@ class ThreadWorker(Generic[R]):
             else:
                 await anyio.lowlevel.checkpoint_if_cancelled()
         if here and self._resource is not None and self._here is not None:
-            if not await self._stage(job):
+            if not await self._stage(job, shield):
                 await job.wait(shield)
         else:
             self._submit([job])
@@ -269,41 +284,53 @@ class ThreadWorker(Generic[R]):
             job.error = BackendClosedError(f"{self.name} is closed")
         _notify(jobs)
 
-    async def _stage(self, job: Job) -> bool:
+    async def _stage(self, job: Job, shield: bool) -> bool:
         """Run ``job`` here if it arrives alone; ``True`` if it ran, ``False`` if it was queued.
 
-        The first job of a group yields once; jobs submitted meanwhile from the same event
-        loop join its group, and a group of more than one goes to the thread as one batch.
+        The first job of a group yields once. A job submitted meanwhile from the same event
+        loop makes the group one for the thread: it is queued at once, with the first job,
+        and so is every later job of the group, so the thread starts on them while the
+        event loop is still producing the rest.
         """
         with self._lock:
-            staged = self._staged
-            if staged and staged[0].loop is not job.loop:
-                staged = []  # another event loop's group: this job goes to the thread alone
+            group = self._group
+            if group is None:
+                group = self._group = _Group(job)
+                queued: list[Job] = []
+            elif group.first.loop is not job.loop:
+                queued = [job]  # another event loop's group: this job goes to the thread alone
+            elif group.spilled:
+                queued = [job]
             else:
-                staged.append(job)
-                if len(staged) > 1:
-                    return False  # the first job of the group submits it
-        if not staged:
-            self._submit([job])
+                group.spilled = True
+                queued = [group.first, job]
+        if queued:
+            self._submit(queued)
             return False
         try:
             await checkpoint()
         except BaseException:
-            # Cancelled before anything was submitted: this job is dropped, the others go.
-            self._close_group(staged)
-            staged.remove(job)
-            self._submit(staged)
+            if self._end_group(group):
+                # Already queued by a job that joined: a write waits for its outcome.
+                if shield:
+                    with anyio.CancelScope(shield=True):
+                        await job.wait(shield=True)
+                else:
+                    job.abandoned = True
             raise
-        self._close_group(staged)
-        if len(staged) == 1 and self._run_here(job):
+        if self._end_group(group):
+            return False
+        if self._run_here(job):
             return True
-        self._submit(staged)
+        self._submit([job])
         return False
 
-    def _close_group(self, staged: list[Job]) -> None:
+    def _end_group(self, group: _Group) -> bool:
+        """End ``group``: no job joins it any more. Whether its jobs went to the thread."""
         with self._lock:
-            if self._staged is staged:
-                self._staged = []
+            if self._group is group:
+                self._group = None
+            return group.spilled
 
     def _run_here(self, job: Job) -> bool:
         """Run ``job`` on this thread if the resource is idle; ``False`` if it was not run."""

@@ -279,43 +279,54 @@ async def test_a_job_does_not_run_here_while_the_thread_is_busy(anyio_backend: s
     worker.stop()
 
 
-async def test_cancelling_the_first_job_of_a_group_drops_only_that_job(
-    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("joined", [False, True], ids=["alone", "joined"])
+async def test_the_first_job_of_a_group_cancelled_in_its_yield(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch, joined: bool
 ) -> None:
-    """The first job of a group yields once before deciding; cancelled there, it is never
-    submitted, and a job that joined its group meanwhile still runs."""
+    """The first job of a group yields once before deciding. Cancelled there while still
+    alone, it was never submitted and never runs. If another job joined meanwhile, both were
+    queued for the thread at that moment: the first (a write) runs to completion, then its
+    cancellation is delivered."""
     log, ran_on, batches = Log(), dict[str, int](), list[int]()
     worker = _here_worker(log, ran_on, batches)
     run = worker.run  # type: ignore[attr-defined]
     await worker.call(run, "open", here=True)
-    joiner_may_start, joined = anyio.Event(), anyio.Event()
+    joiner_may_start, joiner_queued = anyio.Event(), anyio.Event()
     results: list[str] = []
     real_checkpoint = _worker.checkpoint
 
     async def first_jobs_yield() -> None:
-        # The first job's yield: it is cancelled, and another job joins its group.
+        # The first job's yield: it is cancelled, and another job may join its group.
         monkeypatch.setattr(_worker, "checkpoint", real_checkpoint)
         first.cancel()
-        joiner_may_start.set()
-        with anyio.CancelScope(shield=True):
-            await joined.wait()
+        if joined:
+            joiner_may_start.set()
+            with anyio.CancelScope(shield=True):
+                await joiner_queued.wait()
         await real_checkpoint()
 
     async def joiner() -> None:
         await joiner_may_start.wait()
-        joined.set()  # the first job resumes only once this one has joined, below
+        joiner_queued.set()  # the first job resumes only once this one has joined, below
         results.append(await worker.call(run, "joined", shield=True, here=True))
 
-    with anyio.fail_after(10):  # a joined job that nobody submits would wait forever
+    with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(joiner)
             monkeypatch.setattr(_worker, "checkpoint", first_jobs_yield)
             with anyio.CancelScope() as first:
                 await worker.call(run, "first", shield=True, here=True)
+                results.append("first returned")  # never: it was cancelled
             assert first.cancelled_caught
-    assert results == ["joined"]
-    assert log.ran == ["open", "joined"]
-    assert ran_on["joined"] != threading.get_ident()  # it went to the thread, as its group would
+            if not joined:
+                joiner_may_start.set()
+    if joined:
+        assert log.ran[:2] == ["open", "first"]  # done before the cancellation reached the caller
+        assert ran_on["first"] != threading.get_ident()
+    else:
+        assert log.ran[:2] == ["open", "joined"]  # "first" was never submitted
+    assert results == ["joined"] and len(log.ran) == 2 + joined
+    assert ran_on["joined"] != threading.get_ident() or not joined
     worker.stop()
 
 
