@@ -237,7 +237,7 @@ class ThreadWorker(Generic[R]):
         self._lock = threading.Lock()
         self._stopping = False
         # Held while the resource is in use, by the thread or by a caller running a job here.
-        self._busy = threading.Lock()
+        self.busy = threading.Lock()
         self._resource: R | None = None  # set once the thread has opened it
         self._pending = 0  # jobs submitted to the thread and not yet run; under _lock
         self._group: _Group | None = None  # the open group of jobs arriving together
@@ -334,7 +334,7 @@ class ThreadWorker(Generic[R]):
 
     def _run_here(self, job: Job) -> bool:
         """Run ``job`` on this thread if the resource is idle; ``False`` if it was not run."""
-        if not self._busy.acquire(blocking=False):
+        if not self.busy.acquire(blocking=False):
             return False
         try:
             with self._lock:
@@ -350,7 +350,7 @@ class ThreadWorker(Generic[R]):
             job.done = True
             return True
         finally:
-            self._busy.release()
+            self.busy.release()
 
     def stop(self) -> None:
         """Let queued jobs finish, then close the resource and end the thread (blocking)."""
@@ -390,7 +390,7 @@ class ThreadWorker(Generic[R]):
                     break
                 item = self._queue.get_nowait()
             if jobs:
-                with self._busy:
+                with self.busy:
                     resource = self._run(resource, jobs)
             if taken:
                 with self._lock:
@@ -399,13 +399,13 @@ class ThreadWorker(Generic[R]):
                 _notify(jobs)
                 if self._idle is not None:
                     # Housekeeping after the waiters are woken, never on their path; told
-                    # whether more work is already queued.
-                    with self._busy:
-                        try:
-                            self._idle(resource, self._queue.empty())
-                        except Exception:
-                            pass
-        with self._busy:
+                    # whether more work is already queued. It takes `busy` itself if it uses
+                    # the resource, so a caller is not sent to the thread for nothing.
+                    try:
+                        self._idle(resource, self._queue.empty())
+                    except Exception:
+                        pass
+        with self.busy:
             self._resource = None
         if resource is not None:
             try:

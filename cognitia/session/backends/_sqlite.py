@@ -266,7 +266,9 @@ class SqliteSessionBackend(BackendBase):
         over instead of growing.
         """
         due = CHECKPOINT_EVERY if idle else 8 * CHECKPOINT_EVERY
-        if self._unchecked_writes >= due:
+        if self._unchecked_writes < due:
+            return
+        with self._writer.busy:  # a write may be running on a caller's thread
             self._unchecked_writes = 0
             try:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
