@@ -17,7 +17,8 @@ A worker given a ``here`` function may run a job on the calling thread instead, 
 job arrives alone: the caller first yields to the event loop once, so that other tasks
 ready to submit jobs do so; if none did and the worker has nothing queued or running, the
 job runs at once through ``here`` (which may decline by raising :class:`RunOnThread`), and
-costs no thread hop. Jobs that arrived together go to the thread as one batch.
+costs no thread hop. Jobs that arrive together go to the thread, queued as they arrive,
+and the thread runs whatever queued up as one batch.
 """
 
 from __future__ import annotations

@@ -206,12 +206,22 @@ async def test_stopping_workers_through_a_cancellation_stops_them_all(
     assert all(thread is not None and not thread.is_alive() for thread in threads)
 
 
-def _here_worker(log: Log, ran_on: dict[str, int], batches: list[int]) -> ThreadWorker[Log]:
-    """A worker that may run jobs on the caller's thread, noting each job's thread and each batch."""
+class Here:
+    """A worker that may run jobs on the caller's thread; ``run`` notes each job's thread in
+    ``ran_on``, and each batch the thread runs has its size noted in ``batches``."""
 
-    def run(resource: Log, name: str) -> str:
-        ran_on[name] = threading.get_ident()
+    def __init__(self) -> None:
+        self.log = Log()
+        self.ran_on: dict[str, int] = {}
+        self.batches: list[int] = []
+        self.worker = _here_worker(self.log, self.ran_on, self.batches)
+
+    def run(self, resource: Log, name: str) -> str:
+        self.ran_on[name] = threading.get_ident()
         return record(resource, name)
+
+
+def _here_worker(log: Log, ran_on: dict[str, int], batches: list[int]) -> ThreadWorker[Log]:
 
     def here(resource: Log, fn: Any, args: tuple[Any, ...]) -> Any:
         if args[0].startswith("decline"):
@@ -226,16 +236,14 @@ def _here_worker(log: Log, ran_on: dict[str, int], batches: list[int]) -> Thread
     worker: ThreadWorker[Log] = ThreadWorker(
         "test-worker", lambda: log, lambda _: None, batch=batch, here=here
     )
-    worker.run = run  # type: ignore[attr-defined]
     return worker
 
 
 async def test_a_job_arriving_alone_runs_here_and_jobs_arriving_together_go_to_the_thread(
     anyio_backend: str,
 ) -> None:
-    log, ran_on, batches = Log(), dict[str, int](), list[int]()
-    worker = _here_worker(log, ran_on, batches)
-    run = worker.run  # type: ignore[attr-defined]
+    h = Here()
+    worker, run, log, ran_on, batches = h.worker, h.run, h.log, h.ran_on, h.batches
     me = threading.get_ident()
     # The thread opens the resource: the first job always runs there.
     assert await worker.call(run, "open", here=True) == "open"
@@ -262,9 +270,8 @@ async def test_a_job_arriving_alone_runs_here_and_jobs_arriving_together_go_to_t
 
 
 async def test_a_job_does_not_run_here_while_the_thread_is_busy(anyio_backend: str) -> None:
-    log, ran_on, batches = Log(), dict[str, int](), list[int]()
-    worker = _here_worker(log, ran_on, batches)
-    run = worker.run  # type: ignore[attr-defined]
+    h = Here()
+    worker, run, log, ran_on = h.worker, h.run, h.log, h.ran_on
     await worker.call(run, "open", here=True)
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.call, hold)
@@ -287,9 +294,8 @@ async def test_the_first_job_of_a_group_cancelled_in_its_yield(
     alone, it was never submitted and never runs. If another job joined meanwhile, both were
     queued for the thread at that moment: the first (a write) runs to completion, then its
     cancellation is delivered."""
-    log, ran_on, batches = Log(), dict[str, int](), list[int]()
-    worker = _here_worker(log, ran_on, batches)
-    run = worker.run  # type: ignore[attr-defined]
+    h = Here()
+    worker, run, log, ran_on = h.worker, h.run, h.log, h.ran_on
     await worker.call(run, "open", here=True)
     joiner_may_start, joiner_queued = anyio.Event(), anyio.Event()
     results: list[str] = []
@@ -331,9 +337,8 @@ async def test_the_first_job_of_a_group_cancelled_in_its_yield(
 
 
 async def test_a_stopped_worker_refuses_jobs_asked_to_run_here(anyio_backend: str) -> None:
-    log, ran_on, batches = Log(), dict[str, int](), list[int]()
-    worker = _here_worker(log, ran_on, batches)
-    run = worker.run  # type: ignore[attr-defined]
+    h = Here()
+    worker, run, log = h.worker, h.run, h.log
     await worker.call(run, "open", here=True)
     await worker.astop()
     with pytest.raises(BackendClosedError, match="test-worker is closed"):
