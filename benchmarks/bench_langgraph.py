@@ -20,8 +20,10 @@ checkpoint's objects in a dict): the framework's own cost per turn, hence the be
 saver can reach end to end, and the growth that is LangGraph's rather than the saver's.
 
 For each: turns per second, the median turn, the growth of the per-turn cost (median of
-the last 50 turns over the median of the first 50; 1.0 is flat), each the median over the
-rounds, and the size of the SQLite file (with its WAL) the run leaves. Ratios are cognitia
+the last 50 turns over the median of the first 50; 1.0 is flat), the same growth in
+absolute terms (how much longer a turn takes per 1,000 messages of history: a ratio
+rewards a slow first turn, this does not), each the median over the rounds, and the size
+of the SQLite file (with its WAL) the run leaves. Ratios are cognitia
 over AsyncSqliteSaver. The durability setting of every saver is read back from its SQLite
 connection and printed; cognitia's info-level structlog events are filtered out (an
 application's logging choice, printed too).
@@ -243,16 +245,23 @@ def stored_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in files if f.exists()) / 1e6
 
 
-def summarize(durations: list[float]) -> tuple[float, float, float]:
-    """Turns per second, the median turn in ms, and the growth of the per-turn cost.
+MESSAGES_PER_TURN = 2
+"""Every scenario adds a user message and a reply per turn."""
+
+
+def summarize(durations: list[float]) -> tuple[float, float, float, float]:
+    """Turns per second, the median turn in ms, the growth of the per-turn cost, and its slope.
 
     Growth compares medians (last WINDOW turns over first WINDOW) so that a single slow
-    fsync on a shared disk does not decide it.
+    fsync on a shared disk does not decide it. The slope is the same difference in µs per
+    1,000 messages the thread held between the two windows.
     """
     window = min(WINDOW, len(durations) // 2) or 1
     first = statistics.median(durations[:window])
     last = statistics.median(durations[-window:])
-    return len(durations) / sum(durations), statistics.median(durations) * 1000, last / first
+    grown = (len(durations) - window) * MESSAGES_PER_TURN / 1000
+    slope = (last - first) * 1e6 / grown if grown else 0.0
+    return len(durations) / sum(durations), statistics.median(durations) * 1000, last / first, slope
 
 
 async def bench(steps: int, rounds: int) -> None:
@@ -277,31 +286,38 @@ async def bench(steps: int, rounds: int) -> None:
                     runs.setdefault((label, name), []).append((*summarize(durations), stored_mb(path)))
     print(f"{steps} turns per scenario, {rounds} interleaved rounds, median over rounds;")
     print(f"growth = median of the last {WINDOW} turns / median of the first {WINDOW} (1.0 is flat)")
+    print("µs/1k = how much longer the last turns take than the first, per 1,000 messages of history")
     print("cognitia's info-level structlog events are filtered out (structlog level WARNING)")
     for name in names:
         print(f"durability  {name:18} {DURABILITY.get(name, '?')}")
     print()
-    print(f"{'scenario':28} {'saver':18} {'turns/s':>9} {'p50 ms':>8} {'growth':>7} {'file MB':>8}")
+    print(
+        f"{'scenario':28} {'saver':18} {'turns/s':>9} {'p50 ms':>8} {'growth':>7} {'µs/1k':>7} {'file MB':>8}"
+    )
     for label in scenarios:
         results = {
-            name: tuple(statistics.median(r[i] for r in runs[(label, name)]) for i in range(4))
+            name: tuple(statistics.median(r[i] for r in runs[(label, name)]) for i in range(5))
             for name in names
             if (label, name) in runs
         }
-        for name, (rate, p50, growth, size) in results.items():
-            print(f"{label:28} {name:18} {rate:9.1f} {p50:8.2f} {growth:7.2f} {size:8.2f}")
+        for name, (rate, p50, growth, slope, size) in results.items():
+            print(f"{label:28} {name:18} {rate:9.1f} {p50:8.2f} {growth:7.2f} {slope:7.0f} {size:8.2f}")
         base = results[BASELINE]
-        for name, (rate, p50, growth, _) in results.items():
+        for name, (rate, p50, growth, slope, _) in results.items():
             if name not in (BASELINE, FLOOR):
                 verdict = "met" if rate / base[0] >= 2 else "not met"
                 print(
                     f"{'':28} {name + ' / base':18} {rate / base[0]:8.2f}x {base[1] / p50:7.2f}x"
-                    f" {growth:.2f} vs {base[2]:.2f} (target >= 2x turns/s: {verdict})"
+                    f" {growth:.2f} vs {base[2]:.2f}, {slope:.0f} vs {base[3]:.0f} µs/1k"
+                    f" (target >= 2x turns/s: {verdict})"
                 )
         if FLOOR in results:
             floor = results[FLOOR]
             print(f"{'':28} the best any saver could reach end to end: {floor[0] / base[0]:.2f}x {BASELINE}")
-            print(f"{'':28} LangGraph's own growth (no saver): {floor[2]:.2f}")
+            print(
+                f"{'':28} LangGraph's own growth (no saver): {floor[2]:.2f}, {floor[3]:.0f} µs/1k;"
+                " a saver's own: its µs/1k minus this"
+            )
         print()
 
 
