@@ -252,6 +252,7 @@ def main() -> int:
         # The concurrent scenario takes some 60 ms: a single scheduler hiccup on a shared VM
         # is a large share of it, so each round keeps the best of a few runs (for every subject).
         return lambda p: min(run(p.with_name(f"{p.stem}-{i}.db")) for i in range(runs))
+
     # Every subject runs once per round and the rounds are interleaved, so a burst of load
     # from elsewhere on the machine hits all subjects alike; each figure is its best round.
     subjects: dict[str, Any] = {
