@@ -24,7 +24,19 @@ eight times cheaper than the encoding it replaces:
   ``_codec``).
 - Reading back: the object a thread saved last is served without decoding when its
   fingerprint still equals the one taken when its bytes were made (the caller of
-  ``ainvoke`` holds the same objects and may have changed them since).
+  ``ainvoke`` holds the same objects and may have changed them since), and those bytes
+  were seen to decode back to it (:func:`identical`: same types and fields all the way
+  down). Equal bytes alone are not enough: the serializer decodes a tuple as a list, a
+  model by validating it again (validators may fill in fields, private attributes start
+  over). A list's new items are decoded once when they are encoded; anything else that
+  does not decode back to itself is decoded at every read.
+
+Tuples have a record of their own in fingerprints (they encode as lists do), so a list
+turned into a tuple in place is a change. Two cases remain that a fingerprint does not
+see: a ``bytes`` and a ``bytearray`` inside a value (both msgpack binaries; at the top
+level, where the serializer keeps them apart, they are not fingerprinted), and a class
+defined again under the same name after a value was saved (decoding would make an
+instance of the new class; the saved object keeps the old one).
 
 A pydantic model whose class overrides ``model_dump``, or whose ``model_dump`` runs code of
 its own (``@field_serializer``, ``@model_serializer``, ``@computed_field``, a
@@ -38,6 +50,7 @@ from __future__ import annotations
 import base64
 import enum
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +61,7 @@ from pydantic import BaseModel
 
 from ._codec import Encoding, array_header
 
-__all__ = ["Encoded", "Encodings", "fingerprint"]
+__all__ = ["Encoded", "Encodings", "fingerprint", "identical"]
 
 _CLASS = 1
 _OPTIONS = (
@@ -58,6 +71,7 @@ _OPTIONS = (
     | ormsgpack.OPT_PASSTHROUGH_ENUM
     | ormsgpack.OPT_PASSTHROUGH_UUID
     | ormsgpack.OPT_PASSTHROUGH_SUBCLASS
+    | ormsgpack.OPT_PASSTHROUGH_TUPLE
 )
 _MAX_CLASSES = 4096
 _markers: dict[type[Any], ormsgpack.Ext | None] = {}
@@ -86,7 +100,9 @@ def _marker(cls: type[Any]) -> ormsgpack.Ext | None:
     if model:
         plain = cls.model_dump is BaseModel.model_dump and not _serializes_in_code(cls)
     else:
-        plain = issubclass(cls, enum.Enum) or (issubclass(cls, tuple) and hasattr(cls, "_fields"))
+        # A tuple has a record too: it encodes as a list does, but decodes as a list.
+        named = issubclass(cls, tuple) and hasattr(cls, "_fields")
+        plain = issubclass(cls, enum.Enum) or cls is tuple or named
     marker = _markers[cls] = (
         ormsgpack.Ext(_CLASS, _pack([next(_serials), cls.__qualname__])) if plain else None
     )
@@ -95,13 +111,19 @@ def _marker(cls: type[Any]) -> ormsgpack.Ext | None:
     return marker
 
 
+_DATA_SERIALIZATION = frozenset({"simple", "include-exclude-sequence", "include-exclude-dict"})
+"""Serialization schemas that only say how data is laid out; any other may run code."""
+
+
 def _serializes_in_code(cls: type[BaseModel]) -> bool:
     """Whether ``model_dump`` of ``cls`` runs code of the class's own, which may read more than the fields.
 
     ``@field_serializer``, ``@model_serializer`` and ``@computed_field`` (inherited ones
-    included), and a serializer attached to a field's type (``Annotated[..., PlainSerializer(...)]``,
-    also in a nested model), make what ``model_dump`` returns depend on more than
-    ``__dict__``: such a class is not fingerprinted.
+    included), a serializer attached to a field's type (``Annotated[..., PlainSerializer(...)]``,
+    also in a nested model), a field's ``exclude_if``, and a field serialized through its
+    ``str()`` or ``format()`` make what ``model_dump`` returns depend on more than
+    ``__dict__``: such a class is not fingerprinted. Any serialization the schema names
+    other than plain data (a type's own, or an include/exclude filter) counts as code.
     """
     decorators = cls.__pydantic_decorators__
     if decorators.field_serializers or decorators.model_serializers or decorators.computed_fields:
@@ -121,9 +143,9 @@ def _serializes_in_code(cls: type[BaseModel]) -> bool:
                 continue
             seen.add(id(node))
             serialization = node.get("serialization")
-            if isinstance(serialization, dict) and str(serialization.get("type", "")).startswith("function"):
+            if isinstance(serialization, dict) and serialization.get("type") not in _DATA_SERIALIZATION:
                 return True
-            if node.get("computed_fields"):
+            if node.get("computed_fields") or node.get("serialization_exclude_if") is not None:
                 return True
             pending.extend(node.values())
         elif isinstance(node, (list, tuple)):
@@ -148,7 +170,7 @@ def _default(obj: Any) -> Any:
         raise TypeError(f"no fingerprint for {cls.__name__}")
     if isinstance(obj, enum.Enum):
         return [marker, obj.value]
-    if isinstance(obj, tuple):  # a named tuple
+    if isinstance(obj, tuple):  # a tuple or a named tuple
         return [marker, list(obj)]
     return _model(obj, marker)
 
@@ -168,6 +190,10 @@ def _items(value: list[Any]) -> list[Any]:
 
 def fingerprint(value: Any) -> bytes | None:
     """The value's fingerprint, or ``None`` if it holds an object the fingerprint cannot describe."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        # The serializer gives bytes and a bytearray kinds of their own, which msgpack
+        # does not tell apart: they take the full path.
+        return None
     if type(value) is list:
         value = _items(value)
     elif isinstance(value, tuple) and type(value) is not tuple:
@@ -193,6 +219,9 @@ class Encoded:
     """The list's length, when the value was a list (its encoding can then be extended)."""
     version: Any
     """The channel version the encoding was made for (``None``: not known)."""
+    faithful: bool
+    """Whether decoding ``data`` gives back the value itself: the same types and fields all
+    the way down. Only then may the value be served for what storage holds."""
 
 
 class Encodings:
@@ -230,11 +259,11 @@ class Encodings:
         items = len(value) if type(value) is list else None
         tail: bytes | None = None
         if last is not None and last.fingerprint == mark:
-            kind, data = last.kind, last.data
+            kind, data, faithful = last.kind, last.data, last.faithful
             tail = b"" if items is not None else None
         else:
-            kind, data, tail = self._extend(last, mark, value, items)
-        memo[channel] = Encoded(mark, kind, data, items, version)
+            kind, data, tail, faithful = self._extend(last, mark, value, items)
+        memo[channel] = Encoded(mark, kind, data, items, version, faithful)
         if (
             tail is not None
             and items is not None
@@ -246,20 +275,23 @@ class Encodings:
             return Encoding(kind, base64.b64encode(tail).decode("ascii"), (base, items))
         return Encoding(kind, base64.b64encode(data).decode("ascii"))
 
-    def unchanged(self, memo: dict[Any, Encoded], channel: Any, value: Any, version: Any) -> bool | None:
-        """Whether ``value`` encodes to what was stored for ``version``; ``None`` if the memo cannot tell."""
+    def unchanged(self, memo: dict[Any, Encoded], channel: Any, value: Any, version: Any) -> bool:
+        """Whether ``value`` is what decoding the encoding stored for ``version`` gives back.
+
+        True only when ``value`` still encodes to those bytes and was seen to decode back to
+        itself when they were made.
+        """
         last = memo.get(channel)
-        if last is None or version is None or last.version != version:
-            return None
-        mark = fingerprint(value)
-        if mark is None:
-            return None
-        return mark == last.fingerprint
+        if last is None or version is None or last.version != version or not last.faithful:
+            return False
+        return fingerprint(value) == last.fingerprint
 
     def _extend(
         self, last: Encoded | None, mark: bytes, value: Any, items: int | None
-    ) -> tuple[str, bytes, bytes | None]:
-        """The encoding of ``value``, and the encodings of its new items when it extends ``last``."""
+    ) -> tuple[str, bytes, bytes | None, bool]:
+        """The encoding of ``value``, the encodings of its new items when it extends ``last``,
+        and whether the encoding decodes back to ``value`` (for an extension: whether
+        ``last``'s did and the new items' do)."""
         if last is not None and items is not None and last.items is not None and items > last.items:
             old = len(array_header(last.items))
             new = len(array_header(items))
@@ -267,11 +299,56 @@ class Encodings:
             if mark.startswith(known, new):
                 # msgpack items are self-delimiting: an equal prefix of item fingerprints
                 # means the first `last.items` items are each unchanged.
-                kind, added = self._serde.dumps_typed(value[last.items :])
+                added_items = value[last.items :]
+                kind, added = self._serde.dumps_typed(added_items)
                 tail = added[len(array_header(items - last.items)) :]
-                return kind, array_header(items) + last.data[old:] + tail, tail
+                faithful = last.faithful and self._decodes_to(kind, added, added_items)
+                return kind, array_header(items) + last.data[old:] + tail, tail, faithful
         kind, data = self._serde.dumps_typed(value)
-        return kind, data, None
+        return kind, data, None, self._decodes_to(kind, data, value)
+
+    def _decodes_to(self, kind: str, data: bytes, value: Any) -> bool:
+        """Whether the serializer decodes ``(kind, data)`` to an object identical to ``value``.
+
+        Not always so: a tuple comes back as a list, a subclass of a built-in type as the
+        type, and a model is validated again (its validators may fill in or change fields,
+        private attributes start over, a class the serializer does not allow comes back as
+        a dict).
+        """
+        try:
+            decoded = self._serde.loads_typed((kind, data))
+        except Exception:
+            return False
+        return identical(decoded, value)
+
+
+def identical(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` are equal and of the same types all the way down.
+
+    Stricter than ``==``, which holds between ``1``, ``1.0`` and ``True``, ``0.0`` and
+    ``-0.0``, a tuple and a list with equal items (inside models), a ``bytes`` and a
+    ``bytearray``, and dicts in another order. Models are compared by class and by what
+    their fingerprint reads; NaN equals NaN.
+    """
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(map(identical, a, b))
+    if isinstance(a, dict):
+        # In order, keys included: the encoding keeps both.
+        return len(a) == len(b) and all(map(identical, a.items(), b.items()))
+    if isinstance(a, BaseModel):
+        return (
+            identical(a.__dict__, b.__dict__)
+            and identical(a.__pydantic_extra__, b.__pydantic_extra__)
+            and identical(a.__pydantic_private__, b.__pydantic_private__)
+        )
+    if isinstance(a, float):
+        return (a == b and math.copysign(1.0, a) == math.copysign(1.0, b)) or (a != a and b != b)
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
 
 
 class _Sample(enum.Enum):

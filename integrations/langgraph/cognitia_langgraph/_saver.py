@@ -38,7 +38,6 @@ from ._codec import (
     load_value,
     pair_of,
     pending_writes,
-    raw,
     refuse_pickle,
     resolve,
     sources,
@@ -56,7 +55,8 @@ Log = list[Turn]
 """Turns of a thread's log, oldest first."""
 Found = tuple[Turn, Log]
 """A checkpoint's newest turn and the turns holding its pending writes."""
-Values = dict[str, dict[str, tuple[Any, Any]]]
+Values = dict[str, tuple[str, dict[str, tuple[Any, Any]]]]
+"""Per namespace: the id of the checkpoint saved last, and its channels' versions and objects."""
 """Per namespace, per channel: the version and the object of the latest value saved."""
 Memo = dict[tuple[str, str], Encoded]
 """Per (namespace, channel): the last encoding made, to extend or to check an object against."""
@@ -126,10 +126,11 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         self.manager = InMemorySessionManager.of(store)
         self.key_prefix = key_prefix
         self._bridge = SyncBridge()
-        # The objects LangGraph saved last, per live session: a read of the latest checkpoint
+        # The objects LangGraph saved last, per live session: a read of that checkpoint
         # serves them instead of decoding what was just encoded, once they are proven to
         # still encode to the stored bytes (the caller of ainvoke holds the same objects and
-        # may have changed them). Dropped with the live session (eviction, reload).
+        # may have changed them) and to decode back to themselves (see _reuse). Dropped
+        # with the live session (eviction, reload).
         self._saved: WeakKeyDictionary[Session, Values] = WeakKeyDictionary()
         # Per live session, the last encoding of each channel with its fingerprint (see
         # _reuse): a growing list is encoded by extending it, and a saved object is proven
@@ -235,11 +236,14 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
 
         session = await self.manager.update(key, change)
         versions = checkpoint["channel_versions"]
-        self._saved.setdefault(session, {})[ns] = {
-            channel: (versions[channel], value)
-            for channel, value in checkpoint["channel_values"].items()
-            if versions.get(channel) is not None
-        }
+        self._saved.setdefault(session, {})[ns] = (
+            checkpoint["id"],
+            {
+                channel: (versions[channel], value)
+                for channel, value in checkpoint["channel_values"].items()
+                if versions.get(channel) is not None
+            },
+        )
         return {
             "configurable": {
                 "thread_id": config["configurable"]["thread_id"],
@@ -539,7 +543,10 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
     ) -> CheckpointTuple:
         ns = checkpoint["ns"]
         parent = checkpoint["parent"]
-        recent = {} if saved is None else saved.get(ns, {})
+        # Only the checkpoint saved last may be served from its objects: an older one can
+        # hold another encoding of the same channel version (stored again, see REACH).
+        last = None if saved is None else saved.get(ns)
+        recent = last[1] if last is not None and last[0] == checkpoint["id"] else {}
         versions = checkpoint["checkpoint"]["channel_versions"]
         decoded = {
             channel: self._value(recent, memo, (ns, channel), versions.get(channel), pair)
@@ -571,22 +578,16 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         version: Any,
         stored: Stored,
     ) -> Any:
-        """Decode ``stored``, or serve the object last saved as it if it still encodes to it exactly."""
+        """Decode ``stored``, or serve the object last saved as it if it is what decoding gives.
+
+        That takes the memo's proof: the object still encodes to the stored bytes, and they
+        were seen to decode back to it. Encoding alike is not enough (a tuple encodes as a
+        list does), so a value without a fingerprint is decoded.
+        """
         channel = name[1]
         saved = recent.get(channel)
         if saved is not None and version is not None and saved[0] == version:
-            same = None if memo is None else self._encodings.unchanged(memo, name, saved[1], version)
-            if same is None:
-                # No fingerprint to compare: encoding is some three times cheaper than
-                # decoding for LangGraph's serializer, and proves the object equals what
-                # storage holds; a serializer that does not encode twice alike (encryption
-                # with a random nonce) just falls back to decoding.
-                try:
-                    encoded: tuple[str, bytes] | None = self.serde.dumps_typed(saved[1])
-                except Exception:
-                    encoded = None
-                same = encoded == raw(stored)
-            if same:
+            if memo is not None and self._encodings.unchanged(memo, name, saved[1], version):
                 return saved[1]
             del recent[channel]
         return load_value(self.serde, stored)
