@@ -272,17 +272,27 @@ class ThreadWorker(Generic[R]):
         """Queue ``jobs`` for the thread (started on first use); refused once stopping."""
         if not jobs:
             return
+        error: BaseException
         with self._lock:
-            if not self._stopping:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
-                    self._thread.start()
-                self._pending += len(jobs)
-                for job in jobs:
-                    self._queue.put(job)
-                return
+            if self._stopping:
+                error = BackendClosedError(f"{self.name} is closed")
+            else:
+                try:
+                    if self._thread is None:
+                        thread = threading.Thread(target=self._main, name=self.name, daemon=True)
+                        thread.start()
+                        self._thread = thread
+                except RuntimeError as exc:
+                    # No thread to be had (the process is out of them): these jobs fail,
+                    # and the next one tries again.
+                    error = exc
+                else:
+                    self._pending += len(jobs)
+                    for job in jobs:
+                        self._queue.put(job)
+                    return
         for job in jobs:
-            job.error = BackendClosedError(f"{self.name} is closed")
+            job.error = error
         _notify(jobs)
 
     async def _stage(self, job: Job, shield: bool) -> bool:

@@ -21,7 +21,7 @@ from _cancel_twice import cancel_twice_while_waiting
 
 from cognitia import BackendClosedError, StorageError, VersionConflictError
 from cognitia.session.backends import MemoryScope, SqliteSessionBackend, _sqlite
-from cognitia.session.backends._sqlite import SCHEMA_VERSION
+from cognitia.session.backends._sqlite import CHECKPOINT_EVERY, SCHEMA_VERSION
 
 pytestmark = pytest.mark.anyio
 
@@ -651,6 +651,32 @@ async def test_a_write_arriving_alone_is_committed_on_the_calling_thread(
         assert len(writes) < 20  # plain saves queued together: multi-row statements
         assert [await backend.load(f"agent:{i}") for i in range(20)] == [{"n": i} for i in range(20)]
         conn.set_trace_callback(None)
+
+
+async def test_the_first_write_after_a_checkpoint_runs_on_the_writer_thread(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """A checkpoint that copied the whole WAL makes the next commit start the WAL over, which
+    syncs its header to disk even with NORMAL: that commit never runs on the event loop's
+    thread. The writes after it do again."""
+    async with SqliteSessionBackend(db_path=tmp_path / "s.db") as backend:
+        await backend.save("agent:k", {"n": 0})
+        conn = backend._writer._resource
+        assert conn is not None
+        threads: list[int] = []
+        insert = "INSERT"
+        conn.set_trace_callback(lambda sql: threads.append(threading.get_ident()) if insert in sql else None)
+        me = threading.get_ident()
+        await backend.save("agent:k", {"n": 1})
+        # The checkpoint the writer thread runs when it is idle and one is due, run here.
+        backend._unchecked_writes = CHECKPOINT_EVERY
+        backend._checkpoint(conn, True)
+        busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert busy == 0 and frames == copied, "the WAL is all in the database: the next commit restarts it"
+        for n in range(2, 5):
+            await backend.save("agent:k", {"n": n})
+        conn.set_trace_callback(None)
+        assert [thread == me for thread in threads] == [True, False, True, True]
 
 
 async def test_a_write_on_the_calling_thread_never_waits_for_a_lock(

@@ -344,3 +344,23 @@ async def test_a_stopped_worker_refuses_jobs_asked_to_run_here(anyio_backend: st
     with pytest.raises(BackendClosedError, match="test-worker is closed"):
         await worker.call(run, "late", here=True)
     assert log.ran == ["open"]
+
+
+async def test_a_thread_that_cannot_be_started_fails_its_jobs_and_the_next_job_starts_one(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = Log()
+    worker: ThreadWorker[Log] = ThreadWorker("test-worker", lambda: log, lambda _: None)
+    start = threading.Thread.start
+
+    def out_of_threads(thread: threading.Thread) -> None:
+        monkeypatch.setattr(threading.Thread, "start", start)  # once
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", out_of_threads)
+    with anyio.fail_after(10):  # a job queued for a thread that never started would wait forever
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            await worker.call(record, "lost")
+        assert await worker.call(record, "next") == "next"
+    assert log.ran == ["next"]
+    await worker.astop()

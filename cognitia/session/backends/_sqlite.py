@@ -108,8 +108,11 @@ class SqliteSessionBackend(BackendBase):
     its neighbours), and ``save`` returns once its transaction is committed. A write that
     arrives alone, while the writer is idle, is committed on the calling thread instead: with
     ``synchronous="NORMAL"`` a WAL commit does not wait for the disk and takes less time than
-    the hop to the writer would. It never waits for a lock either; if another process holds
-    the write lock, the write goes to the writer thread, which waits. Reads never
+    the hop to the writer would. (The first commit after a checkpoint may start the WAL
+    over, which syncs its header to disk: that one goes to the writer thread. After a
+    checkpoint run by another process, a commit here may wait for that sync once.) It never
+    waits for a lock either; if another process holds the write lock, the write goes to the
+    writer thread, which waits. Reads never
     queue behind writes: loading one session is a primary-key lookup on a WAL snapshot,
     served on the calling thread's own read-only connection (it never waits for a lock; if
     it would, the read goes to the backend's reader thread), and larger reads (listing keys,
@@ -164,6 +167,9 @@ class SqliteSessionBackend(BackendBase):
         self._inline_lock = threading.Lock()
         self._schema_ready = threading.Event()
         self._unchecked_writes = 0
+        # Set by a checkpoint: the next commit may start the WAL over, and with NORMAL that
+        # syncs the WAL header to disk. That commit is the writer thread's.
+        self._wal_checkpointed = False
         self._inline_writes = inline_writes and synchronous in ("OFF", "NORMAL")
         self._writer: ThreadWorker[sqlite3.Connection] = ThreadWorker(
             f"cognitia-sqlite-writer:{self.db_path}",
@@ -233,14 +239,18 @@ class SqliteSessionBackend(BackendBase):
     def _write_batch(self, conn: sqlite3.Connection, jobs: list[Job]) -> None:
         _run_batch(conn, jobs)
         self._unchecked_writes += len(jobs)
+        self._wal_checkpointed = False
 
     def _write_here(
         self, conn: sqlite3.Connection, fn: Callable[..., object], args: tuple[object, ...]
     ) -> object:
         """Run a write on the calling thread, on the writer's connection (the worker holds it
         for us), without waiting for a lock: busy, it goes to the writer thread instead."""
-        if self._unchecked_writes >= CHECKPOINT_EVERY and not self._memory:
-            raise RunOnThread  # the writer thread checkpoints once it has woken the caller
+        if (self._unchecked_writes >= CHECKPOINT_EVERY or self._wal_checkpointed) and not self._memory:
+            # Due for a checkpoint, which the writer thread runs once it has woken the
+            # caller; or just after one, when the commit may restart the WAL and wait for
+            # the disk to sync its header.
+            raise RunOnThread
         conn.execute("PRAGMA busy_timeout = 0")
         try:
             result = fn(conn, *args)
@@ -270,6 +280,7 @@ class SqliteSessionBackend(BackendBase):
             return
         with self._writer.busy:  # a write may be running on a caller's thread
             self._unchecked_writes = 0
+            self._wal_checkpointed = True
             try:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             except sqlite3.Error:
