@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from types import ModuleType
@@ -47,7 +48,19 @@ cancellation goes on (the threads stop either way)."""
 _trio: ModuleType | None = None
 # The running asyncio loop or None, without raising when there is none (on trio): the same
 # function asyncio.get_running_loop() is built on.
-_running_loop = asyncio._get_running_loop
+_asyncio_loop = asyncio._get_running_loop
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop, or ``None`` in a trio task.
+
+    Also ``None`` for trio run as a guest of an asyncio loop (``trio.lowlevel.start_guest_run``):
+    that thread has a running asyncio loop, but the task is trio's.
+    """
+    loop = _asyncio_loop()
+    if loop is not None and "trio" in sys.modules and _trio_lowlevel().in_trio_task():
+        return None
+    return loop
 
 
 def _trio_lowlevel() -> ModuleType:

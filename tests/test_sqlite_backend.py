@@ -719,3 +719,30 @@ async def test_a_write_on_the_calling_thread_never_waits_for_a_lock(
         assert await backend.load("agent:k") == {"v": "new"}
         conn = backend._writer._resource
         assert conn is not None and conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30000
+
+
+def test_trio_run_as_a_guest_of_an_asyncio_loop_is_trio(tmp_path: Path) -> None:
+    """``trio.lowlevel.start_guest_run`` runs trio tasks on a thread with a running asyncio
+    loop (a trio app embedded in an asyncio one): they get trio's way of waiting."""
+    import trio  # a test dependency, as for every test that runs on both runtimes
+
+    async def trio_main() -> list[Any]:
+        async with SqliteSessionBackend(db_path=tmp_path / "guest.db") as backend:
+            await backend.save("agent:k", {"n": 0})  # alone: on this thread
+            async with trio.open_nursery() as nursery:  # together: on the writer thread
+                for i in range(10):
+                    nursery.start_soon(backend.save, f"agent:{i}", {"n": i})
+            with trio.move_on_after(0.01):
+                await trio.sleep_forever()
+            return [await backend.load(f"agent:{i}") for i in ("k", *range(10))]
+
+    async def host() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+        trio.lowlevel.start_guest_run(
+            trio_main, run_sync_soon_threadsafe=loop.call_soon_threadsafe, done_callback=done.set_result
+        )
+        outcome = await asyncio.wait_for(done, 30)
+        return outcome.unwrap()  # type: ignore[no-any-return]
+
+    assert asyncio.run(host()) == [{"n": 0}, *({"n": i} for i in range(10))]
