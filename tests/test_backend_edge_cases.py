@@ -238,7 +238,7 @@ async def test_closing_through_a_cancellation_stops_every_thread_and_connection(
         thread.join(30)  # they were told to stop before the close was cancelled
     assert [t.name for t in threads if t.is_alive()] == []
     if kind == "sqlite":
-        assert backend._inline_conns == []
+        assert len(backend._inline_conns) == 0
     elif kind == "postgres":
         assert (
             await anyio.to_thread.run_sync(_server_connections, request.getfixturevalue("postgres_dsn"), name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sqlite3
@@ -21,7 +22,7 @@ from _cancel_twice import cancel_twice_while_waiting
 
 from cognitia import BackendClosedError, StorageError, VersionConflictError
 from cognitia.session.backends import MemoryScope, SqliteSessionBackend, _sqlite
-from cognitia.session.backends._sqlite import CHECKPOINT_EVERY, SCHEMA_VERSION
+from cognitia.session.backends._sqlite import CHECKPOINT_EVERY, SCHEMA_VERSION, _InlineConnection
 
 pytestmark = pytest.mark.anyio
 
@@ -441,7 +442,7 @@ async def test_inline_reads_fall_back_to_the_reader_thread_instead_of_waiting(
         refused = sqlite3.connect(locked, timeout=0, isolation_level=None, check_same_thread=False)
         with pytest.raises(sqlite3.OperationalError, match="locked"):
             refused.execute("SELECT 1 FROM cognitia_sessions").fetchall()
-        backend._inline.conn = refused
+        backend._inline.held = _InlineConnection(refused)
         await backend.save("agent:k", {"n": 2})
         # The locked copy cannot answer, and holds the old state anyway: this is the reader thread.
         assert await backend.load("agent:k") == {"n": 2}
@@ -746,3 +747,28 @@ def test_trio_run_as_a_guest_of_an_asyncio_loop_is_trio(tmp_path: Path) -> None:
         return outcome.unwrap()  # type: ignore[no-any-return]
 
     assert asyncio.run(host()) == [{"n": 0}, *({"n": i} for i in range(10))]
+
+
+def test_a_threads_read_connection_is_closed_when_the_thread_ends(tmp_path: Path) -> None:
+    """Each thread that loads a session gets a read-only connection of its own (two file
+    descriptors). Threads that come and go (an ``asyncio.run`` per request) do not pile them up."""
+    backend = SqliteSessionBackend(db_path=tmp_path / "s.db")
+    try:
+        asyncio.run(backend.save("agent:k", {"n": 1}))
+        loaded: list[Any] = []
+
+        def request() -> None:
+            loaded.append(asyncio.run(backend.load("agent:k")))
+
+        for _ in range(50):
+            thread = threading.Thread(target=request)
+            thread.start()
+            thread.join()
+        gc.collect()
+        assert loaded == [{"n": 1}] * 50
+        assert len(backend._inline_conns) <= 1  # at most the main thread's
+        asyncio.run(backend.load("agent:k"))
+        assert len(backend._inline_conns) == 1
+    finally:
+        backend.close()
+    assert len(backend._inline_conns) == 0

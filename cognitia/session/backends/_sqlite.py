@@ -4,6 +4,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -163,7 +164,7 @@ class SqliteSessionBackend(BackendBase):
         self._memory = self.db_path == ":memory:"
         self._inline_reads = inline_reads and not self._memory
         self._inline = threading.local()
-        self._inline_conns: list[sqlite3.Connection] = []
+        self._inline_conns: weakref.WeakSet[_InlineConnection] = weakref.WeakSet()
         self._inline_lock = threading.Lock()
         self._schema_ready = threading.Event()
         self._unchecked_writes = 0
@@ -298,15 +299,19 @@ class SqliteSessionBackend(BackendBase):
         goes to the reader thread instead, so the event loop is never held up by another
         writer.
         """
-        conn: sqlite3.Connection | None = getattr(self._inline, "conn", None)
-        if conn is None:
+        held: _InlineConnection | None = getattr(self._inline, "held", None)
+        if held is None:
             conn = sqlite3.connect(self.db_path, timeout=0, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA query_only = ON")
             conn.execute("PRAGMA busy_timeout = 0")
+            held = _InlineConnection(conn)
             with self._inline_lock:
-                self._inline_conns.append(conn)
-            self._inline.conn = conn
-        return conn
+                if self._closed:  # closed meanwhile: the inline connections are already gone
+                    held.close()
+                    raise sqlite3.OperationalError("the backend is closed")
+                self._inline_conns.add(held)
+            self._inline.held = held
+        return held.conn
 
     async def _read(self, fn: Callable[..., object], *args: object) -> object:
         if not self._schema_ready.is_set():
@@ -379,12 +384,29 @@ class SqliteSessionBackend(BackendBase):
 
     def _close_inline(self) -> None:
         with self._inline_lock:
-            conns, self._inline_conns = self._inline_conns, []
-        for conn in conns:
-            conn.close()
+            held = list(self._inline_conns)
+            self._inline_conns.clear()
+        for connection in held:
+            connection.close()
 
     def _describe(self) -> str:
         return f"db_path={self.db_path!r}"
+
+
+class _InlineConnection:
+    """A thread's read-only connection for point reads, closed when the thread ends or the
+    backend closes, whichever comes first.
+
+    Only the thread's own ``threading.local`` holds it: once the thread is gone, nothing
+    does, and its connection (two file descriptors) is closed, however many short-lived
+    threads (an ``asyncio.run`` per request, say) have used the backend.
+    """
+
+    __slots__ = ("__weakref__", "close", "conn")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.close = weakref.finalize(self, conn.close)
 
 
 # Everything below runs in a worker thread, on the connection it owns.
