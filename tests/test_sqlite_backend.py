@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Awaitable, Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -772,3 +773,32 @@ def test_a_threads_read_connection_is_closed_when_the_thread_ends(tmp_path: Path
     finally:
         backend.close()
     assert len(backend._inline_conns) == 0
+
+
+async def test_a_commit_that_fails_leaves_no_transaction_open(anyio_backend: str, tmp_path: Path) -> None:
+    """The save whose COMMIT failed raises; the next save is committed on its own, not swallowed
+    by a transaction left open."""
+    path = tmp_path / "s.db"
+    async with SqliteSessionBackend(db_path=path) as backend:
+        await backend.save("agent:k", {"n": 0})
+        conn = backend._writer._resource
+        assert conn is not None
+        refusals = [1]
+
+        def authorizer(action: int, *args: object) -> int:
+            if action == sqlite3.SQLITE_TRANSACTION and args[0] == "COMMIT" and refusals:
+                refusals.pop()
+                return sqlite3.SQLITE_DENY
+            return sqlite3.SQLITE_OK
+
+        conn.set_authorizer(authorizer)
+        with pytest.raises(StorageError):
+            await backend.commit("agent:k", {"n": 1}, expected_version=1, turns=[{"t": 1}])
+        conn.set_authorizer(None)
+        assert not conn.in_transaction
+        await backend.commit("agent:k", {"n": 2}, expected_version=1, turns=[{"t": 2}])
+        with closing(sqlite3.connect(path)) as other:
+            assert other.execute(
+                "SELECT version FROM cognitia_sessions WHERE key = 'agent:k'"
+            ).fetchone() == (2,)
+        assert await backend.load_turns("agent:k") == [{"t": 2}]

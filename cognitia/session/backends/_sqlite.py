@@ -458,8 +458,19 @@ class _Transaction:
             self.own = True
 
     def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        if self.own:
-            self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        if not self.own:
+            return
+        if exc_type is not None:
+            self.conn.execute("ROLLBACK")
+            return
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            # A COMMIT that failed may leave the transaction open (SQLite rolls back on its
+            # own only after some errors): the next write must not find itself inside it.
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
 
 
 def _save(conn: sqlite3.Connection, key: str, state: str, now: float, expires_at: float | None) -> None:
