@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -1147,3 +1149,85 @@ async def test_register_replaces_the_state_however_busy_the_key(retries: int) ->
     stored = InMemorySessionManager(DictBackend(storage))
     assert (await stored.get("agent:x")).state == {"replaced": True}
     assert len(session.turns) == len(await stored.turns("agent:x")) == retries + 2
+
+
+async def test_register_after_a_save_that_timed_out_but_landed_repeats_no_turn(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """close() times out while another process holds the write lock, and its write lands
+    later: the live copy comes back with turns that are stored already. register() must see
+    that storage moved past it, not store those turns a second time."""
+    backend = SqliteSessionBackend(db_path=tmp_path / "s.db")
+    manager = InMemorySessionManager(backend, save_timeout=0.2)
+    session = await manager.open("agent:k", {})
+    session.turns.append({"id": 1})
+    await manager.save(session)
+    session.turns.append({"id": 2})
+    locked = threading.Event()
+
+    def hold_the_write_lock() -> None:
+        holder = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        locked.set()
+        time.sleep(0.6)  # longer than save_timeout, shorter than the writer's busy timeout
+        holder.execute("COMMIT")
+        holder.close()
+
+    other = threading.Thread(target=hold_the_write_lock)
+    other.start()
+    await anyio.to_thread.run_sync(locked.wait)
+    with pytest.raises(TimeoutError):
+        await manager.close("agent:k")
+    assert "agent:k" in manager  # the outcome is unknown: the live copy stays
+    await anyio.to_thread.run_sync(other.join)
+    for _ in range(1000):  # the timed-out write goes through once the lock is free
+        stored = await backend.load_record("agent:k")
+        if stored is not None and stored.version == 2:
+            break
+        await anyio.sleep(0.01)
+    else:
+        pytest.fail("the write that timed out never landed")
+    registered = await manager.register("agent:k", {"fresh": True})
+    assert [t["id"] for t in await backend.load_turns("agent:k")] == [1, 2]
+    assert len(registered.turns) == 2 and registered.version == 3
+    await manager.aclose()
+    await backend.aclose()
+
+
+async def test_register_never_cuts_a_turn_it_did_not_read(anyio_backend: str) -> None:
+    """A live copy with a queued pop() loses the race to another worker's append: register()
+    writes its state, and the other worker's turn stays (the pop was based on a stale count)."""
+    backend = InMemorySessionBackend()
+    a = InMemorySessionManager(backend, revalidate=True, retries=0)
+    b = InMemorySessionManager(backend, revalidate=True)
+    session = await a.open("agent:k", {})
+    for n in (1, 2, 3):
+        session.turns.append({"text": str(n)})
+    await a.save(session)
+    await session.turns.pop()
+    read = a._store.read
+    appends = [say("4")]
+
+    async def read_then_b_appends(key: str) -> Any:
+        loaded = await read(key)
+        if appends:  # once, between a's first read and its write
+            await b.update("agent:k", appends.pop())
+        return loaded
+
+    a._store.read = read_then_b_appends  # type: ignore[method-assign]
+    registered = await a.register("agent:k", {"fresh": True})
+    a._store.read = read  # type: ignore[method-assign]
+    assert texts(await b.turns("agent:k")) == ["1", "2", "3", "4"]
+    assert (await b.get("agent:k")).state == {"fresh": True}
+    assert len(registered.turns) == 4
+
+
+async def test_a_register_that_cannot_be_stored_leaves_the_live_state(anyio_backend: str) -> None:
+    manager = InMemorySessionManager(InMemorySessionBackend())
+    session = await manager.register("agent:k", {"a": 1})
+    with pytest.raises(StateNotSerializableError):
+        await manager.register("agent:k", {"bad": object()})
+    assert session.state == {"a": 1}
+    session.state["a"] = 2
+    await manager.save(session)
+    assert (await manager.get("agent:k")).state == {"a": 2}

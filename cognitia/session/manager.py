@@ -309,44 +309,67 @@ class InMemorySessionManager:
         check_key(key)
         state = {} if state is None else state
         async with self._operation(key):
-            session = self._live.get(key)
-            if self._store.backend is None or (session is not None and not self.revalidate):
-                # No storage, or a live copy only this manager writes: it is current.
-                if session is None:
-                    session = Session(key, state, turns=Turns(key, 0, self._store.turns))
-                else:
-                    session.state = state
-                await self._persist(session, "registered", expected=None)
+            live = self._live.get(key)
+            if self._store.backend is None:
+                session = live or Session(key, state, turns=Turns(key, 0, self._store.turns))
+                await self._register_write(session, state, None)
             else:
-                # The stored turn log is kept, so the session must know its length: what
-                # storage holds decides, and the write checks it is still what was read.
-                for attempt in range(self.retries + 1):
-                    if attempt:
-                        await conflict_pause(attempt)
-                    stored = await self._store.read(key)
-                    count = 0 if stored is None else stored.turn_count
-                    if session is None:
-                        session = Session(key, state, turns=Turns(key, count, self._store.turns))
-                    else:
-                        session.state = state
-                        if stored is None or stored.version != session.version:
-                            session.turns._restart(count)  # another worker saved since
-                    # register() replaces the state whatever is stored: after `retries`
-                    # conflicts the write goes through unchecked, and the count is read again.
-                    unchecked = attempt == self.retries
-                    read = 0 if stored is None else stored.version
-                    try:
-                        await self._persist(session, "registered", expected=None if unchecked else read)
-                    except VersionConflictError:
-                        continue
-                    if unchecked and session.version != read + 1:
-                        now = await self._store.read(key)
-                        if now is not None and now.version == session.version:
-                            session.turns._restart(now.turn_count)
-                    break
-            assert session is not None
+                session = await self._register_stored(key, live, state)
             self._admit(session)
             return session
+
+    async def _register_stored(self, key: str, live: Session | None, state: dict[str, Any]) -> Session:
+        """:meth:`register` over storage, whose turn log is kept: the session must know its length.
+
+        Every write checks the version it was based on. A live copy is written with its
+        queued turns only while storage still holds its version: one storage has moved past
+        (another worker, or a save of unknown outcome that landed after all, turns queued
+        included) is replaced by a session read from storage. After ``retries`` conflicts
+        the state is written alone, unchecked, so that no turn is added or cut on a count
+        that may be stale (turns queued on the live copy are dropped then).
+        """
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await conflict_pause(attempt)
+            if live is not None and not self.revalidate and not attempt:
+                # A copy only this manager writes is current, unless a save whose outcome
+                # was unknown landed: the version check tells.
+                session, expected = live, live.version
+            else:
+                stored = await self._store.read(key)
+                expected = 0 if stored is None else stored.version
+                if live is not None and live.version == expected:
+                    session = live
+                else:
+                    count = 0 if stored is None else stored.turn_count
+                    session = Session(key, state, turns=Turns(key, count, self._store.turns))
+            try:
+                await self._register_write(session, state, expected)
+            except VersionConflictError:
+                live = None  # dropped by the conflict: storage decides from now on
+                continue
+            return session
+        stored = await self._store.read(key)
+        read = 0 if stored is None else stored.version
+        session = Session(
+            key, state, turns=Turns(key, 0 if stored is None else stored.turn_count, self._store.turns)
+        )
+        await self._register_write(session, state, None)
+        if session.version != read + 1:  # another write came in between: count again
+            now = await self._store.read(key)
+            if now is not None and now.version == session.version:
+                session.turns._restart(now.turn_count)
+        return session
+
+    async def _register_write(self, session: Session, state: dict[str, Any], expected: int | None) -> None:
+        """Store ``state`` as the session's state; a write that fails leaves the live copy as it was."""
+        previous = session.state
+        session.state = state
+        try:
+            await self._persist(session, "registered", expected=expected)
+        except BaseException:
+            session.state = previous
+            raise
 
     async def get(self, key: str) -> Session:
         """The live session for ``key``, rehydrated from the backend if it is not live.
