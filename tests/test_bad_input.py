@@ -383,3 +383,15 @@ def test_the_json_codec_matches_the_standard_library() -> None:
         _json.loads('{"a": 1} {}')
     with pytest.raises(json.JSONDecodeError):
         _json.loads("")
+
+
+@pytest.mark.parametrize("ttl", [0, -1, float("nan"), float("inf"), 1e16])
+def test_a_ttl_no_engine_can_store_is_refused(ttl: float, tmp_path: Path) -> None:
+    """A deadline past what Redis's PEXPIRE takes would fail halfway through a commit there;
+    every backend refuses it when it is made."""
+    for make in (
+        lambda: InMemorySessionBackend(ttl=ttl),
+        lambda: SqliteSessionBackend(tmp_path / "t.db", ttl=ttl),
+    ):
+        with pytest.raises(ValueError, match="ttl must be a positive number of seconds up to"):
+            make()

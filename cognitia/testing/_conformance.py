@@ -525,6 +525,19 @@ async def truncate_drops_the_newest_turns_atomically(factory: Factory) -> None:
         _expect(record is not None and record.turn_count == 0, "turn_count must follow truncation")
 
 
+@_rule(Capability.TURN_LOG)
+async def counts_past_any_log_mean_all_of_it(factory: Factory) -> None:
+    """truncate and last larger than any log (beyond 64-bit integers too) keep and read every turn."""
+    async with _Opened(factory) as backend:
+        await backend.commit("agent:big", {}, turns=[{"i": 0}, {"i": 1}])
+        for huge in (2**31, 10**18, 2**70):
+            await backend.commit("agent:big", {}, truncate=huge)
+            _expect(
+                await backend.load_turns("agent:big", last=huge) == [{"i": 0}, {"i": 1}],
+                f"truncate={huge} or last={huge} lost turns or failed",
+            )
+
+
 @_rule(Capability.TURN_LOG, persistent_only=True)
 async def turns_survive_a_new_backend_object(factory: Factory) -> None:
     """Turns written by one backend object are read by a new one over the same storage."""

@@ -14,6 +14,11 @@ from ._scope import MemoryScope
 
 __all__ = ["BackendBase", "RawRecord", "check_delete_version", "check_version", "prefix_bounds"]
 
+MAX_TTL = 1000 * 365.25 * 24 * 3600
+"""The longest ``ttl`` a backend takes, in seconds: every engine can store such a deadline."""
+MAX_COUNT = 2**31 - 1
+"""Turn counts are passed to the engines capped here (more turns than any log holds)."""
+
 RawRecord = tuple[str, int, int, float, "float | None"]
 """What a storage engine returns for a session: state JSON, version, turn count, updated_at, expires_at."""
 
@@ -75,8 +80,11 @@ class BackendBase(ABC):
     _driver_errors: ClassVar[tuple[type[BaseException], ...]] = ()
 
     def __init__(self, *, ttl: float | None = None, clock: Callable[[], float] = time.time) -> None:
-        if ttl is not None and not ttl > 0:
-            raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
+        if ttl is not None and not 0 < ttl <= MAX_TTL:
+            raise ValueError(
+                f"ttl must be a positive number of seconds up to {MAX_TTL:.0f} (about a thousand years) "
+                f"or None, got {ttl!r}"
+            )
         self.ttl = ttl
         self._clock = clock
         self._closed = False
@@ -187,6 +195,8 @@ class BackendBase(ABC):
         if truncate is not None and (type(truncate) is not int or truncate < 0):
             raise ValueError(f"truncate must be None or an int >= 0, got {truncate!r}")
         now, expires_at = self._write_times()
+        if truncate is not None:
+            truncate = min(truncate, MAX_COUNT)  # keeping more turns than any log holds keeps them all
         with self._errors("save", key):
             return await self._raw_commit(
                 key, state, expected_version, list(turns), truncate, now, expires_at
@@ -209,6 +219,8 @@ class BackendBase(ABC):
         with self._errors("load turns of", key):
             if last == 0:
                 return []
+            if last is not None:
+                last = min(last, MAX_COUNT)  # more than any log holds: all of them
             raw = await self._raw_load_turns(key, last, self._clock())
         return [loads(t) for t in raw]
 
