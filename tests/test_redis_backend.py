@@ -211,6 +211,31 @@ async def test_a_resent_conditional_delete_is_applied_once(
         client.close()
 
 
+async def test_a_resent_delete_is_applied_once(redis_url: str, redis_prefix: str, redis_client: Any) -> None:
+    """A plain delete resent after a lost reply (a pipeline is resent whole, say behind a
+    create of the same key) reports what it did the first time, and never deletes the
+    session created under the key in between."""
+    import redis
+
+    from cognitia.session.backends._redis import _Commands, _execute
+
+    commands = _Commands(redis_prefix)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        created: tuple[Any, ...] = ("agent:d", "{}", 0, [], None, 1.0, None, None)
+        assert _execute(client, commands.commit, *created, "first") == 1
+        delete = ("agent:d", 1.0, None, "delete-token")
+        assert _execute(client, commands.delete, *delete) is True
+        assert _execute(client, commands.commit, *created, "create-again") == 2
+        assert _execute(client, commands.delete, *delete) is True  # the resend: already applied
+        assert redis_client.hget(f"{redis_prefix}s:agent:d", "v") == "2"
+        missing = ("agent:none", 1.0, None, "missing-token")
+        assert _execute(client, commands.delete, *missing) is False
+        assert _execute(client, commands.delete, *missing) is False  # resent: same answer
+    finally:
+        client.close()
+
+
 async def test_a_flushed_script_cache_is_reloaded(
     redis_url: str, redis_prefix: str, redis_client: Any
 ) -> None:

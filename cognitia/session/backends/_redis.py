@@ -140,9 +140,12 @@ return out
 _DELETE = """
 local h, l, idx, xp, w, vs, rm = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local key, now, expected, nonce = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-if expected ~= '' and redis.call('ZSCORE', w, nonce) then
-  -- This very delete was applied and its reply lost; the client resent it.
-  return {1, 1}
+local seen = redis.call('ZSCORE', w, nonce)
+if seen then
+  -- This very delete was applied and its reply lost; the client resent it. Its token's
+  -- score is the version it deleted, -1 if nothing was alive.
+  if tonumber(seen) > 0 then return {1, 1} end
+  return {1, 0}
 end
 local meta = redis.call('HMGET', h, 'v', 'e')
 local v = tonumber(meta[1])
@@ -151,10 +154,10 @@ if expected ~= '' then
   local actual = -1
   if alive then actual = v end
   if actual ~= tonumber(expected) then return {0, actual} end
-  redis.call('ZADD', w, v, nonce)
-  redis.call('ZREMRANGEBYRANK', w, 0, -@TOKENS@ - 1)
-  redis.call('PEXPIRE', w, @TOKEN_MS@)
 end
+if alive then redis.call('ZADD', w, v, nonce) else redis.call('ZADD', w, -1, nonce) end
+redis.call('ZREMRANGEBYRANK', w, 0, -@TOKENS@ - 1)
+redis.call('PEXPIRE', w, @TOKEN_MS@)
 local last = math.max(v or 0, tonumber(redis.call('HGET', vs, key)) or 0)
 if last > (tonumber(redis.call('GET', rm)) or 0) then redis.call('SET', rm, last) end
 redis.call('DEL', h, l)
@@ -412,7 +415,7 @@ class RedisSessionBackend(BackendBase):
     Runs the same on asyncio and trio: redis-py's blocking client is driven by threads the
     backend owns, each with a connection from a shared pool. Operations that queue up while
     a thread is busy are sent together as one pipeline. A dropped connection is reopened and
-    the command resent (commits and conditional deletes carry a token, and the tokens of a
+    the command resent (commits and deletes carry a token, and the tokens of a
     key's latest writes are kept for a minute, so a resent one is applied once even if other
     writes landed in between); an unreachable server surfaces as
     :class:`~cognitia.errors.StorageError`.
@@ -516,7 +519,9 @@ class RedisSessionBackend(BackendBase):
         return await self._call(self._commands.load_turns, key, last, now)  # type: ignore[no-any-return]
 
     async def _raw_delete(self, key: str, now: float, expected_version: int | None) -> bool:
-        nonce = "" if expected_version is None else secrets.token_hex(8)
+        # Every delete carries a token: resent after a lost reply (a pipeline is resent whole),
+        # it is recognised, and never deletes what was written under the key since.
+        nonce = secrets.token_hex(8)
         return await self._call(  # type: ignore[no-any-return]
             self._commands.delete, key, now, expected_version, nonce, write=True
         )
