@@ -310,7 +310,14 @@ def _call_wrapper(p: _Persister, *, is_async: bool) -> Callable[..., Coroutine[A
             if attempt:
                 await conflict_pause(attempt)
             async with manager._operation(call.key):
-                session = await p.session_for(call.key)
+                try:
+                    session = await p.session_for(call.key)
+                except VersionConflictError:
+                    # An idle live copy's unsaved changes lost to a newer save (the copy is
+                    # dropped): retried like a conflict of this turn's save.
+                    if attempt + 1 < p.attempts:
+                        continue
+                    raise
                 point = session._checkpoint()
                 started_at, t0 = time.time(), time.perf_counter()
                 saving = False

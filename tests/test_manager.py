@@ -1231,3 +1231,26 @@ async def test_a_register_that_cannot_be_stored_leaves_the_live_state(anyio_back
     session.state["a"] = 2
     await manager.save(session)
     assert (await manager.get("agent:k")).state == {"a": 2}
+
+
+async def test_a_conflict_met_while_an_idle_copy_is_retired_is_retried(anyio_backend: str) -> None:
+    """update() and a decorated call find their live copy idle, with unsaved changes another
+    worker's save has overtaken: that conflict is retried like their own save's."""
+    backend = InMemorySessionBackend()
+    now = [0.0]
+    a = InMemorySessionManager(backend, idle_ttl=10, revalidate=True, clock=lambda: now[0])
+    b = InMemorySessionManager(backend)
+    await a.register("agent:k", {"n": 0})
+
+    @persisted_session(a, key="session_id")
+    async def handler(*, session_id: str, session: Session) -> str:
+        return f"n={session.state['n']}"
+
+    for n, turn in ((1, a.update("agent:k", say("updated"))), (2, handler(session_id="agent:k"))):
+        (await a.get("agent:k")).state["unsaved"] = True
+        await b.update("agent:k", lambda session, n=n: session.state.update(n=n))  # type: ignore[misc]
+        now[0] += 100  # a's copy is idle now
+        await turn
+    fresh = InMemorySessionManager(backend)
+    assert (await fresh.get("agent:k")).state == {"n": 2}
+    assert len(await fresh.turns("agent:k")) == 2

@@ -444,7 +444,14 @@ class InMemorySessionManager:
             if attempt:
                 await conflict_pause(attempt)
             async with self._operation(key):
-                session = await self._get_locked(key)
+                try:
+                    session = await self._get_locked(key)
+                except VersionConflictError:
+                    # An idle live copy's unsaved changes lost to a newer save (the copy is
+                    # dropped): retried like a conflict of this save.
+                    if attempt + 1 < attempts:
+                        continue
+                    raise
                 if session is None:
                     session = Session(key, {}, turns=Turns(key, 0, self._store.turns))
                 point = session._checkpoint()
