@@ -1254,3 +1254,24 @@ async def test_a_conflict_met_while_an_idle_copy_is_retired_is_retried(anyio_bac
     fresh = InMemorySessionManager(backend)
     assert (await fresh.get("agent:k")).state == {"n": 2}
     assert len(await fresh.turns("agent:k")) == 2
+
+
+async def test_a_failed_change_to_a_session_never_stored_is_undone(anyio_backend: str) -> None:
+    """A session made by open() has no stored copy to go back to: a change that fails drops it
+    from the live set and leaves it as it was when the change began, so saving the handle
+    later stores none of the change."""
+    manager = InMemorySessionManager(InMemorySessionBackend())
+    session = await manager.open("agent:k", {"v": 0})
+
+    def fails(session: Session) -> None:
+        session.state["half"] = True
+        session.turns.append({"text": "half"})
+        raise ValueError("the change fails")
+
+    with pytest.raises(ValueError, match="the change fails"):
+        await manager.update("agent:k", fails)
+    assert session.state == {"v": 0} and "agent:k" not in manager
+    await manager.save(session)
+    fresh = InMemorySessionManager(manager._store.backend)
+    assert (await fresh.get("agent:k")).state == {"v": 0}
+    assert await fresh.turns("agent:k") == []

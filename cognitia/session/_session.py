@@ -3,7 +3,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .._json import loads
+from .._json import dumps, loads
 from .backends._scope import MemoryScope
 
 __all__ = ["Session", "Turns"]
@@ -192,9 +192,16 @@ class Session:
         self._saved_json = saved_json
 
     def _checkpoint(self) -> tuple[Any, ...]:
-        """What :meth:`_rollback` needs to undo an uncommitted change (no copies made)."""
+        """What :meth:`_rollback` needs to undo an uncommitted change (no copies made, but
+        of a state never stored: its JSON, since no stored copy can restore it)."""
         t = self.turns
-        return (self.version, t._known, t._stored, t._complete, t._truncate)
+        opened = None
+        if self._saved_json is None:
+            try:
+                opened = dumps(self.key, self.state)
+            except Exception:  # not storable as it is: nothing to go back to
+                opened = None
+        return (self.version, t._known, t._stored, t._complete, t._truncate, opened)
 
     def _rollback(self, point: tuple[Any, ...]) -> bool:
         """Undo a failed change: the session goes back to what was last saved, state and turns alike.
@@ -202,10 +209,11 @@ class Session:
         Turns queued before the change are dropped with it, as are the state edits made
         along with them: restoring one without the other would store a turn without the
         state that went with it. Nothing is undone if the change was committed meanwhile.
-        Returns ``False`` when the state cannot be restored because it was never stored
-        (the caller drops the session).
+        Returns ``False`` for a session never stored: the caller drops it. Its state still
+        goes back to what it was when the change began (when that was storable), so a
+        handle kept on it holds nothing of the failed change.
         """
-        version, known, stored, complete, truncate = point
+        version, known, stored, complete, truncate, opened = point
         if self.version != version:
             return True
         t = self.turns
@@ -216,10 +224,10 @@ class Session:
             t._generation += 1
         else:
             t._restart(t._backing)  # a pop or clear from before the change is dropped too
-        if self._saved_json is None:
-            return False
-        self.state = loads(self._saved_json)
-        return True
+        saved = self._saved_json if self._saved_json is not None else opened
+        if saved is not None:
+            self.state = loads(saved)
+        return self._saved_json is not None
 
     @property
     def scope(self) -> MemoryScope | None:
