@@ -605,3 +605,21 @@ async def test_turns_converted_by_the_encoder_read_back_the_same_live_and_stored
     live = await stamp.manager.turns("agent:stamp")
     stored = await backend.load_turns("agent:stamp")
     assert live[0]["output"] == stored[0]["output"] == "2026-01-02T03:04:05"
+
+
+async def test_a_handler_reading_its_own_turns_through_a_revalidating_manager(tmp_path: Path) -> None:
+    """manager.turns(key) inside the key's own handler answers from the live session instead
+    of waiting for the key the handler holds."""
+    backend = SqliteSessionBackend(db_path=tmp_path / "s.db")
+    manager = InMemorySessionManager(backend, revalidate=True)
+
+    @persisted_session(manager, key="sid")
+    async def chat(message: str, *, sid: str, session: Session) -> int:
+        return len(await manager.turns(sid))
+
+    with anyio.fail_after(10):
+        assert [await chat(m, sid="agent:k") for m in "abc"] == [0, 1, 2]
+    other = InMemorySessionManager(backend, revalidate=True)
+    await other.update("agent:k", lambda s: s.turns.append({"from": "elsewhere"}))
+    assert len(await manager.turns("agent:k")) == 4  # outside a handler: revalidated
+    await backend.aclose()

@@ -10,6 +10,7 @@ import anyio
 import pytest
 
 from cognitia.errors import BackendClosedError, MissingDependencyError, StorageError, VersionConflictError
+from cognitia.session.backends import Write
 from cognitia.testing import ConformanceRule, conformance_rules
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
@@ -185,6 +186,49 @@ async def test_a_resent_commit_is_applied_once(redis_url: str, redis_prefix: str
         client.close()
 
 
+async def test_a_resent_commit_many_is_applied_once(
+    redis_url: str, redis_prefix: str, redis_client: Any
+) -> None:
+    """A commit of several sessions resent after a lost reply returns the versions it wrote,
+    even after other writes to its sessions landed, and writes nothing again."""
+    import redis
+
+    from cognitia.session.backends._base import EncodedWrite
+    from cognitia.session.backends._redis import _Commands, _execute
+
+    commands = _Commands(redis_prefix)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        b: tuple[Any, ...] = ("agent:b", "{}", None, ['{"i":0}'], None, 1.0, None, None)
+        assert _execute(client, commands.commit, *b, "b-first") == 1
+        writes = [
+            EncodedWrite("agent:a", '{"n":1}', 0, ['{"a":0}']),
+            EncodedWrite("agent:b", '{"n":2}', 1, ['{"i":1}'], 0),
+        ]
+        many = (writes, 1.0, None, None, "same-token")
+        assert _execute(client, commands.commit_many, *many) == [1, 2]
+        assert _execute(client, commands.commit_many, *many) == [1, 2]
+        assert _execute(client, commands.commit, *b, "another-worker") == 3
+        assert _execute(client, commands.commit_many, *many) == [1, 2]  # resent: not a conflict
+        assert redis_client.lrange(f"{redis_prefix}t:agent:a", 0, -1) == ['{"a":0}']
+        assert redis_client.lrange(f"{redis_prefix}t:agent:b", 0, -1) == ['{"i":1}', '{"i":0}']
+        assert redis_client.hget(f"{redis_prefix}s:agent:a", "v") == "1"
+        assert redis_client.hget(f"{redis_prefix}s:agent:b", "v") == "3"
+        with pytest.raises(VersionConflictError) as info:  # a new commit_many is checked again
+            _execute(client, commands.commit_many, writes, 1.0, None, None, "next-token")
+        assert (info.value.key, info.value.expected, info.value.actual) == ("agent:a", 0, 1)
+        # Once the token is gone from one of its sessions (more writes to it than are kept), the
+        # resend still writes nothing: the versions it wrote are unknown, which is an error.
+        for i in range(64):
+            _execute(client, commands.commit, *b, f"other-{i}")
+        with pytest.raises(redis.ResponseError, match="resent too late"):
+            _execute(client, commands.commit_many, *many)
+        assert redis_client.llen(f"{redis_prefix}t:agent:a") == 1
+        assert redis_client.hget(f"{redis_prefix}s:agent:a", "v") == "1"
+    finally:
+        client.close()
+
+
 async def test_a_resent_conditional_delete_is_applied_once(
     redis_url: str, redis_prefix: str, redis_client: Any
 ) -> None:
@@ -248,6 +292,13 @@ async def test_a_flushed_script_cache_is_reloaded(
             for i in range(20):
                 tg.start_soon(backend.save, f"agent:s{i}", {"i": i})
         assert len(await backend.list_keys("agent:s")) == 21
+        redis_client.script_flush()
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                writes = [Write(f"agent:m{i}", {"i": i}), Write(f"agent:s{i}", {"i": i}, expected_version=1)]
+                tg.start_soon(backend.commit_many, writes)
+        records = [await backend.load_record(f"agent:{k}{i}") for i in range(10) for k in "ms"]
+        assert [record and record.version for record in records] == [1, 2] * 10
 
 
 async def test_listing_uses_the_index_not_keys(redis_url: str, redis_prefix: str, redis_client: Any) -> None:

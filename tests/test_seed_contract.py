@@ -240,6 +240,7 @@ PUBLIC_BACKENDS = {
     "SessionRecord",
     "SqliteSessionBackend",
     "StoreBackend",
+    "Write",
     "capabilities_of",
     "scoped_key",
 }

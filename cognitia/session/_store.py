@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._json import loads
-from ..errors import StateNotSerializableError
-from .backends._base import BackendBase, check_version
-from .backends._protocol import Capability, SessionBackend, StoreBackend, capabilities_of
+from ..errors import StateNotSerializableError, StorageError
+from .backends._base import BackendBase, EncodedWrite, check_version
+from .backends._protocol import Capability, SessionBackend, StoreBackend, Write, capabilities_of
 
-__all__ = ["META_KEY", "Loaded", "Store", "open_store"]
+__all__ = ["META_KEY", "Loaded", "Pending", "Store", "open_store"]
 
 META_KEY = "__cognitia__"
 
@@ -30,6 +30,18 @@ class Loaded:
     version: int
     turn_count: int
     bytes: int
+
+
+@dataclass(slots=True)
+class Pending:
+    """One session's write in :meth:`Store.write_many`: what :meth:`Store.write` takes."""
+
+    key: str
+    state: dict[str, Any]
+    state_json: str
+    expected: int | None
+    turns: list[str]
+    truncate: int | None = None
 
 
 class Store:
@@ -52,6 +64,40 @@ class Store:
         truncate: int | None = None,
     ) -> int:
         return (expected or 0) + 1
+
+    async def write_many(self, writes: list[Pending]) -> list[int]:
+        """:meth:`write` each session; the new versions in order.
+
+        Here every version is checked first and the writes follow one by one: a conflict
+        found by the checks writes nothing, but a failure part way (or a writer of another
+        process slipping in between) can leave the first sessions written and the others
+        not. A store whose backend commits several sessions at once overrides this.
+        """
+        for write in writes:
+            await self._check(write)
+        versions: list[int] = []
+        for write in writes:
+            try:
+                versions.append(
+                    await self.write(
+                        write.key, write.state, write.state_json, write.expected, write.turns, write.truncate
+                    )
+                )
+            except Exception as exc:
+                if not versions:
+                    raise
+                # Not a conflict to retry: re-applying the change would apply it twice to
+                # the sessions already written.
+                done = ", ".join(repr(w.key) for w in writes[: len(versions)])
+                rest = ", ".join(repr(w.key) for w in writes[len(versions) :])
+                raise StorageError(
+                    f"{self.name} backend stored sessions {done} but not {rest}: it cannot store several "
+                    f"sessions at once, and writing {write.key!r} failed ({type(exc).__name__})"
+                ) from exc
+        return versions
+
+    async def _check(self, write: Pending) -> None:
+        """Raise what a write of ``write`` would meet now: a conflict, or a state it refuses."""
 
     async def turns(self, key: str, last: int | None) -> list[dict[str, Any]]:
         return []
@@ -104,6 +150,10 @@ class NullStore(Store):
             return self._removed_version + 1
         return int(session.version) + 1
 
+    async def write_many(self, writes: list[Pending]) -> list[int]:
+        # Nothing can fail part way: the live set is the storage, and nothing awaits.
+        return [await self.write(w.key, w.state, w.state_json, w.expected, w.turns) for w in writes]
+
     async def delete(self, key: str, expected: int | None = None) -> bool:
         # The live set is the storage: a session created by open() and never saved is absent.
         session = self._live.get(key)
@@ -124,6 +174,7 @@ class NativeStore(Store):
         self.name = str(getattr(backend, "name", type(backend).__name__))
         self._encoded = isinstance(backend, BackendBase)
         self._caps = capabilities_of(backend)
+        self._many = Capability.MULTI_KEY_COMMIT in self._caps
 
     async def read(self, key: str) -> Loaded | None:
         record = await self._native.load_record(key)
@@ -152,6 +203,26 @@ class NativeStore(Store):
             turns=[loads(t) for t in turns],
             truncate=truncate,
         )
+
+    async def write_many(self, writes: list[Pending]) -> list[int]:
+        if not self._many:
+            return await super().write_many(writes)
+        if self._encoded:
+            backend: BackendBase = self.backend  # type: ignore[assignment]
+            return await backend.commit_many_encoded(
+                [EncodedWrite(w.key, w.state_json, w.expected, w.turns, w.truncate) for w in writes]
+            )
+        return await self._native.commit_many(  # type: ignore[attr-defined, no-any-return]
+            [
+                Write(w.key, loads(w.state_json), w.expected, [loads(t) for t in w.turns], w.truncate)
+                for w in writes
+            ]
+        )
+
+    async def _check(self, write: Pending) -> None:
+        if write.expected is not None:
+            found = await self._native.load_record(write.key)
+            check_version(write.key, write.expected, None if found is None else found.version)
 
     async def turns(self, key: str, last: int | None) -> list[dict[str, Any]]:
         return await self._native.load_turns(key, last=last)
@@ -214,10 +285,7 @@ class EnvelopeStore(Store):
         turns: list[str],
         truncate: int | None = None,
     ) -> int:
-        if META_KEY in state:
-            raise StateNotSerializableError(
-                key, f"state[{META_KEY!r}]", "uses a key cognitia reserves for its metadata on this backend"
-            )
+        _refuse_reserved(key, state)
         found = await self._split(key)
         actual = None if found is None else found[1]
         check_version(key, expected, actual)
@@ -229,6 +297,15 @@ class EnvelopeStore(Store):
         stored[META_KEY] = {"version": version, "turns": old_turns + [loads(t) for t in turns]}
         await self._plain.save(key, stored)
         return version
+
+    async def _check(self, write: Pending) -> None:
+        _refuse_reserved(write.key, write.state)
+        await self._check_version(write.key, write.expected)
+
+    async def _check_version(self, key: str, expected: int | None) -> None:
+        if expected is not None:
+            found = await self._split(key)
+            check_version(key, expected, None if found is None else found[1])
 
     async def turns(self, key: str, last: int | None) -> list[dict[str, Any]]:
         found = await self._split(key)
@@ -252,10 +329,15 @@ class EnvelopeStore(Store):
         atomic only from this process's point of view (the manager holds the key's lock), not
         against another process writing the same key in between.
         """
-        if expected is not None:
-            found = await self._split(key)
-            check_version(key, expected, None if found is None else found[1])
+        await self._check_version(key, expected)
         return await self._plain.delete(key)
+
+
+def _refuse_reserved(key: str, state: dict[str, Any]) -> None:
+    if META_KEY in state:
+        raise StateNotSerializableError(
+            key, f"state[{META_KEY!r}]", "uses a key cognitia reserves for its metadata on this backend"
+        )
 
 
 def open_store(backend: SessionBackend | None, live: Mapping[str, Any]) -> Store:

@@ -8,13 +8,14 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import Any, NoReturn, TypeVar, overload
 
 import anyio
 import anyio.lowlevel
@@ -24,7 +25,7 @@ from .._json import byte_size, check_key, dumps, loads
 from ..errors import BackendClosedError, SessionNotFound, VersionConflictError
 from ._events import EVENTS, EventName, Hook, HookRegistry, SessionEvent, Subscription
 from ._session import Session, Turns
-from ._store import Loaded, Store, open_store
+from ._store import Loaded, Pending, Store, open_store
 from .backends._base import check_delete_version
 from .backends._protocol import SessionBackend
 from .backends._scope import MemoryScope
@@ -180,6 +181,39 @@ class _Operation(_Held):
             # each of its saves is bounded by save_timeout.
             with anyio.CancelScope(shield=True):
                 await manager._evict_over_capacity(self._key)
+
+
+class _Operations(_Operation):
+    """:class:`_Operation` over several keys, taken one after the other in sorted order.
+
+    Every operation over several keys takes them in that one order, so they never wait
+    for each other in a cycle.
+    """
+
+    __slots__ = ("_held",)
+
+    def __init__(self, manager: InMemorySessionManager, keys: tuple[str, ...]) -> None:
+        super().__init__(manager, keys[-1])
+        self._held = [_Held(self._locks, key) for key in keys[:-1]]
+
+    async def __aenter__(self) -> None:
+        taken: list[_Held] = []
+        try:
+            for held in self._held:
+                await held.__aenter__()
+                taken.append(held)
+            await super().__aenter__()
+        except BaseException:
+            for held in reversed(taken):
+                held._release()
+            raise
+
+    def _release(self) -> None:
+        try:
+            super()._release()
+        finally:
+            for held in reversed(self._held):
+                held._release()
 
 
 class InMemorySessionManager:
@@ -439,43 +473,106 @@ class InMemorySessionManager:
         another worker saved in between, the session is reloaded and ``change`` runs again,
         up to ``retries`` times (default: the manager's); then the conflict is raised.
         """
+        sessions = await self._update((key,), lambda sessions: change(sessions[key]), retries)
+        return sessions[key]
+
+    async def update_many(
+        self,
+        keys: Iterable[str],
+        change: Callable[[dict[str, Session]], Awaitable[object] | object],
+        *,
+        retries: int | None = None,
+    ) -> dict[str, Session]:
+        """:meth:`update` several sessions together: ``change(sessions)`` then one save of them all.
+
+        ``sessions`` maps each key to its session (a session stored nowhere starts empty,
+        as in :meth:`update`). On a backend declaring ``multi_key_commit`` (every one of
+        cognitia's own) the states and queued turns of all of them are stored in one
+        transaction: all land, or none does, whether a version conflict, a failure or a
+        crash stops the save. A conflict on any of them re-applies ``change`` to fresh
+        copies of all of them, up to ``retries`` times. Each stored session fires ``saved``.
+
+        The keys are taken in sorted order, so calls over several keys never wait for each
+        other in a cycle. Code that holds one key and then waits for another (inside
+        :meth:`locked`, or a decorated handler calling a second session) takes them in its
+        own order: if that order is not sorted, it can wait in a cycle with a call over both
+        keys, as any two tasks taking two locks in opposite orders can. Do not call it while
+        holding one of its keys: it would wait for itself.
+
+        On a plain four-method backend the sessions are written one after the other,
+        every version checked first: a conflict found then writes nothing, but a failure
+        part way leaves the first ones written.
+
+        >>> def move(sessions):
+        ...     sessions["agent:a"].state["credits"] -= 5
+        ...     sessions["agent:b"].state["credits"] += 5
+        >>> await manager.update_many(["agent:a", "agent:b"], move)  # doctest: +SKIP
+        """
+        if isinstance(keys, str | bytes):
+            raise TypeError(f"update_many takes a list of keys, not one key: got {keys!r}")
+        given = list(keys)
+        for key in given:
+            check_key(key)
+        ordered = sorted(given)
+        if not ordered:
+            raise ValueError("update_many needs at least one key")
+        for before, key in itertools.pairwise(ordered):
+            if before == key:
+                raise ValueError(f"session {key!r} is given twice to update_many")
+        return await self._update(tuple(ordered), change, retries)
+
+    async def _update(
+        self,
+        keys: tuple[str, ...],
+        change: Callable[[dict[str, Session]], Awaitable[object] | object],
+        retries: int | None,
+    ) -> dict[str, Session]:
         attempts = (self.retries if retries is None else retries) + 1
         for attempt in range(attempts):
             if attempt:
                 await conflict_pause(attempt)
-            async with self._operation(key):
+            async with self._operation(*keys):
+                sessions: dict[str, Session] = {}
                 try:
-                    session = await self._get_locked(key)
+                    for key in keys:
+                        found = await self._get_locked(key)
+                        sessions[key] = found or Session(key, {}, turns=Turns(key, 0, self._store.turns))
                 except VersionConflictError:
                     # An idle live copy's unsaved changes lost to a newer save (the copy is
                     # dropped): retried like a conflict of this save.
                     if attempt + 1 < attempts:
                         continue
                     raise
-                if session is None:
-                    session = Session(key, {}, turns=Turns(key, 0, self._store.turns))
-                point = session._checkpoint()
+                points = [(session, session._checkpoint()) for session in sessions.values()]
                 saving = False
                 try:
-                    result = change(session)
+                    # update_many's change gets a copy: it decides nothing by editing the dict.
+                    # (update's passes it to no one, and a copy per turn is not free.)
+                    result = change(sessions if len(keys) == 1 else dict(sessions))
                     if inspect.isawaitable(result):
                         await result
                     saving = True
-                    await self._persist(session, "saved", expected=session.version)
+                    if len(keys) == 1:
+                        session = sessions[keys[0]]
+                        await self._persist(session, "saved", expected=session.version)
+                    else:
+                        await self._persist_many(list(sessions.values()))
                 except BaseException as exc:
-                    # Only this save's conflict is retried (the live copy is dropped, so
+                    # Only this save's conflict is retried (the live copies are dropped, so
                     # the next attempt reloads); a conflict raised by `change` is its failure.
                     if saving and isinstance(exc, VersionConflictError):
                         if attempt + 1 < attempts:
                             continue
                         raise
                     # A change that failed (or could not be stored) must not linger in the
-                    # live session, or the next save would store half of it.
-                    if not session._rollback(point) and self._live.get(key) is session:
-                        del self._live[key]
+                    # live sessions, or the next save would store half of it.
+                    for session, point in points:
+                        if not session._rollback(point) and self._live.get(session.key) is session:
+                            del self._live[session.key]
                     raise
-                self._admit(session)
-                return session
+                for session in sessions.values():
+                    self._admit(session)
+                return sessions
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def close(self, key: str) -> bool:
@@ -596,13 +693,22 @@ class InMemorySessionManager:
         """The session's turns, oldest first; only the newest ``last`` if given.
 
         Served from the live session's memory when it is there, else read from storage
-        (only the tail when ``last`` is given).
+        (only the tail when ``last`` is given). With ``revalidate``, a live session is
+        checked against storage first, unless an operation on the key is under way (a
+        decorated handler of the key may call this): that operation checked it when it began.
         """
         check_key(key)
         if last is not None and (type(last) is not int or last < 0):
             raise ValueError(f"last must be a non-negative int or None, got {last!r} (session {key!r})")
         session = self._live.get(key)
-        if session is not None and self.revalidate and self._store.backend is not None:
+        if (
+            session is not None
+            and self.revalidate
+            and self._store.backend is not None
+            and key not in self._locks._locks
+        ):
+            # A key in use is not waited for: the operation holding it (perhaps the caller's
+            # own, a decorated handler) revalidated the live session when it began.
             async with self._operation(key):
                 session = await self._get_locked(key)
                 if session is None:
@@ -705,11 +811,12 @@ class InMemorySessionManager:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _operation(self, key: str, *, allow_closed: bool = False) -> _Operation:
-        """Hold ``key``'s lock for one operation; afterwards, evict beyond ``max_sessions``."""
+    def _operation(self, key: str, *more: str, allow_closed: bool = False) -> _Operation:
+        """Hold ``key``'s lock (and those of ``more``, sorted keys after it) for one operation;
+        afterwards, evict beyond ``max_sessions``."""
         if self._closed and not allow_closed:
             raise BackendClosedError(f"session manager is closed: cannot use session {key!r}")
-        return _Operation(self, key)
+        return _Operation(self, key) if not more else _Operations(self, (key, *more))
 
     async def _get_locked(self, key: str) -> Session | None:
         session = self._live.get(key)
@@ -778,20 +885,14 @@ class InMemorySessionManager:
         Everything is encoded (and so validated) before storage is touched.
         """
         started = time.perf_counter()
+        write, count = self._encode(session, expected, default)
         key = session.key
-        state_json = dumps(key, session.state)
-        pending = session.turns._take_pending()
-        count = len(pending)
-        turns_json = [
-            dumps(key, turn, root="turn" if count == 1 else f"turns[{i}]", default=default)
-            for i, turn in enumerate(pending)
-        ]
         conflict: VersionConflictError | None = None
         # The write is shielded from the caller's cancellation but bounded by save_timeout.
-        with anyio.CancelScope(shield=True, deadline=anyio.current_time() + self.save_timeout) as scope:
+        with self._write_scope() as scope:
             try:
                 version = await self._store.write(
-                    key, session.state, state_json, expected, turns_json, session.turns._truncate
+                    key, write.state, write.state_json, expected, write.turns, write.truncate
                 )
             except VersionConflictError as exc:
                 self._live.pop(key, None)
@@ -802,18 +903,83 @@ class InMemorySessionManager:
                 self._live.pop(key, None)
                 raise
             else:
-                session.version = version
-                # With a converter, memory must hold what storage holds, not the original objects.
-                session.turns._committed(count, None if default is None else [loads(t) for t in turns_json])
-                session._saved_json = state_json
-                session.last_active = self._clock()
+                self._stored(session, write, count, version, default)
         if scope.cancelled_caught:
             raise TimeoutError(f"saving session {key!r} took longer than {self.save_timeout}s")
         if conflict is not None:
-            name, version, size, count, reason = "conflict", session.version, 0, 0, f"found {conflict.actual}"
-        else:
-            name, reason = event, None
-            size = byte_size(state_json)
+            await self._report_conflict(conflict, session.version, started)
+        await self._report(event, session, write, count, started)
+
+    async def _persist_many(self, sessions: list[Session]) -> None:
+        """:meth:`_persist` of several sessions as one write (one transaction where storage has them)."""
+        started = time.perf_counter()
+        encoded = [self._encode(session, session.version, None) for session in sessions]
+        conflict: VersionConflictError | None = None
+        with self._write_scope() as scope:
+            try:
+                versions = await self._store.write_many([write for write, _ in encoded])
+            except BaseException as exc:
+                # A conflict, or an outcome unknown: every live copy is forgotten, so the
+                # next access reads what storage holds.
+                for session in sessions:
+                    self._live.pop(session.key, None)
+                if not isinstance(exc, VersionConflictError):
+                    raise
+                conflict = exc
+            else:
+                for session, (write, count), version in zip(sessions, encoded, versions, strict=True):
+                    self._stored(session, write, count, version, None)
+        if scope.cancelled_caught:
+            keys = ", ".join(repr(session.key) for session in sessions)
+            raise TimeoutError(f"saving sessions {keys} took longer than {self.save_timeout}s")
+        if conflict is not None:
+            stale = next((s.version for s in sessions if s.key == conflict.key), 0)
+            await self._report_conflict(conflict, stale, started)
+        for session, (write, count) in zip(sessions, encoded, strict=True):
+            await self._report("saved", session, write, count, started)
+
+    def _encode(
+        self, session: Session, expected: int | None, default: Callable[[Any], Any] | None
+    ) -> tuple[Pending, int]:
+        """The session's write (state and queued turns as JSON) and how many turns it appends."""
+        key = session.key
+        state_json = dumps(key, session.state)
+        pending = session.turns._take_pending()
+        count = len(pending)
+        turns_json = [
+            dumps(key, turn, root="turn" if count == 1 else f"turns[{i}]", default=default)
+            for i, turn in enumerate(pending)
+        ]
+        return Pending(key, session.state, state_json, expected, turns_json, session.turns._truncate), count
+
+    def _write_scope(self) -> anyio.CancelScope:
+        """Shielded from the caller's cancellation, bounded by ``save_timeout``."""
+        return anyio.CancelScope(shield=True, deadline=anyio.current_time() + self.save_timeout)
+
+    def _stored(
+        self, session: Session, write: Pending, count: int, version: int, default: Callable[[Any], Any] | None
+    ) -> None:
+        """Record a committed write in the live session."""
+        session.version = version
+        # With a converter, memory must hold what storage holds, not the original objects.
+        session.turns._committed(count, None if default is None else [loads(t) for t in write.turns])
+        session._saved_json = write.state_json
+        session.last_active = self._clock()
+
+    async def _report_conflict(
+        self, conflict: VersionConflictError, version: int, started: float
+    ) -> NoReturn:
+        await self._announce("conflict", conflict.key, version, started, 0, 0, f"found {conflict.actual}")
+        raise conflict
+
+    async def _report(self, event: str, session: Session, write: Pending, count: int, started: float) -> None:
+        await self._announce(
+            event, session.key, session.version, started, byte_size(write.state_json), count, None
+        )
+
+    async def _announce(
+        self, name: str, key: str, version: int, started: float, size: int, count: int, reason: str | None
+    ) -> None:
         # Hooks run after the deadline scope (a slow hook cannot fail a committed save) but
         # still shielded, so a committed save is always reported. With no hook for the
         # event, emitting never suspends (structlog logs synchronously), so nothing can
@@ -823,8 +989,6 @@ class InMemorySessionManager:
                 await self._emit(name, key, version, started, size=size, turns=count, reason=reason)
         else:
             await self._emit(name, key, version, started, size=size, turns=count, reason=reason)
-        if conflict is not None:
-            raise conflict
 
     async def _retire(self, session: Session, event: str, *, reason: str | None) -> None:
         """Persist the session if it changed, drop it from the live set, and report ``event``."""

@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 
 from ..errors import VersionConflictError
-from ..session.backends._protocol import Capability, SessionBackend, capabilities_of
+from ..session.backends._protocol import Capability, SessionBackend, Write, capabilities_of
 from ..session.backends._scope import MemoryScope, scoped_key
 
 __all__ = ["ConformanceRule", "conformance_rules"]
@@ -545,3 +545,157 @@ async def turns_survive_a_new_backend_object(factory: Factory) -> None:
         await first.commit(scoped_key(MemoryScope.AGENT, "log"), {"n": 2}, turns=[{"i": 0}, {"i": 1}])
     async with _Opened(factory) as second:
         _expect(await second.load_turns("agent:log", last=1) == [{"i": 1}], "turns did not persist")
+
+
+# -- commits of several sessions -----------------------------------------------------------------
+
+
+async def _snapshot(backend: Any, keys: list[str]) -> list[tuple[Any, ...]]:
+    """What a reader sees of ``keys``: state, version and turns of each (``None`` if absent)."""
+    seen: list[tuple[Any, ...]] = []
+    for key in keys:
+        record = await backend.load_record(key)
+        seen.append(
+            None if record is None else (record.state, record.version, await backend.load_turns(key))  # type: ignore[arg-type]
+        )
+    return seen
+
+
+@_rule(Capability.MULTI_KEY_COMMIT)
+async def commit_many_writes_each_session_as_commit_would(factory: Factory) -> None:
+    """commit_many creates, updates, truncates and appends as commit does, returning versions in order."""
+    async with _Opened(factory) as backend:
+        await backend.commit("agent:b", {"n": 1}, turns=[{"i": 0}, {"i": 1}, {"i": 2}])
+        await backend.commit("agent:c", {"n": 1})
+        await backend.commit("agent:c", {"n": 2})
+        versions = await backend.commit_many(
+            [
+                Write("agent:c", {"n": 3}, expected_version=2, turns=[{"i": "c"}]),
+                Write("agent:a", {"new": True}, expected_version=0, turns=[{"i": "a0"}, {"i": "a1"}]),
+                Write("agent:b", {"n": 2}, turns=[{"i": "b"}], truncate=1),
+            ]
+        )
+        _expect(versions == [3, 1, 2], f"commit_many must return each new version in order, got {versions}")
+        seen = await _snapshot(backend, ["agent:a", "agent:b", "agent:c"])
+        _expect(
+            seen
+            == [
+                ({"new": True}, 1, [{"i": "a0"}, {"i": "a1"}]),
+                ({"n": 2}, 2, [{"i": 0}, {"i": "b"}]),
+                ({"n": 3}, 3, [{"i": "c"}]),
+            ],
+            f"commit_many stored {seen}",
+        )
+        _expect(await backend.commit_many([]) == [], "commit_many of nothing must return []")
+        await backend.delete("agent:a")
+        again = await backend.commit_many([Write("agent:a", {}), Write("agent:c", {"n": 4})])
+        _expect(
+            again[0] > 1 and again[1] == 4, f"a key created anew must start above its deleted life: {again}"
+        )
+
+
+@_rule(Capability.MULTI_KEY_COMMIT)
+async def a_conflict_in_commit_many_writes_none_of_it(factory: Factory) -> None:
+    """One stale expected_version fails the whole commit_many, naming that session; nothing is written."""
+    async with _Opened(factory) as backend:
+        await backend.commit("agent:x", {"n": 1}, turns=[{"i": 0}])
+        await backend.commit("agent:y", {"n": 1})
+        await backend.commit("agent:y", {"n": 2})
+        keys = ["agent:new", "agent:x", "agent:y"]
+        before = await _snapshot(backend, keys)
+        for stale in (
+            [
+                Write("agent:x", {"lost": 1}, expected_version=1, turns=[{"i": "lost"}], truncate=0),
+                Write("agent:new", {"lost": 1}, expected_version=0),
+                Write("agent:y", {"lost": 1}, expected_version=1),
+            ],
+            [
+                Write("agent:y", {"lost": 1}, expected_version=None, turns=[{"i": "lost"}]),
+                Write("agent:new", {"lost": 1}, expected_version=4),
+            ],
+            [Write("agent:new", {"lost": 1}), Write("agent:x", {"lost": 1}, expected_version=0)],
+        ):
+            try:
+                await backend.commit_many(stale)
+            except VersionConflictError as exc:
+                culprit = {"agent:y": 2, "agent:new": None, "agent:x": 1}
+                _expect(exc.key in culprit and exc.actual == culprit[exc.key], f"conflict says {exc}")
+            else:
+                raise AssertionError(f"commit_many with a stale version must conflict: {stale}")
+            after = await _snapshot(backend, keys)
+            _expect(
+                after == before, f"a conflicting commit_many wrote part of its writes: {after} != {before}"
+            )
+
+
+@_rule(Capability.MULTI_KEY_COMMIT)
+async def commit_many_refuses_bad_input_before_writing(factory: Factory) -> None:
+    """A key given twice, an unencodable state or a bad argument: an error naming the key, nothing written."""
+    from ..errors import StateNotSerializableError
+
+    async with _Opened(factory) as backend:
+        await backend.commit("agent:ok", {"n": 1})
+        before = await _snapshot(backend, ["agent:ok", "agent:bad"])
+        bad: list[tuple[list[Any], type[Exception]]] = [
+            ([Write("agent:ok", {"n": 2}), Write("agent:ok", {"n": 3})], ValueError),
+            ([Write("agent:ok", {"n": 2}), Write("agent:bad", {"f": object()})], StateNotSerializableError),
+            (
+                [Write("agent:ok", {"n": 2}), Write("agent:bad", {}, turns=[{"f": {1, 2}}])],
+                StateNotSerializableError,
+            ),
+            ([Write("agent:ok", {"n": 2}), Write("agent:bad", {}, expected_version=-1)], ValueError),
+            ([Write("agent:ok", {"n": 2}), Write("agent:bad", {}, truncate=-2)], ValueError),
+        ]
+        for writes, error in bad:
+            try:
+                await backend.commit_many(writes)
+            except error as exc:
+                named = "agent:ok" if error is ValueError and writes[1].key == "agent:ok" else "agent:bad"
+                _expect(named in str(exc), f"the error must name {named!r}: {exc}")
+            else:
+                raise AssertionError(f"commit_many({writes}) must raise {error.__name__}")
+            after = await _snapshot(backend, ["agent:ok", "agent:bad"])
+            _expect(after == before, f"a refused commit_many wrote something: {after} != {before}")
+
+
+@_rule(Capability.MULTI_KEY_COMMIT)
+async def concurrent_commit_many_on_shared_keys_never_interleave(factory: Factory) -> None:
+    """Writers updating two sessions together with version checks: both move together or not at all."""
+    async with _Opened(factory) as backend:
+        await backend.commit("shared:left", {"writer": None})
+        await backend.commit("shared:right", {"writer": None})
+        wins: list[int] = []
+
+        async def writer(i: int) -> None:
+            for _ in range(5):
+                left = await backend.load_record("shared:left")
+                right = await backend.load_record("shared:right")
+                writes = [
+                    Write("shared:right", {"writer": i}, expected_version=right.version, turns=[{"w": i}]),
+                    Write("shared:left", {"writer": i}, expected_version=left.version, turns=[{"w": i}]),
+                ]
+                try:
+                    await backend.commit_many(writes if i % 2 else writes[::-1])
+                except VersionConflictError:
+                    continue
+                wins.append(i)
+
+        async def alone(i: int) -> None:
+            # Single commits at the same time, so that engines that batch writes mix both kinds.
+            for n in range(5):
+                await backend.commit(f"shared:alone{i}", {"n": n}, turns=[{"n": n}])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(writer, i)
+                tg.start_soon(alone, i)
+        for i in range(8):
+            alone_seen = await _snapshot(backend, [f"shared:alone{i}"])
+            _expect(
+                alone_seen == [({"n": 4}, 5, [{"n": n} for n in range(5)])],
+                f"a single commit next to commit_many went wrong: {alone_seen}",
+            )
+        left, right = await _snapshot(backend, ["shared:left", "shared:right"])
+        _expect(left[0] == right[0] and left[2] == right[2], f"the sessions diverged: {left} / {right}")
+        _expect(left[1] == right[1] == len(wins) + 1, f"versions {left[1]}, {right[1]} for {len(wins)} wins")
+        _expect(sorted(t["w"] for t in left[2]) == sorted(wins), f"turns {left[2]} are not the wins {wins}")

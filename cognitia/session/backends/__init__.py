@@ -7,7 +7,8 @@
 
 Every backend implements :class:`SessionBackend` (``save``, ``load``, ``delete``,
 ``list_keys``). cognitia's own also declare :class:`Capability` extras: listing by prefix
-in the engine, versioned commits, a native turn log and expiry.
+in the engine, versioned commits, a native turn log, expiry and atomic commits of several
+sessions.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._base import BackendBase
 from ._memory import InMemorySessionBackend
-from ._protocol import Capability, SessionBackend, SessionRecord, StoreBackend, capabilities_of
+from ._protocol import Capability, SessionBackend, SessionRecord, StoreBackend, Write, capabilities_of
 from ._scope import MemoryScope, scoped_key
 from ._sqlite import SqliteSessionBackend
 
@@ -35,6 +36,7 @@ __all__ = [
     "SessionRecord",
     "SqliteSessionBackend",
     "StoreBackend",
+    "Write",
     "capabilities_of",
     "scoped_key",
 ]

@@ -4,15 +4,22 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, NamedTuple, Self
 
 from ..._json import byte_size, check_key, dumps, key_prefix_possible, loads
 from ..._worker import checkpoint
 from ...errors import BackendClosedError, CognitiaError, StorageError, VersionConflictError
-from ._protocol import Capability, SessionRecord
+from ._protocol import Capability, SessionRecord, Write
 from ._scope import MemoryScope
 
-__all__ = ["BackendBase", "RawRecord", "check_delete_version", "check_version", "prefix_bounds"]
+__all__ = [
+    "BackendBase",
+    "EncodedWrite",
+    "RawRecord",
+    "check_delete_version",
+    "check_version",
+    "prefix_bounds",
+]
 
 MAX_TTL = 1000 * 365.25 * 24 * 3600
 """The longest ``ttl`` a backend takes, in seconds: every engine can store such a deadline."""
@@ -21,6 +28,16 @@ MAX_COUNT = 2**31 - 1
 
 RawRecord = tuple[str, int, int, float, "float | None"]
 """What a storage engine returns for a session: state JSON, version, turn count, updated_at, expires_at."""
+
+
+class EncodedWrite(NamedTuple):
+    """A :class:`~cognitia.session.backends.Write` whose state and turns are JSON text already."""
+
+    key: str
+    state: str
+    expected_version: int | None = None
+    turns: Sequence[str] = ()
+    truncate: int | None = None
 
 
 def check_version(key: str, expected: int | None, actual: int | None) -> None:
@@ -78,6 +95,12 @@ class BackendBase(ABC):
     name: ClassVar[str] = "base"
     capabilities: frozenset[Capability] = frozenset(Capability)
     _driver_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls._raw_commit_many is BackendBase._raw_commit_many:
+            # An engine written before multi-key commits existed does not claim them.
+            cls.capabilities = cls.capabilities - {Capability.MULTI_KEY_COMMIT}
 
     def __init__(self, *, ttl: float | None = None, clock: Callable[[], float] = time.time) -> None:
         if ttl is not None and not 0 < ttl <= MAX_TTL:
@@ -190,17 +213,69 @@ class BackendBase(ABC):
     ) -> int:
         """:meth:`commit` for a state and turns already encoded by :func:`cognitia._json.dumps`."""
         check_key(key)
-        if expected_version is not None and (type(expected_version) is not int or expected_version < 0):
-            raise ValueError(f"expected_version must be None or an int >= 0, got {expected_version!r}")
-        if truncate is not None and (type(truncate) is not int or truncate < 0):
-            raise ValueError(f"truncate must be None or an int >= 0, got {truncate!r}")
+        truncate = _check_write(key, expected_version, truncate)
         now, expires_at = self._write_times()
-        if truncate is not None:
-            truncate = min(truncate, MAX_COUNT)  # keeping more turns than any log holds keeps them all
         with self._errors("save", key):
             return await self._raw_commit(
                 key, state, expected_version, list(turns), truncate, now, expires_at
             )
+
+    async def commit_many(self, writes: Sequence[Write]) -> list[int]:
+        """Commit several sessions in one transaction: every write lands, or none does.
+
+        Each :class:`~cognitia.session.backends.Write` means what the same arguments mean
+        to :meth:`commit`, and the new versions are returned in the order given. If any
+        ``expected_version`` does not match, :class:`~cognitia.errors.VersionConflictError`
+        names that session and nothing is written; nor is anything if a state or turn
+        cannot be encoded (checked before storage is touched). A key may appear once.
+
+        >>> await backend.commit_many([  # doctest: +SKIP
+        ...     Write("agent:user:42", {"turn": 8}, expected_version=7, turns=[{"role": "user"}]),
+        ...     Write("shared:app", {"theme": "dark"}, expected_version=2),
+        ... ])
+        [8, 3]
+        """
+        encoded = []
+        for write in writes:
+            if not isinstance(write, Write):
+                raise TypeError(f"commit_many takes Write objects, got {type(write).__name__}")
+            check_key(write.key)
+            encoded.append(
+                EncodedWrite(
+                    write.key,
+                    dumps(write.key, write.state),
+                    write.expected_version,
+                    [dumps(write.key, turn, root=f"turns[{i}]") for i, turn in enumerate(write.turns)],
+                    write.truncate,
+                )
+            )
+        return await self.commit_many_encoded(encoded)
+
+    async def commit_many_encoded(self, writes: Sequence[EncodedWrite]) -> list[int]:
+        """:meth:`commit_many` for states and turns already encoded by :func:`cognitia._json.dumps`."""
+        checked: list[EncodedWrite] = []
+        seen: set[str] = set()
+        for key, state, expected_version, turns, truncate in writes:
+            check_key(key)
+            if key in seen:
+                raise ValueError(
+                    f"session {key!r} appears twice in one commit_many; merge its writes into one"
+                )
+            seen.add(key)
+            truncate = _check_write(key, expected_version, truncate)
+            checked.append(EncodedWrite(key, state, expected_version, list(turns), truncate))
+        if not checked:
+            return []
+        if len(checked) == 1:
+            key, state, expected_version, turns, truncate = checked[0]
+            return [
+                await self.commit_encoded(
+                    key, state, expected_version=expected_version, turns=turns, truncate=truncate
+                )
+            ]
+        now, expires_at = self._write_times()
+        with self._errors("save", ", ".join(write.key for write in checked)):
+            return await self._raw_commit_many(checked, now, expires_at)
 
     def check_storable(self, key: str, state: str, turns: Sequence[str] = ()) -> None:
         """Raise :class:`~cognitia.errors.StateNotSerializableError` if this engine would refuse
@@ -302,6 +377,20 @@ class BackendBase(ABC):
         """An unconditional write whose new version nobody asks for (``save``)."""
         await self._raw_commit(key, state, None, [], None, now, expires_at)
 
+    async def _raw_commit_many(
+        self, writes: list[EncodedWrite], now: float, expires_at: float | None
+    ) -> list[int]:
+        """Apply every write as :meth:`_raw_commit` would, in one transaction: all or none.
+
+        Version checks run before anything is written or in the same transaction that is
+        rolled back on a conflict, which raises the first conflicting key's error. An
+        engine that leaves this out does not declare ``multi_key_commit``.
+        """
+        raise TypeError(
+            f"{self.name} backend cannot commit several sessions at once "
+            "(it does not declare multi_key_commit)"
+        )
+
     @abstractmethod
     async def _raw_load_turns(self, key: str, last: int | None, now: float) -> list[str]: ...
 
@@ -326,6 +415,19 @@ class BackendBase(ABC):
 
     async def _raw_aclose(self) -> None:
         self._raw_close()
+
+
+def _check_write(key: str, expected_version: object, truncate: object) -> int | None:
+    """Refuse arguments a commit cannot mean; returns ``truncate`` capped at :data:`MAX_COUNT`."""
+    if expected_version is not None and (type(expected_version) is not int or expected_version < 0):
+        raise ValueError(
+            f"expected_version must be None or an int >= 0, got {expected_version!r} (session {key!r})"
+        )
+    if truncate is None:
+        return None
+    if type(truncate) is not int or truncate < 0:
+        raise ValueError(f"truncate must be None or an int >= 0, got {truncate!r} (session {key!r})")
+    return min(truncate, MAX_COUNT)  # keeping more turns than any log holds keeps them all
 
 
 class _ErrorBoundary:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import anyio.lowlevel
 
-from ._base import BackendBase, RawRecord, check_version
+from ._base import BackendBase, EncodedWrite, RawRecord, check_version
 
 __all__ = ["InMemorySessionBackend"]
 
@@ -65,9 +65,33 @@ class InMemorySessionBackend(BackendBase):
         expires_at: float | None,
     ) -> int:
         await anyio.lowlevel.checkpoint()
+        self._check(key, expected_version, now)
+        return self._write(key, state, turns, truncate, now, expires_at)
+
+    async def _raw_commit_many(
+        self, writes: list[EncodedWrite], now: float, expires_at: float | None
+    ) -> list[int]:
+        await anyio.lowlevel.checkpoint()
+        # Every version is checked before anything is written, with no await in between.
+        for write in writes:
+            self._check(write.key, write.expected_version, now)
+        return [self._write(w.key, w.state, list(w.turns), w.truncate, now, expires_at) for w in writes]
+
+    def _check(self, key: str, expected_version: int | None, now: float) -> None:
+        live = self._live(key, now)
+        check_version(key, expected_version, None if live is None else live.version)
+
+    def _write(
+        self,
+        key: str,
+        state: str,
+        turns: list[str],
+        truncate: int | None,
+        now: float,
+        expires_at: float | None,
+    ) -> int:
         entry = self._entries.get(key)
         live = entry if entry is not None and entry.alive(now) else None
-        check_version(key, expected_version, None if live is None else live.version)
         if entry is None:
             version = self._removed_version + 1
             self._entries[key] = _Entry(state, version, now, expires_at, list(turns))

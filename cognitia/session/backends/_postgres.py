@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import threading
@@ -10,7 +11,7 @@ from typing import Any
 from ..._json import find_string, loads
 from ..._worker import Job, ThreadWorker, astop_workers, stop_workers
 from ...errors import MissingDependencyError, StateNotSerializableError, StorageError, VersionConflictError
-from ._base import BackendBase, RawRecord, prefix_bounds
+from ._base import BackendBase, EncodedWrite, RawRecord, prefix_bounds
 
 try:
     import psycopg
@@ -335,6 +336,13 @@ class PostgresSessionBackend(BackendBase):
 
     # -- connections ------------------------------------------------------------------------
 
+    def _tables_exist(self) -> bool:
+        """Whether the schema holds this backend's tables, read without creating anything
+        (blocking: for the command line, before any event loop runs)."""
+        with contextlib.closing(self._connect()) as conn:
+            row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (self._sql.version_table,)).fetchone()
+        return bool(row and row[0])
+
     def _connect(self) -> Connection:
         conn = psycopg.connect(self._conninfo, autocommit=True)
         try:
@@ -399,6 +407,11 @@ class PostgresSessionBackend(BackendBase):
         return await self._write(  # type: ignore[no-any-return]
             _commit, key, state, expected_version, turns, truncate, now, expires_at
         )
+
+    async def _raw_commit_many(
+        self, writes: list[EncodedWrite], now: float, expires_at: float | None
+    ) -> list[int]:
+        return await self._write(_commit_many, writes, now, expires_at)  # type: ignore[no-any-return]
 
     async def _raw_load_turns(self, key: str, last: int | None, now: float) -> list[str]:
         return await self._read(_load_turns, key, last, now)  # type: ignore[no-any-return]
@@ -492,6 +505,17 @@ def _run_writes(link: _Link, jobs: list[Job]) -> None:
     conn = link.get()
     if len(jobs) == 1:
         jobs[0].run(conn)
+        return
+    several = [job for job in jobs if job.fn is _commit_many]
+    if several:
+        # A commit of several sessions locks its own rows in key order, so it runs in a
+        # transaction of its own: inside a batch, its rows and the batch's would no longer
+        # be locked in one order.
+        rest = [job for job in jobs if job.fn is not _commit_many]
+        if rest:
+            _run_writes(link, rest)
+        for job in several:
+            job.run(conn)
         return
     # Every batch locks its rows in key order (the sort is stable, so writes to one key keep
     # their order): batches of several processes that touch the same keys can then never
@@ -609,6 +633,26 @@ def _commit(
         return int(row[0])
     assert expected_version is not None  # an overwrite always returns its row
     raise _conflict(conn, q, key, expected_version, now)
+
+
+def _commit_many(
+    conn: Connection, q: _Statements, writes: list[EncodedWrite], now: float, expires_at: float | None
+) -> list[int]:
+    """Every write in one transaction, rolled back whole on a conflict or a failure.
+
+    Rows are locked as a batch locks them: the removed version's first (shared, if a write
+    may create a session), then the sessions in key order.
+    """
+    versions = [0] * len(writes)
+    with conn.transaction():
+        if any(write.expected_version in (None, 0) for write in writes):
+            conn.execute(q.share_removed_version)
+        for i in sorted(range(len(writes)), key=lambda i: writes[i].key):
+            key, state, expected_version, turns, truncate = writes[i]
+            versions[i] = _commit(
+                conn, q, key, state, expected_version, list(turns), truncate, now, expires_at
+            )
+    return versions
 
 
 def _unstorable_string(state: str, turns: list[str]) -> tuple[str, str] | None:

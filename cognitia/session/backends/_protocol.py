@@ -10,6 +10,7 @@ __all__ = [
     "SessionBackend",
     "SessionRecord",
     "StoreBackend",
+    "Write",
     "capabilities_of",
 ]
 
@@ -49,6 +50,8 @@ class Capability(StrEnum):
     """``commit(..., turns=...)`` appends rows natively; ``load_turns`` reads the tail."""
     EXPIRY = "expiry"
     """Stored sessions expire after ``ttl`` seconds without a save; ``prune`` removes them."""
+    MULTI_KEY_COMMIT = "multi_key_commit"
+    """``commit_many(writes)`` commits several sessions in one transaction: all of them or none."""
 
 
 def capabilities_of(backend: object) -> frozenset[Capability]:
@@ -74,6 +77,21 @@ class SessionRecord:
     """Bytes of the stored state's JSON encoding."""
 
 
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One session's part of a ``commit_many``: the arguments of one ``commit``.
+
+    >>> Write("agent:app", {"theme": "dark"}, expected_version=3)
+    Write(key='agent:app', state={'theme': 'dark'}, expected_version=3, turns=(), truncate=None)
+    """
+
+    key: str
+    state: dict[str, Any]
+    expected_version: int | None = None
+    turns: Sequence[dict[str, Any]] = ()
+    truncate: int | None = None
+
+
 @runtime_checkable
 class StoreBackend(SessionBackend, Protocol):
     """A backend with versioned commits and a native turn log (all of cognitia's own).
@@ -88,6 +106,10 @@ class StoreBackend(SessionBackend, Protocol):
     ``delete(key, expected_version=n)`` deletes only if the stored session has version
     ``n``, checked in the same atomic step; otherwise it raises
     :class:`~cognitia.errors.VersionConflictError` and deletes nothing.
+
+    A backend that declares :attr:`Capability.MULTI_KEY_COMMIT` also has
+    ``commit_many(writes: Sequence[Write]) -> list[int]``: every :class:`Write` applied as
+    ``commit`` would, in one transaction, or none of them.
     """
 
     capabilities: frozenset[Capability]

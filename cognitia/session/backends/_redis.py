@@ -5,13 +5,13 @@ import itertools
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ..._worker import Job, ThreadWorker, astop_workers, stop_workers
 from ...errors import MissingDependencyError, VersionConflictError
-from ._base import BackendBase, RawRecord
+from ._base import BackendBase, EncodedWrite, RawRecord
 
 try:
     import redis
@@ -55,67 +55,101 @@ _TOKEN_MS = 60_000
 # as applied even when other writes to the key landed in between.
 
 _COMMIT = """
-local h, l, idx, xp, vs, rm, w = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
-local key, now, nonce = ARGV[1], tonumber(ARGV[5]), ARGV[8]
-local seen = redis.call('ZSCORE', w, nonce)
-if seen then
+-- Commits one session, or several at once. KEYS: index, expiry, versions, removed, then per
+-- session its hash, turn list and written tokens. ARGV: now, expires_at, ttl_ms, token, then
+-- per session its key, state, expected version, truncate, turn count and turns. One token
+-- stands for the whole commit, recorded under every session written. Replies {1, version...}
+-- in the order given, or {0, actual version, i} for the first session i whose expected
+-- version does not match, having written nothing.
+local idx, xp, vs, rm = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local now, expires, ttl, nonce = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
+local count = (#KEYS - 4) / 3
+local reply, seen = {1, false}, 0  -- tables sized for one session, the usual commit
+for i = 1, count do
+  local version = redis.call('ZSCORE', KEYS[3 * i + 4], nonce)
+  if version then
+    seen = seen + 1
+    reply[i + 1] = tonumber(version)
+  end
+end
+if seen == count then
   -- This very commit was applied and its reply lost; the client resent it.
-  return {1, tonumber(seen)}
+  return reply
+elseif seen > 0 then
+  -- Applied, but resent after its token was dropped from some of its sessions (by later
+  -- writes, or expiry): the versions it wrote are unknown, and it must not write again.
+  return redis.error_reply('this commit was applied before its reply was lost, and resent too late ' ..
+    'to know the versions it wrote')
 end
-local meta = redis.call('HMGET', h, 'v', 'n', 'e')
-local v = tonumber(meta[1])
-local alive = v ~= nil and (not meta[3] or tonumber(meta[3]) > now)
-if ARGV[3] ~= '' then
-  local expected = tonumber(ARGV[3])
-  local actual = -1
-  if alive then actual = v end
-  if (expected == 0 and alive) or (expected > 0 and actual ~= expected) then
-    return {0, actual}
+-- Every version is checked before any session is written. found[2i - 1]: session i's stored
+-- version (false if none), found[2i]: its turn count if it is alive (false if not).
+local found, a = {false, false}, 5
+for i = 1, count do
+  local meta = redis.call('HMGET', KEYS[3 * i + 2], 'v', 'n', 'e')
+  local v = tonumber(meta[1])
+  local alive = v ~= nil and (not meta[3] or tonumber(meta[3]) > now)
+  local expected = ARGV[a + 2]
+  if expected ~= '' then
+    expected = tonumber(expected)
+    local actual = alive and v or -1
+    if (expected == 0 and alive) or (expected > 0 and actual ~= expected) then
+      return {0, actual, i}
+    end
   end
+  found[2 * i - 1], found[2 * i] = v or false, alive and (tonumber(meta[2]) or 0)
+  a = a + 5 + tonumber(ARGV[a + 4])
 end
-local n = 0
-if alive then n = tonumber(meta[2]) else redis.call('DEL', l) end
-if ARGV[4] ~= '' then
-  local keep = tonumber(ARGV[4])
-  if keep < n then
-    if keep == 0 then redis.call('DEL', l) else redis.call('LTRIM', l, 0, keep - 1) end
-    n = keep
+a = 5
+for i = 1, count do
+  local h, l, w = KEYS[3 * i + 2], KEYS[3 * i + 3], KEYS[3 * i + 4]
+  local key, last, v, n = ARGV[a], a + 4 + tonumber(ARGV[a + 4]), found[2 * i - 1], found[2 * i]
+  local version
+  if n then
+    version = v + 1
+  else
+    -- A new life of the key starts above every version it had, and every version removed.
+    n = 0
+    redis.call('DEL', l)
+    local before = tonumber(redis.call('HGET', vs, key)) or 0
+    version = math.max(v or 0, before, tonumber(redis.call('GET', rm)) or 0) + 1
   end
+  if ARGV[a + 3] ~= '' then
+    local keep = tonumber(ARGV[a + 3])
+    if keep < n then
+      if keep == 0 then redis.call('DEL', l) else redis.call('LTRIM', l, 0, keep - 1) end
+      n = keep
+    end
+  end
+  local first = a + 5
+  n = n + (last - first + 1)
+  while first <= last do
+    local upto = math.min(first + 999, last)
+    redis.call('RPUSH', l, unpack(ARGV, first, upto))
+    first = upto + 1
+  end
+  redis.call('HSET', h, 's', ARGV[a + 1], 'v', version, 'n', n, 'u', ARGV[1])
+  redis.call('HDEL', h, 'c')
+  redis.call('ZADD', w, version, nonce)
+  redis.call('ZREMRANGEBYRANK', w, 0, -@TOKENS@ - 1)
+  redis.call('PEXPIRE', w, @TOKEN_MS@)
+  if ttl ~= '' then
+    redis.call('HSET', h, 'e', expires)
+    redis.call('PEXPIRE', h, ttl)
+    redis.call('PEXPIRE', l, ttl)
+    redis.call('ZADD', xp, expires, key)
+    redis.call('HSET', vs, key, version)
+  else
+    redis.call('HDEL', h, 'e')
+    redis.call('PERSIST', h)
+    redis.call('PERSIST', l)
+    redis.call('ZREM', xp, key)
+    redis.call('HDEL', vs, key)
+  end
+  redis.call('ZADD', idx, 0, key)
+  reply[i + 1] = version
+  a = last + 1
 end
-local first = 9
-while first <= #ARGV do
-  local last = math.min(first + 999, #ARGV)
-  redis.call('RPUSH', l, unpack(ARGV, first, last))
-  first = last + 1
-end
-n = n + (#ARGV - 8)
-local version
-if alive then
-  version = v + 1
-else
-  local before = tonumber(redis.call('HGET', vs, key)) or 0
-  version = math.max(v or 0, before, tonumber(redis.call('GET', rm)) or 0) + 1
-end
-redis.call('HSET', h, 's', ARGV[2], 'v', version, 'n', n, 'u', ARGV[5])
-redis.call('HDEL', h, 'c')
-redis.call('ZADD', w, version, nonce)
-redis.call('ZREMRANGEBYRANK', w, 0, -@TOKENS@ - 1)
-redis.call('PEXPIRE', w, @TOKEN_MS@)
-if ARGV[7] ~= '' then
-  redis.call('HSET', h, 'e', ARGV[6])
-  redis.call('PEXPIRE', h, ARGV[7])
-  redis.call('PEXPIRE', l, ARGV[7])
-  redis.call('ZADD', xp, ARGV[6], key)
-  redis.call('HSET', vs, key, version)
-else
-  redis.call('HDEL', h, 'e')
-  redis.call('PERSIST', h)
-  redis.call('PERSIST', l)
-  redis.call('ZREM', xp, key)
-  redis.call('HDEL', vs, key)
-end
-redis.call('ZADD', idx, 0, key)
-return {1, version}
+return reply
 """
 
 _TURNS = """
@@ -205,7 +239,7 @@ _SCRIPTS = {
 _PRUNE_BATCH = 500
 """Expired sessions deleted per script run, so one prune never stalls the server for long."""
 
-Command = tuple[Any, ...]
+Command = Sequence[Any]
 Finish = Callable[[Any], Any]
 Plan = tuple[Command, Finish]
 """One Redis command, and what turns its reply into the operation's result."""
@@ -272,27 +306,58 @@ class _Commands:
         def finish(reply: list[int]) -> int:
             return _checked(key, expected_version, reply)
 
-        command = (
+        write = (key, state, expected_version, turns, truncate)
+        return self._commit_command((write,), now, expires_at, ttl_ms, nonce), finish
+
+    def commit_many(
+        self, writes: list[EncodedWrite], now: float, expires_at: float | None, ttl_ms: int | None, nonce: str
+    ) -> Plan:
+        def finish(reply: list[int]) -> list[int]:
+            if not reply[0]:
+                conflicted = writes[reply[2] - 1]
+                _checked(conflicted.key, conflicted.expected_version, reply)
+            return reply[1:]
+
+        return self._commit_command(writes, now, expires_at, ttl_ms, nonce), finish
+
+    def _commit_command(
+        self,
+        writes: Sequence[tuple[str, str, int | None, Sequence[str], int | None]],
+        now: float,
+        expires_at: float | None,
+        ttl_ms: int | None,
+        nonce: str,
+    ) -> Command:
+        """The commit script's call for ``writes``: (key, state, expected_version, turns, truncate)."""
+        prefix = self.prefix
+        command: list[Any] = [
             "EVALSHA",
             _SCRIPTS["commit"][1],
-            7,
-            *self._keys(key),
+            4 + 3 * len(writes),
             self.index,
             self.expiry,
             self.versions,
             self.removed,
-            self._written(key),
-            key,
-            state,
-            "" if expected_version is None else expected_version,
-            "" if truncate is None else truncate,
+        ]
+        for write in writes:  # the names _keys and _written give, inlined: every commit runs this
+            key = write[0]
+            command += (f"{prefix}s:{key}", f"{prefix}t:{key}", f"{prefix}w:{key}")
+        command += (
             repr(now),
             "" if expires_at is None else repr(expires_at),
             "" if ttl_ms is None else ttl_ms,
             nonce,
-            *turns,
         )
-        return command, finish
+        for key, state, expected_version, turns, truncate in writes:
+            command += (
+                key,
+                state,
+                "" if expected_version is None else expected_version,
+                "" if truncate is None else truncate,
+                len(turns),
+            )
+            command += turns
+        return command
 
     def load_turns(self, key: str, last: int | None, now: float) -> Plan:
         return (
@@ -406,7 +471,8 @@ class RedisSessionBackend(BackendBase):
 
     Each session is a hash (state, version, turn count, times) and a list (its turns). A
     commit is one Lua script that checks the version, writes the state, truncates and
-    appends the turns and updates the key index, atomically on the server; a delete with
+    appends the turns and updates the key index, atomically on the server; so is a commit of
+    several sessions, which checks every version before it writes any; a delete with
     ``expected_version`` checks the version in the script that deletes. Keys are listed
     from a sorted-set index by lexical range (never ``KEYS`` or ``SCAN``). With ``ttl``
     every save sets a server-side expiry on the session's keys; expired sessions are
@@ -515,6 +581,17 @@ class RedisSessionBackend(BackendBase):
             write=True,
         )
 
+    async def _raw_commit_many(
+        self, writes: list[EncodedWrite], now: float, expires_at: float | None
+    ) -> list[int]:
+        # One script: every version is checked before any session is written, and no other
+        # client runs in between. The token, recorded under each session, makes a resend
+        # after a lost reply return the versions it wrote instead of writing again.
+        nonce = secrets.token_hex(8)
+        return await self._call(  # type: ignore[no-any-return]
+            self._commands.commit_many, writes, now, expires_at, self._ttl_ms, nonce, write=True
+        )
+
     async def _raw_load_turns(self, key: str, last: int | None, now: float) -> list[str]:
         return await self._call(self._commands.load_turns, key, last, now)  # type: ignore[no-any-return]
 
@@ -561,7 +638,7 @@ def _checked(key: str, expected_version: int | None, reply: list[int]) -> int:
 
     On a conflict ``value`` is the stored version, ``-1`` when nothing is stored.
     """
-    ok, value = reply
+    ok, value = reply[0], reply[1]
     if not ok:
         assert expected_version is not None
         raise VersionConflictError(key, expected_version, None if value < 0 else int(value))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..._worker import Job, RunOnThread, ThreadWorker, astop_workers, checkpoint, stop_workers
 from ...errors import StorageError, VersionConflictError
-from ._base import BackendBase, RawRecord, check_version, prefix_bounds
+from ._base import BackendBase, EncodedWrite, RawRecord, check_version, prefix_bounds
 
 __all__ = ["SCHEMA_VERSION", "SqliteSessionBackend"]
 
@@ -135,6 +135,10 @@ class SqliteSessionBackend(BackendBase):
             when ``synchronous`` is ``"NORMAL"`` or ``"OFF"``; with ``"FULL"`` or ``"EXTRA"``
             a commit waits for the disk and always runs on the writer thread. Turn it off
             for the same reason as ``inline_reads``.
+        read_only: open an existing file for reading only: nothing is created, migrated or
+            switched to WAL, and every write is refused by SQLite (``StorageError``). A
+            file of an older schema is read as it is. For inspecting a database (the
+            ``cognitia`` command's reading commands do so).
 
     >>> backend = SqliteSessionBackend(db_path="sessions.db")
     """
@@ -152,6 +156,7 @@ class SqliteSessionBackend(BackendBase):
         busy_timeout: float = 5.0,
         inline_reads: bool = True,
         inline_writes: bool = True,
+        read_only: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(ttl=ttl, clock=clock)
@@ -162,6 +167,7 @@ class SqliteSessionBackend(BackendBase):
         self._synchronous = synchronous
         self._busy_timeout = busy_timeout
         self._memory = self.db_path == ":memory:"
+        self._read_only = read_only and not self._memory
         self._inline_reads = inline_reads and not self._memory
         self._inline = threading.local()
         self._inline_conns: weakref.WeakSet[_InlineConnection] = weakref.WeakSet()
@@ -171,13 +177,13 @@ class SqliteSessionBackend(BackendBase):
         # Set by a checkpoint: the next commit may start the WAL over, and with NORMAL that
         # syncs the WAL header to disk. That commit is the writer thread's.
         self._wal_checkpointed = False
-        self._inline_writes = inline_writes and synchronous in ("OFF", "NORMAL")
+        self._inline_writes = inline_writes and synchronous in ("OFF", "NORMAL") and not self._read_only
         self._writer: ThreadWorker[sqlite3.Connection] = ThreadWorker(
             f"cognitia-sqlite-writer:{self.db_path}",
             self._open_writer,
             sqlite3.Connection.close,
             batch=self._write_batch,
-            idle=None if self._memory else self._checkpoint,
+            idle=None if self._memory or self._read_only else self._checkpoint,
             here=self._write_here if self._inline_writes else None,
         )
         self._reader: ThreadWorker[sqlite3.Connection] = (
@@ -190,15 +196,23 @@ class SqliteSessionBackend(BackendBase):
 
     # -- connections ------------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.db_path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
-        )
-        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+    def _connect(self, timeout: float | None = None) -> sqlite3.Connection:
+        timeout = self._busy_timeout if timeout is None else timeout
+        if self._read_only:
+            # mode=ro: SQLite itself refuses every write, and a missing file is an error.
+            uri = f"{Path(self.db_path).resolve().as_uri()}?mode=ro"
+            conn = sqlite3.connect(
+                uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False
+            )
+        else:
+            conn = sqlite3.connect(
+                self.db_path, timeout=timeout, isolation_level=None, check_same_thread=False
+            )
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
         return conn
 
     def _open_writer(self) -> sqlite3.Connection:
-        if not self._memory:
+        if not self._memory and not self._read_only:
             path = Path(self.db_path)
             if not path.exists():
                 # Create the file ourselves so it is private: SQLite gives its WAL and
@@ -206,12 +220,16 @@ class SqliteSessionBackend(BackendBase):
                 os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         conn = self._connect()
         try:
-            if not self._memory:
-                self._switch_to_wal(conn)
-                # The writer checkpoints when it is idle (see _checkpoint), not inside a save.
-                conn.execute("PRAGMA wal_autocheckpoint = 0")
-            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-            _migrate(conn, self.db_path)
+            if self._read_only:
+                # The file is read as it is: its schema is checked, never changed.
+                _check_schema(conn, self.db_path)
+            else:
+                if not self._memory:
+                    self._switch_to_wal(conn)
+                    # The writer checkpoints when it is idle (see _checkpoint), not inside a save.
+                    conn.execute("PRAGMA wal_autocheckpoint = 0")
+                conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+                _migrate(conn, self.db_path)
         except BaseException:
             conn.close()
             raise
@@ -301,9 +319,8 @@ class SqliteSessionBackend(BackendBase):
         """
         held: _InlineConnection | None = getattr(self._inline, "held", None)
         if held is None:
-            conn = sqlite3.connect(self.db_path, timeout=0, isolation_level=None, check_same_thread=False)
+            conn = self._connect(timeout=0)
             conn.execute("PRAGMA query_only = ON")
-            conn.execute("PRAGMA busy_timeout = 0")
             held = _InlineConnection(conn)
             with self._inline_lock:
                 if self._closed:  # closed meanwhile: the inline connections are already gone
@@ -359,6 +376,11 @@ class SqliteSessionBackend(BackendBase):
             _commit, key, state, expected_version, turns, truncate, now, expires_at, shield=True, here=True
         )
 
+    async def _raw_commit_many(
+        self, writes: list[EncodedWrite], now: float, expires_at: float | None
+    ) -> list[int]:
+        return await self._writer.call(_commit_many, writes, now, expires_at, shield=True, here=True)
+
     async def _raw_save(self, key: str, state: str, now: float, expires_at: float | None) -> None:
         await self._writer.call(_save, key, state, now, expires_at, shield=True, here=True)
 
@@ -412,15 +434,21 @@ class _InlineConnection:
 # Everything below runs in a worker thread, on the connection it owns.
 
 
+def _check_schema(conn: sqlite3.Connection, db_path: str) -> int:
+    """The file's schema version; a newer one than this release knows is refused."""
+    found: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    if found > SCHEMA_VERSION:
+        raise StorageError(
+            f"{db_path} has cognitia schema version {found}, newer than this release "
+            f"understands ({SCHEMA_VERSION}); upgrade cognitia-sessions"
+        )
+    return found
+
+
 def _migrate(conn: sqlite3.Connection, db_path: str) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
-        found = conn.execute("PRAGMA user_version").fetchone()[0]
-        if found > SCHEMA_VERSION:
-            raise StorageError(
-                f"{db_path} has cognitia schema version {found}, newer than this release "
-                f"understands ({SCHEMA_VERSION}); upgrade cognitia-sessions"
-            )
+        found = _check_schema(conn, db_path)
         for version in range(found + 1, SCHEMA_VERSION + 1):
             for statement in _MIGRATIONS[version]:
                 conn.execute(statement)
@@ -595,6 +623,30 @@ def _commit(
                     return version
     with _Transaction(conn):
         return _commit_general(conn, key, state, expected_version, turns, truncate, now, expires_at)
+
+
+def _commit_many(
+    conn: sqlite3.Connection, writes: list[EncodedWrite], now: float, expires_at: float | None
+) -> list[int]:
+    """Every write in one transaction; a conflict or failure undoes the ones before it.
+
+    The savepoint makes that hold inside a batch too, whose shared transaction goes on
+    after a write that conflicted (having written nothing).
+    """
+    with _Transaction(conn):
+        conn.execute("SAVEPOINT cognitia_many")
+        try:
+            versions = [
+                _commit(conn, w.key, w.state, w.expected_version, list(w.turns), w.truncate, now, expires_at)
+                for w in writes
+            ]
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK TO cognitia_many")
+                conn.execute("RELEASE cognitia_many")
+            raise
+        conn.execute("RELEASE cognitia_many")
+        return versions
 
 
 def _append_turns(conn: sqlite3.Connection, key: str, first: int, turns: list[str]) -> None:
