@@ -3,7 +3,7 @@ from __future__ import annotations
 import copy
 import json
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import quote
@@ -25,7 +25,6 @@ from google.adk.sessions.base_session_service import (
 from pydantic_core import to_jsonable_python
 
 from cognitia import InMemorySessionManager, Session, SessionNotFound, Turns
-from cognitia._json import dumps
 from cognitia.session.backends import SessionBackend
 from cognitia.session.manager import APPEND_RETRIES
 
@@ -124,7 +123,6 @@ class CognitiaSessionService(BaseSessionService):
         """Create and store a session; ``AlreadyExistsError`` if the id is taken."""
         session_id = (session_id.strip() if session_id else None) or platform_uuid.new_uuid()
         app_delta, user_delta, own_state = _split(state or {})
-        self._check_scoped(app_name, user_id, app_delta, user_delta)
         now = platform_time.get_time()
         record = {
             "app_name": app_name,
@@ -134,13 +132,14 @@ class CognitiaSessionService(BaseSessionService):
             "updated": now,
         }
 
-        def create(stored: Session) -> None:
+        async def create(stored: Session) -> None:
             if stored.version:
                 raise AlreadyExistsError(f"Session with id {session_id} already exists.")
             stored.state = record
 
-        stored = await self.manager.update(self.session_key(app_name, user_id, session_id), create)
-        await self._merge_scoped(app_name, user_id, app_delta, user_delta)
+        key = self.session_key(app_name, user_id, session_id)
+        scoped = self._scoped(app_name, user_id, app_delta, user_delta)
+        stored = await self._commit(key, create, scoped)
         return await self._to_adk(copy.deepcopy(stored.state), stored.version, events=[])
 
     async def get_session(
@@ -195,21 +194,26 @@ class CognitiaSessionService(BaseSessionService):
         self._apply_temp_state(session, event)
         event = self._trim_temp_delta_state(event)
         app_delta, user_delta, own_delta = _split(event.actions.state_delta if event.actions else {})
-        self._check_scoped(session.app_name, session.user_id, app_delta, user_delta)
+        scoped = self._scoped(session.app_name, session.user_id, app_delta, user_delta)
         turn = event.model_dump(mode="json", exclude_none=True)
         key = self.session_key(session.app_name, session.user_id, session.id)
         async with self._appending_to(key):
             # Held from reading the session object's version to recording the new one, so
             # appends made at once through one session object (ADK does so for live tools)
             # each see the version the one before them wrote.
-            retried = await self._append(key, session, event, turn, own_delta)
-        await self._merge_scoped(session.app_name, session.user_id, app_delta, user_delta)
+            retried = await self._append(key, session, event, turn, own_delta, scoped)
         if retried and any(e.id == event.id and e == event for e in reversed(session.events)):
             return event
         return self._commit_event_to_session(session, event)
 
     async def _append(
-        self, key: str, session: AdkSession, event: Event, turn: Turn, own_delta: dict[str, Any]
+        self,
+        key: str,
+        session: AdkSession,
+        event: Event,
+        turn: Turn,
+        own_delta: dict[str, Any],
+        scoped: dict[str, dict[str, Any]],
     ) -> bool:
         """Store ``turn``; ``True`` if it was the newest stored event already (a retry)."""
         seen = _marker(session)
@@ -241,10 +245,13 @@ class CognitiaSessionService(BaseSessionService):
             stored.turns.append(turn)
 
         try:
-            stored = await self.manager.update(key, append)
+            stored = await self._commit(key, append, scoped)
         except _AlreadyStored as retried:
             # Every write of a session appends an event, so the version holding the newest
-            # event is the stored one.
+            # event is the stored one. Its app:/user: values are set again (no change, unless
+            # another session has changed them since).
+            if scoped:
+                await self.manager.update_many(scoped, self._merger(scoped), retries=APPEND_RETRIES)
             stored = retried.session
             session.last_update_time = stored.state["updated"]
             _set_marker(session, stored.version)
@@ -270,18 +277,49 @@ class CognitiaSessionService(BaseSessionService):
             if not entry[1]:
                 del self._appending[key]
 
-    def _check_scoped(
+    def _scoped(
         self, app_name: str, user_id: str, app_delta: dict[str, Any], user_delta: dict[str, Any]
-    ) -> None:
-        """Refuse ``app:``/``user:`` values JSON cannot hold before anything is written.
-
-        They are stored after the session's own write, so a value found bad only then
-        would leave the event stored without them.
-        """
+    ) -> dict[str, dict[str, Any]]:
+        """The ``app:`` and ``user:`` values to merge, by the cognitia key that holds them."""
+        scoped = {}
         if app_delta:
-            dumps(self.app_key(app_name), app_delta)
+            scoped[self.app_key(app_name)] = app_delta
         if user_delta:
-            dumps(self.user_key(app_name, user_id), user_delta)
+            scoped[self.user_key(app_name, user_id)] = user_delta
+        return scoped
+
+    async def _commit(
+        self, key: str, change: Callable[[Session], Awaitable[None]], scoped: dict[str, dict[str, Any]]
+    ) -> Session:
+        """Apply ``change`` to the session under ``key`` and store it, with the ``scoped`` merges.
+
+        The session and the app and user state it changes are stored in one commit: a
+        crash, a conflict or a failure never leaves an event stored without its ``app:``
+        and ``user:`` values. Every session of an app writes the same ``app:`` key, so a
+        conflict there re-applies all of it (the merges commute) rather than failing.
+        """
+        if not scoped:
+            return await self.manager.update(key, change)
+        merge = self._merger(scoped)
+
+        async def together(sessions: dict[str, Session]) -> None:
+            await change(sessions[key])
+            merge(sessions)
+
+        sessions = await self.manager.update_many([key, *scoped], together, retries=APPEND_RETRIES)
+        return sessions[key]
+
+    @staticmethod
+    def _merger(scoped: dict[str, dict[str, Any]]) -> Callable[[dict[str, Session]], None]:
+        """A change that ``dict.update``s each scoped key's state with its values."""
+
+        def merge(sessions: dict[str, Session]) -> None:
+            for scoped_key, delta in scoped.items():
+                stored = sessions[scoped_key]
+                # A new dict, not an in-place update: a failed save must not leave it changed.
+                stored.state = {**stored.state, **delta}
+
+        return merge
 
     # -- internals --------------------------------------------------------------------------
 
@@ -339,42 +377,6 @@ class CognitiaSessionService(BaseSessionService):
         except SessionNotFound:
             return {}
         return copy.deepcopy(stored.state)
-
-    async def _merge_scoped(
-        self, app_name: str, user_id: str, app_delta: dict[str, Any], user_delta: dict[str, Any]
-    ) -> None:
-        """Store the ``app:`` and ``user:`` values of a session or event already stored.
-
-        They live under keys of their own, so they are written after the session's commit.
-        That commit has happened: the caller's cancellation waits until they are written
-        too, or a retry would find the session (or event) stored without them. The wait is
-        bounded: past the manager's ``save_timeout`` (storage unreachable), ``TimeoutError``.
-        """
-        if not app_delta and not user_delta:
-            return
-        limit = self.manager.save_timeout
-        with anyio.move_on_after(limit, shield=True) as scope:
-            await self._merge(self.app_key(app_name), app_delta)
-            await self._merge(self.user_key(app_name, user_id), user_delta)
-        if scope.cancelled_caught:
-            raise TimeoutError(
-                f"storing the app:/user: state of session {user_id!r} of app {app_name!r} took longer "
-                f"than {limit}s; it may be stored in part"
-            )
-
-    async def _merge(self, key: str, delta: dict[str, Any]) -> None:
-        """``dict.update`` the app or user state under ``key``.
-
-        Merges commute, so one is re-applied after a conflict until it lands: every session
-        of an app writes the same ``app:`` key, and none may lose its values to another.
-        """
-        if not delta:
-            return
-
-        def merge(stored: Session) -> None:
-            stored.state = {**stored.state, **delta}
-
-        await self.manager.update(key, merge, retries=APPEND_RETRIES)
 
 
 class _EventCache:
