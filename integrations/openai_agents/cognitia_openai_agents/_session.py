@@ -7,6 +7,7 @@ from agents.memory import SessionSettings
 from agents.memory.session_settings import coerce_session_settings
 
 from cognitia import InMemorySessionManager, MemoryScope, Session, scoped_key
+from cognitia._json import dumps, loads
 from cognitia.session.backends import SessionBackend
 from cognitia.session.manager import APPEND_RETRIES
 
@@ -77,7 +78,10 @@ class CognitiaSession:
         """Append ``items`` (JSON dicts) to the conversation, all in one save."""
         if not items:
             return
-        turns = cast("list[dict[str, Any]]", items)
+        # Stored as their JSON reads back: what this process holds from now on is what a
+        # restarted one reads (a tuple is a list, keys are strings), and later edits of the
+        # caller's objects change neither.
+        turns = [loads(dumps(self.key, item, root=f"items[{i}]")) for i, item in enumerate(items)]
 
         def append(session: Session) -> None:
             for turn in turns:
@@ -95,7 +99,8 @@ class CognitiaSession:
             nonlocal popped
             popped = await session.turns.pop()
 
-        await self.manager.update(self.key, pop)
+        # Re-applied after a conflict: it then pops whatever is newest in storage.
+        await self.manager.update(self.key, pop, retries=APPEND_RETRIES)
         return cast("TResponseInputItem | None", popped)
 
     async def clear_session(self) -> None:
@@ -106,7 +111,7 @@ class CognitiaSession:
         def clear(session: Session) -> None:
             session.turns.clear()
 
-        await self.manager.update(self.key, clear)
+        await self.manager.update(self.key, clear, retries=APPEND_RETRIES)
 
     def __repr__(self) -> str:
         return f"<CognitiaSession {self.key!r} manager={self.manager!r}>"

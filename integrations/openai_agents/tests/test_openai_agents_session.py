@@ -243,3 +243,38 @@ async def test_sessions_over_one_storage_see_each_others_items(
     await two.clear_session()
     assert await one.get_items() == []
     assert await one.pop_item() is None
+
+
+async def test_a_live_session_returns_what_a_restarted_one_reads(persistent_backend_factory: Any) -> None:
+    """Items are held as stored: JSON types, and no link to the caller's objects after add_items."""
+    session = CognitiaSession("user-1", persistent_backend_factory())
+    item: Any = {"role": "user", "content": ("a", "b"), 7: "x"}
+    await session.add_items([item])
+    item["role"] = "edited after add_items"
+    expected = [{"role": "user", "content": ["a", "b"], "7": "x"}]
+    assert await session.get_items() == expected
+    assert await CognitiaSession("user-1", persistent_backend_factory()).get_items() == expected
+
+
+async def test_pop_and_clear_outlast_another_worker_appending(backend_factory: Any) -> None:
+    """Pops and clears re-applied after conflicts with a busy writer on the same storage, as the
+    SDK's own session never refuses them."""
+    writer = CognitiaSession("user-1", backend_factory())
+    other = CognitiaSession("user-1", backend_factory())
+    await writer.add_items([{"role": "user", "content": "first"}])
+    popped: list[Any] = []
+
+    async def write() -> None:
+        for i in range(60):
+            await writer.add_items([{"role": "user", "content": f"m{i}"}])
+
+    async def pop_and_clear() -> None:
+        for i in range(30):
+            popped.append(await other.pop_item())
+            if i % 10 == 9:
+                await other.clear_session()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(write)
+        tg.start_soon(pop_and_clear)
+    assert len(popped) == 30
