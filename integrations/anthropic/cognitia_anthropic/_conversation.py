@@ -143,7 +143,11 @@ class PersistedConversation:
 
     async def _follow(self, runner: AnyRunner) -> _Mirror:
         """Line the runner's history up with the stored conversation and store what it adds."""
-        stored = await self.manager.turns(self.key)
+        # The turns and the version they belong to, read together: every step checks that
+        # storage is still at that version, so no other writer's change goes unnoticed.
+        async with self.manager.locked(self.key) as session:
+            stored = [] if session is None else await session.turns.all()
+            version = 0 if session is None else session.version
         history = list(_history(runner))
         # The largest overlap: the stored conversation ends with the runner's first messages.
         start = await _window_start(history, stored, stored, max(0, len(stored) - len(history)))
@@ -164,7 +168,7 @@ class PersistedConversation:
             )
         # Messages the runner was given that are not stored yet are stored with its first
         # reply, in the same save: a run that loses a race at its first step stores nothing.
-        return _Mirror(self, kept=start, messages=history[:overlap], turns=stored[start:])
+        return _Mirror(self, kept=start, messages=history[:overlap], turns=stored[start:], version=version)
 
     def __repr__(self) -> str:
         return f"<PersistedConversation {self.key!r} manager={self.manager!r}>"
@@ -187,8 +191,11 @@ class _Mirror:
         kept: int,
         messages: list[Any],
         turns: list[dict[str, Any]],
+        version: int,
     ) -> None:
         self._conversation = conversation
+        self._version = version
+        """The stored conversation's version when it was last read or written here."""
         self._kept = kept
         self._messages = messages
         self._turns = turns
@@ -209,9 +216,11 @@ class _Mirror:
         key = self._conversation.key
 
         stored_any = self._stored_any
+        version = self._version
 
         async def change(session: Session) -> None:
-            if len(session.turns) != expected:
+            # The count alone would miss a change that kept it (another writer's compaction).
+            if session.version != version or len(session.turns) != expected:
                 found = len(session.turns)
                 raise ConversationChangedError(
                     key,
@@ -219,7 +228,8 @@ class _Mirror:
                     found,
                     message=(
                         f"conversation {key!r} changed in storage while a runner was recording it "
-                        f"(expected {expected} stored messages, found {found}); "
+                        f"(expected {expected} stored messages at version {version}, found {found} "
+                        f"at version {session.version}); "
                         + (
                             "this step was not stored, the run's earlier steps are"
                             if stored_any
@@ -233,7 +243,8 @@ class _Mirror:
                     await session.turns.pop()
             _append(session, new)
 
-        await self._conversation.manager.update(key, change)
+        stored = await self._conversation.manager.update(key, change)
+        self._version = stored.version
         self._messages = messages
         self._turns = [*self._turns[:same], *new]
         self._stored_any = True

@@ -335,18 +335,45 @@ async def test_messages_stored_by_another_writer_are_never_interleaved_or_overwr
     await conversation.append({"role": "user", "content": "hello"})
     client = api.client()
     runner = await resume(conversation, client, get_weather)
-    with pytest.raises(ConversationChangedError, match=r"'user-1'.*expected 1 stored messages, found 2"):
+    with pytest.raises(
+        ConversationChangedError,
+        match=r"'user-1'.*expected 1 stored messages at version 1, found 2 at version 2",
+    ):
         async for _ in conversation.record(runner):
             await elsewhere.append({"role": "user", "content": "from elsewhere"})
     assert digest(await conversation.messages()) == ["user: hello", "user: from elsewhere"]
 
     runner = await resume(conversation, client, get_weather)
     runner.compact_before_next_turn()
-    with pytest.raises(ConversationChangedError, match=r"expected 2 stored messages, found 3"):
+    with pytest.raises(ConversationChangedError, match=r"expected 2 stored messages at version 2, found 3"):
         async for message in conversation.record(runner):
             if message.content[0].type == "compaction":
                 await elsewhere.append({"role": "user", "content": "again"})
     assert digest(await conversation.messages()) == ["user: hello", "user: from elsewhere", "user: again"]
+
+
+async def test_a_change_that_keeps_the_message_count_is_noticed(backend_factory: Any, api: Any) -> None:
+    """Another writer compacts while a runner is recording: the conversation holds as many
+    messages as before (two), but not the ones the runner continues. Its step is refused and
+    the compaction stays as it was stored."""
+    manager = InMemorySessionManager(backend_factory())
+    conversation = PersistedConversation(manager, "user-1")
+    elsewhere = PersistedConversation(manager, "user-1")
+    client = api.client()
+    await conversation.append({"role": "user", "content": "hello"})
+    await conversation.run(await resume(conversation, client))
+    assert digest(await conversation.messages()) == ["user: hello", "assistant: echo: hello"]
+
+    runner = await resume(conversation, client)
+    runner.append_messages({"role": "user", "content": "question"})
+    with pytest.raises(ConversationChangedError, match=r"expected 2 stored messages at version 2, found 2"):
+        async for _ in conversation.record(runner):
+            other = await resume(elsewhere, client)
+            other.compact_before_next_turn()
+            await elsewhere.run(other)
+    compacted = ["assistant: [summary of 2 messages]", "assistant: from the summary of 2 messages"]
+    assert digest(await conversation.messages()) == compacted
+    assert digest(await PersistedConversation(backend_factory(), "user-1").messages()) == compacted
 
 
 async def test_a_runner_built_from_a_read_another_writer_has_added_to_is_refused(
