@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import ValidationError
 from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
 from pydantic_ai.run import AgentRunResult
 
@@ -25,7 +26,34 @@ async def history(
     >>> # await remember(manager, "chat:42", result)
     """
     turns = await manager.turns(key, last=last)
-    return ModelMessagesTypeAdapter.validate_python([turn["message"] for turn in turns])
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "message" not in turn:
+            raise ValueError(
+                f"{await _turn_name(manager, key, i, len(turns), last)} is not a pydantic-ai message "
+                "turn ({'message': ...}, as remember() writes); was the key written by another integration?"
+            )
+        messages.append(turn["message"])
+    try:
+        return ModelMessagesTypeAdapter.validate_python(messages)
+    except ValidationError as exc:
+        # Named by the error's kind and place, not its message, which may quote the content.
+        first = exc.errors()[0]
+        where = first["loc"]
+        i = where[0] if where and isinstance(where[0], int) else 0
+        place = "".join(f"[{part!r}]" for part in where[1:]) or " itself"
+        raise ValueError(
+            f"{await _turn_name(manager, key, i, len(turns), last)} is not a valid pydantic-ai message: "
+            f"{first['type']} at message{place} ({exc.error_count()} error(s))"
+        ) from exc
+
+
+async def _turn_name(manager: InMemorySessionManager, key: str, i: int, read: int, last: int | None) -> str:
+    """How an error names the ``i``-th of the ``read`` turns read: by its position in the whole log."""
+    if last is not None:
+        async with manager.locked(key) as session:
+            i += 0 if session is None else max(0, len(session.turns) - read)
+    return f"turn {i} of session {key!r}"
 
 
 async def remember(

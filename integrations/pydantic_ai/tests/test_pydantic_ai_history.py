@@ -11,7 +11,14 @@ import anyio.to_thread
 import pytest
 from pydantic_ai import Agent
 from pydantic_ai.conversation import Conversation
-from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelMessagesTypeAdapter,
+    ModelRequest,
+    ModelResponse,
+    TextPart,
+    UserPromptPart,
+)
 
 from cognitia import InMemorySessionManager, SessionEvent
 from cognitia.session.backends import BackendBase, SqliteSessionBackend
@@ -79,3 +86,20 @@ async def test_run_sync_from_trio_through_a_thread(
         loaded = await store.load("c-trio")
         assert loaded is not None
         assert prompts_of(loaded.messages) == ["store one", "store two"]
+
+
+async def test_turns_that_are_not_messages_are_named_in_the_error(store_backend: BackendBase) -> None:
+    """A key another integration wrote, or a message pydantic-ai cannot read: the error names
+    the session and the turn's place in the whole log, and quotes no content."""
+    manager = InMemorySessionManager(store_backend)
+    await manager.update("chat:42", lambda s: s.turns.append({"role": "user", "content": "hi"}))
+    with pytest.raises(ValueError, match=r"turn 0 of session 'chat:42' is not a pydantic-ai message turn"):
+        await history(manager, "chat:42")
+
+    request = ModelRequest(parts=[UserPromptPart("hello")])
+    reply = ModelResponse(parts=[TextPart("hi there")])
+    await remember(manager, "chat:43", [request, reply])
+    await manager.update("chat:43", lambda s: s.turns.append({"message": {"kind": "secret-bogus"}}))
+    with pytest.raises(ValueError, match=r"turn 2 of session 'chat:43' is not a valid") as info:
+        await history(manager, "chat:43", last=1)
+    assert "secret" not in str(info.value)
