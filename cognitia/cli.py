@@ -64,7 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     0
     """
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a usage error (2), or --help (0): argparse has printed why
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         if args.command == "import":
             # Read and check the whole file before touching storage: a bad line imports nothing.
@@ -149,30 +152,48 @@ def _non_negative(text: str) -> int:
     return value
 
 
+_READING = frozenset({"ls", "show", "turns", "export"})
+"""Commands that only read: they open storage so that nothing can be written."""
+
+
 def _open_backend(args: argparse.Namespace) -> BackendBase:
-    if args.postgres is not None:
-        from .session.backends import PostgresSessionBackend
+    try:
+        if args.postgres is not None:
+            from .session.backends import PostgresSessionBackend
 
-        postgres: BackendBase = PostgresSessionBackend(args.postgres)
-        return postgres
-    if args.redis is not None:
-        from .session.backends import RedisSessionBackend
+            postgres = PostgresSessionBackend(args.postgres)
+            if args.command != "import":
+                try:
+                    found = postgres._tables_exist()
+                except Exception as exc:
+                    raise _CommandError(
+                        f"cannot read the PostgreSQL database: {type(exc).__name__}"
+                    ) from None
+                if not found:
+                    raise _CommandError("the PostgreSQL database holds no cognitia sessions")
+            return postgres
+        if args.redis is not None:
+            from .session.backends import RedisSessionBackend
 
-        redis: BackendBase = RedisSessionBackend(args.redis)
-        return redis
+            redis: BackendBase = RedisSessionBackend(args.redis)
+            return redis
+    except ValueError as exc:  # a malformed DSN or URL
+        raise _CommandError(str(exc)) from None
     from .session.backends import SqliteSessionBackend
 
     path = Path(args.db or os.environ.get("COGNITIA_DB") or "sessions.db")
-    # Reading commands must not leave an empty database behind after a typo in the path,
-    # nor add cognitia's tables to some other program's database.
-    if args.command != "import":
-        if not path.exists():
-            raise _CommandError(f"no database at {path} (use --db PATH)")
-        if path.is_dir():
-            raise _CommandError(f"{path} is a directory, not a database (use --db PATH)")
-        if not _holds_sessions(path):
-            raise _CommandError(f"{path} is not a cognitia session database")
-    return SqliteSessionBackend(db_path=path)
+    # No command leaves an empty database behind after a typo in the path, nor adds
+    # cognitia's tables to some other program's database; import may create a new file.
+    if args.command == "import" and (not path.exists() or (path.is_file() and path.stat().st_size == 0)):
+        return SqliteSessionBackend(db_path=path)
+    if not path.exists():
+        raise _CommandError(f"no database at {path} (use --db PATH)")
+    if path.is_dir():
+        raise _CommandError(f"{path} is a directory, not a database (use --db PATH)")
+    if not _holds_sessions(path):
+        raise _CommandError(f"{path} is not a cognitia session database")
+    reading = args.command in _READING or (args.command == "prune" and args.dry_run)
+    return SqliteSessionBackend(db_path=path, read_only=reading)
 
 
 def _holds_sessions(path: Path) -> bool:
@@ -218,7 +239,9 @@ async def _ls(backend: BackendBase, args: argparse.Namespace, out: TextIO) -> No
             _print_json_line(row, out)
         return
     columns = ["key", "version", "turns", "updated_at", "bytes"]
-    table = [[name.upper() for name in columns]] + [[str(row[name]) for name in columns] for row in rows]
+    table = [[name.upper() for name in columns]] + [
+        [_shown(row["key"])] + [str(row[name]) for name in columns[1:]] for row in rows
+    ]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     for line in table:
         # The key is left-aligned, the rest right-aligned so numbers compare at a glance.
@@ -249,7 +272,7 @@ async def _rm(backend: BackendBase, args: argparse.Namespace, out: TextIO) -> No
 
 async def _prune(backend: BackendBase, args: argparse.Namespace, out: TextIO) -> None:
     for key in await backend.prune(dry_run=args.dry_run):
-        print(key, file=out)
+        print(_shown(key), file=out)
 
 
 async def _export(backend: BackendBase, args: argparse.Namespace, out: TextIO) -> None:
@@ -327,7 +350,10 @@ def _read_export(lines: IO[str], name: str) -> Iterator[_Exported]:
         version, turns = item.get("version", 0), item.get("turns", [])
         if not isinstance(key, str):
             raise _CommandError(f"{where}: 'key' must be a string")
-        check_key(key)
+        try:
+            check_key(key)
+        except CognitiaError as exc:
+            raise _CommandError(f"{where}: {exc}") from None
         if not isinstance(state, dict):
             raise _CommandError(f"{where}: 'state' of {key!r} must be an object")
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
@@ -365,6 +391,12 @@ _COMMANDS: dict[str, Callable[[BackendBase, argparse.Namespace, TextIO], Awaitab
 def _iso(timestamp: float) -> str:
     moment = datetime.fromtimestamp(timestamp, tz=UTC)
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _shown(key: str) -> str:
+    """A key as one line of text: one holding a line break or another control character is
+    shown as a Python string literal, so that it can never pass for another row."""
+    return key if key.isprintable() else repr(key)
 
 
 def _print_json_line(value: Any, out: TextIO) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -16,6 +17,7 @@ from typing import Any
 import anyio
 import pytest
 
+from cognitia import StorageError
 from cognitia.cli import main
 from cognitia.session.backends import SqliteSessionBackend
 
@@ -313,16 +315,104 @@ def test_cognitia_db_names_the_database_when_db_is_not_given(
 
 
 def test_usage_errors_exit_2(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["--db", str(db), "turns", "agent:user:42", "--last", "-1"])
-    assert exc.value.code == 2
+    assert main(["--db", str(db), "turns", "agent:user:42", "--last", "-1"]) == 2
     assert "expected a number >= 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        main(["--db", str(db), "--redis", "redis://x", "ls"])
-    assert exc.value.code == 2
-    with pytest.raises(SystemExit) as exc:
-        main([])
-    assert exc.value.code == 2
+    assert main(["--db", str(db), "--redis", "redis://x", "ls"]) == 2
+    assert main([]) == 2
+    assert main(["--help"]) == 0
+    assert "Inspect and manage cognitia sessions" in capsys.readouterr().out
+
+
+def test_reading_commands_leave_the_file_exactly_as_it_was(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An older schema in a rollback journal is read as it is: not migrated, not switched to WAL."""
+    old = tmp_path / "old.db"
+    with sqlite3.connect(db) as source, sqlite3.connect(old) as target:
+        source.backup(target)
+    with contextlib.closing(sqlite3.connect(old, isolation_level=None)) as connection:
+        connection.execute("PRAGMA journal_mode = DELETE")
+        connection.execute("DROP TABLE cognitia_meta")
+        connection.execute("PRAGMA user_version = 1")
+    before = old.read_bytes()
+    for command in (
+        ["ls"],
+        ["show", "agent:user:42"],
+        ["turns", "agent:user:42"],
+        ["export"],
+        ["prune", "--dry-run"],
+    ):
+        assert run(capsys, "--db", str(old), *command)[0] == 0, command
+    assert old.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("old")) == ["old.db"]
+    assert json.loads(run(capsys, "--db", str(old), "show", "agent:user:43")[1]) == {"role": "tutor"}
+
+
+def test_a_read_only_backend_refuses_writes_and_missing_files(tmp_path: Path) -> None:
+    async def check() -> None:
+        async with SqliteSessionBackend(db_path=tmp_path / "absent.db", read_only=True) as absent:
+            with pytest.raises(StorageError, match="unable to open"):
+                await absent.load("agent:a")
+        path = tmp_path / "s.db"
+        async with SqliteSessionBackend(db_path=path) as writer:
+            await writer.save("agent:a", {"n": 1})
+        async with SqliteSessionBackend(db_path=path, read_only=True) as reader:
+            assert await reader.load("agent:a") == {"n": 1}
+            with pytest.raises(StorageError, match="readonly"):
+                await reader.save("agent:a", {"n": 2})
+            assert await reader.load("agent:a") == {"n": 1}
+
+    for runtime in ("asyncio", "trio"):
+        anyio.run(check, backend=runtime)
+    assert not (tmp_path / "absent.db").exists()
+
+
+def test_import_never_adds_tables_to_another_programs_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(other)) as connection:
+        connection.execute("CREATE TABLE users (name TEXT)")
+    lines = tmp_path / "one.jsonl"
+    lines.write_text(json.dumps({"key": "agent:a", "state": {}}) + "\n", encoding="utf-8")
+    assert run(capsys, "--db", str(other), "import", str(lines))[2] == (
+        f"cognitia: {other} is not a cognitia session database\n"
+    )
+    with contextlib.closing(sqlite3.connect(other)) as connection:
+        assert connection.execute("SELECT name FROM sqlite_master").fetchall() == [("users",)]
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    assert run(capsys, "--db", str(empty), "import", str(lines))[0] == 0  # an empty file is a new database
+
+
+def test_bad_server_addresses_and_import_keys_are_clear_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("psycopg")
+    code, _, err = run(capsys, "--postgres", "not a dsn", "ls")
+    assert (code, err) == (1, "cognitia: dsn is not a valid libpq connection string or postgresql:// URL\n")
+    pytest.importorskip("redis")
+    code, _, err = run(capsys, "--redis", "http://localhost/0", "ls")
+    assert code == 1 and err.startswith("cognitia: Redis URL must specify one of the following schemes")
+    lines = tmp_path / "bad.jsonl"
+    lines.write_text(
+        json.dumps({"key": "agent:a", "state": {}}) + "\n" + json.dumps({"key": " ", "state": {}}) + "\n"
+    )
+    code, _, err = run(capsys, "--db", str(tmp_path / "new.db"), "import", str(lines))
+    assert (code, err) == (
+        1,
+        f"cognitia: {lines}, line 2: session key must be a non-empty, non-blank string, got ' '\n",
+    )
+
+
+def test_a_key_with_a_line_break_cannot_pass_for_another_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "s.db"
+    seed(path, {"agent:a\nagent:admin   9": ({}, [])})
+    out = run(capsys, "--db", str(path), "ls")[1]
+    assert out.splitlines()[1].startswith("'agent:a\\nagent:admin   9'")
+    assert len(out.splitlines()) == 2
 
 
 def test_python_dash_m_cognitia_runs_the_cli(db: Path) -> None:
