@@ -307,10 +307,10 @@ def test_the_library_does_not_configure_structlog() -> None:
 
 async def test_a_hook_slower_than_save_timeout_does_not_fail_the_committed_save() -> None:
     backend = InMemorySessionBackend()
-    manager = InMemorySessionManager(backend=backend, save_timeout=0.05)
+    manager = InMemorySessionManager(backend=backend, save_timeout=0.5)
 
     async def slow(event: SessionEvent) -> None:
-        await anyio.sleep(0.2)
+        await anyio.sleep(0.8)
 
     manager.on("saved", slow)
     session = await manager.register("agent:slow", {"n": 0})

@@ -432,15 +432,22 @@ async def test_max_sessions_evicts_the_least_recently_used(backend: SessionBacke
 
 
 async def test_the_sweeper_expires_idle_sessions_in_the_background(backend: SessionBackend) -> None:
-    manager = InMemorySessionManager(backend=backend, idle_ttl=0.2, sweep_interval=0.05)
+    # Idleness is measured on the manager's clock, moved by hand here, so a slow machine
+    # cannot make "busy" look idle; the sweeper itself wakes every 10 ms of real time.
+    clock = Clock()
+    manager = InMemorySessionManager(backend=backend, idle_ttl=10, sweep_interval=0.01, clock=clock)
     events = record(manager, "expired", "closed")
     async with manager:
         session = await manager.register("idle", {"n": 0})
         session.state["n"] = 1
         await manager.register("busy", {"n": 0})
-        for _ in range(20):  # 0.5 s: "idle" expires after 0.2-0.25 s, "busy" is touched every 25 ms
-            await anyio.sleep(0.025)
-            await manager.get("busy")
+        clock.advance(6)
+        await manager.get("busy")
+        clock.advance(6)  # "idle" has been idle 12 s, "busy" 6 s
+        for _ in range(1_000):
+            if events:
+                break
+            await anyio.sleep(0.01)
         assert manager.live_keys() == ["busy"]
         assert [(e.name, e.key) for e in events] == [("expired", "idle")]
     assert [(e.name, e.key) for e in events] == [("expired", "idle"), ("closed", "busy")]
@@ -1169,7 +1176,7 @@ async def test_register_after_a_save_that_timed_out_but_landed_repeats_no_turn(
         holder = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")
         locked.set()
-        time.sleep(0.6)  # longer than save_timeout, shorter than the writer's busy timeout
+        time.sleep(2.0)  # far longer than save_timeout, shorter than the writer's 5 s busy timeout
         holder.execute("COMMIT")
         holder.close()
 

@@ -7,6 +7,7 @@ only, so the writer and the test do too.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -33,12 +34,13 @@ async def main():
     session = await service.get_session(app_name="dice", user_id="ann", session_id="s1")
     if session is None:
         session = await service.create_session(app_name="dice", user_id="ann", session_id="s1")
-    i = len(session.events)
-    print("ready", flush=True)
+    i = first = len(session.events)
     while True:
         delta = {"n": i, "app:n": i, "user:n": i}
         await service.append_event(session, Event(author="user", actions=EventActions(state_delta=delta)))
         i += 1
+        if i == first + 5:
+            print("going", flush=True)
 
 asyncio.run(main())
 """
@@ -55,9 +57,9 @@ async def test_a_killed_writer_leaves_events_and_shared_values_in_step(tmp_path:
             assert proc.stdout is not None
             started = b""
             with anyio.fail_after(60):
-                while not started.endswith(b"ready\n"):
+                while not started.endswith(b"going\n"):
                     started += await proc.stdout.receive()
-            await anyio.sleep(0.3)  # a few hundred appends, then killed wherever it is
+            await anyio.sleep(0.2)  # five appends done and more under way: killed wherever it is
         finally:
             proc.kill()
             await proc.wait()
@@ -71,4 +73,5 @@ async def test_a_killed_writer_leaves_events_and_shared_values_in_step(tmp_path:
             shared = (session.state[State.APP_PREFIX + "n"], session.state[State.USER_PREFIX + "n"])
             assert (session.state["n"], *shared) == (last, last, last)
             counts.append(last)
-    assert counts == sorted(counts) and counts[0] > 0  # each run appended on top of the last
+    # Each run appended at least five events on top of the last.
+    assert counts[0] >= 4 and all(b >= a + 5 for a, b in itertools.pairwise(counts))
