@@ -28,6 +28,22 @@ async def test_the_cached_tail_is_bounded_and_older_turns_are_reread(
     assert await session.turns.all() == [{"i": i} for i in range(25)]
 
 
+async def test_the_newest_turns_span_stored_and_queued_ones(anyio_backend: str) -> None:
+    manager = InMemorySessionManager(backend=InMemorySessionBackend())
+    session = await manager.register("agent:mixed", {})
+    for i in range(5):
+        session.turns.append({"i": i})
+    await manager.save(session)
+    for i in range(5, 8):
+        session.turns.append({"i": i})  # queued, not saved yet
+    every = [{"i": i} for i in range(8)]
+    for n in range(11):
+        newest = await session.turns.last(n)
+        assert newest == (every[-n:] if n else [])
+        newest.append({"mine": True})  # a list of the caller's own
+    assert await session.turns.all() == every
+
+
 class GatedBackend(InMemorySessionBackend):
     """Holds load_turns until released, so a save can land while a read is in flight."""
 

@@ -115,8 +115,11 @@ class Turns:
                     self._known = loaded[: len(loaded) - popped]
                     self._complete = len(self._known) >= self._stored
                     break
-        combined = self._known + self._pending
-        return combined[-n:]
+        # Sliced before joining: the cost follows n, not the length of the log held.
+        pending = self._pending
+        if n <= len(pending):
+            return pending[len(pending) - n :]
+        return self._known[-(n - len(pending)) :] + pending
 
     async def all(self) -> list[dict[str, Any]]:
         """Every turn, oldest first (loaded once, then kept in memory)."""
