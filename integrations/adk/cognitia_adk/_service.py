@@ -25,12 +25,15 @@ from google.adk.sessions.base_session_service import (
 from pydantic_core import to_jsonable_python
 
 from cognitia import InMemorySessionManager, Session, SessionNotFound, Turns
-from cognitia.session.backends import SessionBackend
+from cognitia.session.backends import Capability, SessionBackend, capabilities_of
 from cognitia.session.manager import APPEND_RETRIES
 
 __all__ = ["CognitiaSessionService"]
 
 Turn = dict[str, Any]
+
+RETRY_WINDOW = 16
+"""How many of a session's newest events a retried append is looked for among, in any order."""
 
 
 class CognitiaSessionService(BaseSessionService):
@@ -96,19 +99,19 @@ class CognitiaSessionService(BaseSessionService):
 
     def session_key(self, app_name: str, user_id: str, session_id: str) -> str:
         """The cognitia key of one ADK session."""
-        return f"{self._sessions_prefix(app_name, user_id)}{_part(session_id)}"
+        return f"{self._sessions_prefix(app_name, user_id)}{_part(session_id, 'session_id')}"
 
     def app_key(self, app_name: str) -> str:
         """The cognitia key holding an app's ``app:`` state."""
-        return f"{self.prefix}app:{_part(app_name)}"
+        return f"{self.prefix}app:{_part(app_name, 'app_name')}"
 
     def user_key(self, app_name: str, user_id: str) -> str:
         """The cognitia key holding a user's ``user:`` state within an app."""
-        return f"{self.prefix}user:{_part(app_name)}:{_part(user_id)}"
+        return f"{self.prefix}user:{_part(app_name, 'app_name')}:{_part(user_id, 'user_id')}"
 
     def _sessions_prefix(self, app_name: str, user_id: str | None = None) -> str:
-        prefix = f"{self.prefix}session:{_part(app_name)}:"
-        return prefix if user_id is None else f"{prefix}{_part(user_id)}:"
+        prefix = f"{self.prefix}session:{_part(app_name, 'app_name')}:"
+        return prefix if user_id is None else f"{prefix}{_part(user_id, 'user_id')}:"
 
     # -- BaseSessionService -----------------------------------------------------------------
 
@@ -121,7 +124,9 @@ class CognitiaSessionService(BaseSessionService):
         session_id: str | None = None,
     ) -> AdkSession:
         """Create and store a session; ``AlreadyExistsError`` if the id is taken."""
-        session_id = (session_id.strip() if session_id else None) or platform_uuid.new_uuid()
+        if session_id is not None:
+            session_id = _stripped(session_id)
+        session_id = session_id or platform_uuid.new_uuid()
         app_delta, user_delta, own_state = _split(state or {})
         now = platform_time.get_time()
         record = {
@@ -151,7 +156,9 @@ class CognitiaSessionService(BaseSessionService):
         config: GetSessionConfig | None = None,
     ) -> AdkSession | None:
         """The session with its events (filtered by ``config``), or ``None``."""
-        key = self.session_key(app_name, user_id, session_id.strip())
+        if session_id is None:  # as ADK's services: no such session
+            return None
+        key = self.session_key(app_name, user_id, _stripped(session_id))
         # Locked so that the state and the events come from one version of the session.
         async with self.manager.locked(key) as stored:
             if stored is None:
@@ -174,7 +181,9 @@ class CognitiaSessionService(BaseSessionService):
 
     async def delete_session(self, *, app_name: str, user_id: str, session_id: str) -> None:
         """Delete the session and its events (app and user state stay)."""
-        await self.manager.delete(self.session_key(app_name, user_id, session_id.strip()))
+        if session_id is None:  # as ADK's services: nothing to delete
+            return
+        await self.manager.delete(self.session_key(app_name, user_id, _stripped(session_id)))
 
     async def get_user_state(self, *, app_name: str, user_id: str) -> dict[str, Any]:
         """The user's state in the app, keys without the ``user:`` prefix."""
@@ -185,9 +194,10 @@ class CognitiaSessionService(BaseSessionService):
 
         Raises ``SessionNotFoundError`` if the session is not stored, and
         ``StaleSessionError`` if ``session`` is older than the stored one. Appending
-        again an event equal to the newest stored one (a retried call) stores nothing
-        twice: its ``app:``/``user:`` values are applied again (they are set, not added)
-        and ``session`` gets the event if it lacks it.
+        again an event that is stored already (a retried call) stores nothing twice. If
+        it is the newest stored event and ``session`` was current when it was stored,
+        ``session`` gets the event and follows storage; otherwise ``session`` is left as
+        it was, stale, and its next append raises ``StaleSessionError``.
         """
         if event.partial:
             return event
@@ -202,6 +212,8 @@ class CognitiaSessionService(BaseSessionService):
             # appends made at once through one session object (ADK does so for live tools)
             # each see the version the one before them wrote.
             retried = await self._append(key, session, event, turn, own_delta, scoped)
+        if retried is None:  # stored already, and `session` is stale: left as it is
+            return event
         if retried and any(e.id == event.id and e == event for e in reversed(session.events)):
             return event
         return self._commit_event_to_session(session, event)
@@ -214,16 +226,18 @@ class CognitiaSessionService(BaseSessionService):
         turn: Turn,
         own_delta: dict[str, Any],
         scoped: dict[str, dict[str, Any]],
-    ) -> bool:
-        """Store ``turn``; ``True`` if it was the newest stored event already (a retry)."""
+    ) -> bool | None:
+        """Store ``turn``: ``False`` if it was new, ``True`` if it was stored already (a retry)
+        and ``session`` now follows storage, ``None`` for a retry through a stale copy."""
         seen = _marker(session)
         before: list[int] = []
 
         async def append(stored: Session) -> None:
             if not stored.version:
                 raise SessionNotFoundError(f"Session {session.id} not found.")
-            if await _stored_already(stored.turns, turn):
-                raise _AlreadyStored(stored)
+            found = await _stored_already(stored.turns, turn)
+            if found is not None:
+                raise _AlreadyStored(stored, newest=found == 0)
             # A session object made by hand has no version: then ADK's own rule applies,
             # storage must not have been updated after the copy was.
             stale = (
@@ -247,15 +261,20 @@ class CognitiaSessionService(BaseSessionService):
         try:
             stored = await self._commit(key, append, scoped)
         except _AlreadyStored as retried:
-            # Every write of a session appends an event, so the version holding the newest
-            # event is the stored one. Its app:/user: values are set again (no change, unless
-            # another session has changed them since).
-            if scoped:
-                await self.manager.update_many(scoped, self._merger(scoped), retries=APPEND_RETRIES)
             stored = retried.session
-            session.last_update_time = stored.state["updated"]
-            _set_marker(session, stored.version)
-            return True
+            if scoped and Capability.MULTI_KEY_COMMIT not in capabilities_of(self.manager.backend):
+                # Written key by key, the first try may have stored the event and failed
+                # before its app:/user: values: they are set again.
+                await self.manager.update_many(scoped, self._merger(scoped), retries=APPEND_RETRIES)
+            # Every write of a session after its creation appends one event, so the newest
+            # event was stored by the version before the stored one. A copy at that version
+            # (or at the stored one) missed only the answer: it moves forward. A copy
+            # further behind stays stale, whatever the retry found.
+            if retried.newest and (seen is None or stored.version - seen in (0, 1)):
+                session.last_update_time = stored.state["updated"]
+                _set_marker(session, stored.version)
+                return True
+            return None
         cache = self._events.get(stored)
         if cache is not None:
             cache.appended(before, stored.version, turn, self.cached_events)
@@ -436,39 +455,56 @@ def _event(turn: Turn) -> Event:
     return Event.model_validate_json(json.dumps(turn))
 
 
-async def _stored_already(turns: Turns, turn: Turn) -> bool:
-    """Whether an event equal to ``turn`` is stored: a retried append, to be written once.
+async def _stored_already(turns: Turns, turn: Turn) -> int | None:
+    """Where an event equal to ``turn`` is stored, counted from the newest (0), or ``None``.
 
-    Equal events have equal timestamps, so the search goes back from the newest stored
-    event through those not older than ``turn``: for a new event that is one read of the
-    newest, and a retried one is found however many events were appended since.
+    A retried append is written once. The search reads the newest :data:`RETRY_WINDOW`
+    events whatever their timestamps (parallel agents append events out of timestamp
+    order), then goes on back only through events not older than ``turn``: equal events
+    have equal timestamps. A new event costs one read of that tail, from memory while
+    its session is live.
     """
     event_id, timestamp = turn.get("id"), turn.get("timestamp")
-    examined, wanted = 0, 1
+    examined, wanted = 0, RETRY_WINDOW
     while examined < len(turns):
         tail = await turns.last(wanted)
-        for stored in reversed(tail[: len(tail) - examined]):
+        for position, stored in enumerate(reversed(tail[: len(tail) - examined]), start=examined):
             if stored.get("id") == event_id and stored == turn:
-                return True
+                return position
             older = stored.get("timestamp")
-            if isinstance(older, (int, float)) and isinstance(timestamp, (int, float)) and older < timestamp:
-                return False
+            if (
+                position >= RETRY_WINDOW
+                and isinstance(older, (int, float))
+                and isinstance(timestamp, (int, float))
+                and older < timestamp
+            ):
+                return None
         if len(tail) < wanted:
-            return False
+            return None
         examined, wanted = len(tail), wanted * 4
-    return False
+    return None
 
 
 class _AlreadyStored(Exception):
     """Ends an append that finds its event stored already, writing nothing."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, *, newest: bool) -> None:
         self.session = session
+        self.newest = newest
 
 
-def _part(value: str) -> str:
+def _part(value: str, name: str) -> str:
+    """``value`` as one part of a key, after checking it is a ``str`` (``name``: the argument)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}: {value!r}")
     # Percent-encoding ":" keeps "app:a:b" and "app:a" from sharing a key prefix.
     return quote(value, safe="")
+
+
+def _stripped(session_id: str) -> str:
+    """A session id without surrounding whitespace, as ADK's in-memory service uses it."""
+    _part(session_id, "session_id")
+    return session_id.strip()
 
 
 def _split(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

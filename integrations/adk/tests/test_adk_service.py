@@ -539,6 +539,137 @@ async def test_a_retry_arriving_after_later_events_is_stored_once(store_backend:
     assert results[0] == results[1] == (["i1", "i2", "i3"], ["i1", "i2", "i3"], {"count": 3})
 
 
+async def test_a_retry_through_a_copy_that_fell_behind_leaves_it_behind(store_backend: BackendBase) -> None:
+    """A retry finds its event stored, but the copy it came through missed events stored
+    since: the copy does not take the retried event or a newer version, so its next
+    append is refused instead of overwriting what it never saw."""
+    service = CognitiaSessionService(store_backend)
+    await service.create_session(app_name=APP, user_id="ann", session_id="s1")
+    behind = await stored(service, "ann", "s1")
+    current = await stored(service, "ann", "s1")
+    first, second = (
+        Event(author="user", invocation_id=f"i{n}", actions=EventActions(state_delta={"count": n}))
+        for n in (1, 2)
+    )
+    await service.append_event(current, first)
+    await service.append_event(current, second)
+    for retried in (first, second):  # deep in the log, or the newest one two versions on
+        assert await service.append_event(behind, retried.model_copy(deep=True)) == retried
+        assert behind.events == [] and behind.state == {}
+    with pytest.raises(StaleSessionError):
+        await service.append_event(
+            behind, Event(author="user", invocation_id="i3", actions=EventActions(state_delta={"count": 1}))
+        )
+    read = await stored(service, "ann", "s1")
+    assert [e.invocation_id for e in read.events] == ["i1", "i2"] and read.state == {"count": 2}
+
+
+async def test_a_retry_after_an_event_with_an_older_timestamp_is_stored_once(
+    store_backend: BackendBase,
+) -> None:
+    """Parallel agents append events out of timestamp order: the retried event is still
+    found, as in ADK's in-memory service, and its old values do not come back."""
+    reference = InMemorySessionService()
+    service = CognitiaSessionService(store_backend)
+    results = []
+    for subject in (reference, service):
+        session = await subject.create_session(app_name=APP, user_id="ann", session_id="s1")
+        late, early = (
+            Event(
+                author=f"agent-{n}",
+                invocation_id=f"i{n}",
+                timestamp=stamp,
+                actions=EventActions(state_delta={"n": n, "user:c": n}),
+            )
+            for n, stamp in ((1, 10.0), (2, 5.0))
+        )
+        for event in (late, early, late.model_copy(deep=True)):
+            await subject.append_event(session, event)
+        read = await stored(subject, "ann", "s1")
+        results.append(([e.invocation_id for e in read.events], read.state))
+    assert results[0] == results[1] == (["i1", "i2"], {"n": 2, "user:c": 2})
+
+
+async def test_a_retry_does_not_bring_back_shared_values_changed_since(store_backend: BackendBase) -> None:
+    """The event and its ``user:`` values were stored in one commit, so a retry writes
+    neither again: another session's newer value stays."""
+    service = CognitiaSessionService(store_backend)
+    one = await service.create_session(app_name=APP, user_id="ann", session_id="s1")
+    two = await service.create_session(app_name=APP, user_id="ann", session_id="s2")
+    event = Event(author="user", invocation_id="i1", actions=EventActions(state_delta={"user:c": 1}))
+    await service.append_event(one, event)
+    await service.append_event(
+        two, Event(author="user", invocation_id="i2", actions=EventActions(state_delta={"user:c": 2}))
+    )
+    await service.append_event(one, event.model_copy(deep=True))
+    assert await service.get_user_state(app_name=APP, user_id="ann") == {"c": 2}
+
+
+async def test_a_retry_on_a_four_method_backend_completes_a_write_that_stopped_part_way() -> None:
+    """A backend without multi-key commits stores the keys of an append one by one: a
+    failure after the event's key leaves its ``user:`` values out, and the retry adds them."""
+
+    class Dict:
+        def __init__(self) -> None:
+            self.data: dict[str, dict[str, Any]] = {}
+            self.fail_next_user_write = False
+
+        async def save(self, key: str, state: dict[str, Any]) -> None:
+            if self.fail_next_user_write and key.startswith("adk:user:"):
+                self.fail_next_user_write = False
+                raise OSError("disk full")
+            self.data[key] = json.loads(json.dumps(state))
+
+        async def load(self, key: str) -> dict[str, Any] | None:
+            return self.data.get(key)
+
+        async def delete(self, key: str) -> bool:
+            return self.data.pop(key, None) is not None
+
+        async def list_keys(self, prefix: str = "") -> list[str]:
+            return sorted(k for k in self.data if k.startswith(prefix))
+
+    backend = Dict()
+    service = CognitiaSessionService(backend)
+    session = await service.create_session(app_name=APP, user_id="ann", session_id="s1")
+    event = Event(author="user", invocation_id="i1", actions=EventActions(state_delta={"user:c": 1, "k": 1}))
+    backend.fail_next_user_write = True
+    with pytest.raises(Exception, match="but not 'adk:user:dice:ann'"):
+        await service.append_event(session, event)
+    assert await service.get_user_state(app_name=APP, user_id="ann") == {}
+    await service.append_event(session, event)
+    read = await stored(service, "ann", "s1")
+    assert [e.invocation_id for e in read.events] == ["i1"]
+    assert read.state == {"k": 1, "user:c": 1}
+    assert [e.invocation_id for e in session.events] == ["i1"]
+
+
+@pytest.mark.parametrize("argument", ["app_name", "user_id", "session_id"])
+async def test_ids_that_are_not_strings_are_refused_by_name(argument: str) -> None:
+    service = CognitiaSessionService(InMemorySessionManager())
+    ids: dict[str, Any] = {"app_name": APP, "user_id": "ann", "session_id": "s1", argument: 7}
+    match = f"{argument} must be a str, got int"
+    with pytest.raises(TypeError, match=match):
+        await service.create_session(**ids)
+    with pytest.raises(TypeError, match=match):
+        await service.get_session(**ids)
+    with pytest.raises(TypeError, match=match):
+        await service.delete_session(**ids)
+    if argument != "session_id":
+        with pytest.raises(TypeError, match=match):
+            await service.list_sessions(app_name=ids["app_name"], user_id=ids["user_id"])
+    assert await service.manager.list_keys() == []
+
+
+async def test_no_session_id_reads_and_deletes_nothing_as_in_adk() -> None:
+    service = CognitiaSessionService(InMemorySessionManager())
+    await service.create_session(app_name=APP, user_id="ann", session_id="s1")
+    none: Any = None
+    assert await service.get_session(app_name=APP, user_id="ann", session_id=none) is None
+    await service.delete_session(app_name=APP, user_id="ann", session_id=none)
+    assert [s.id for s in (await service.list_sessions(app_name=APP, user_id="ann")).sessions] == ["s1"]
+
+
 async def test_session_ids_with_surrounding_whitespace_name_the_stripped_session(
     store_backend: BackendBase,
 ) -> None:
