@@ -184,8 +184,10 @@ def _dump(encode: Encode, value: Any, key: str, path: str) -> Encoding:
     try:
         encoded = encode(value)
     except Exception as exc:
+        name = type(value).__name__
+        article = "an" if name[:1].lower() in "aeiou" else "a"
         raise StateNotSerializableError(
-            key, path, f"is a {type(value).__name__} that LangGraph's serializer rejected ({exc})"
+            key, path, f"is {article} {name} that LangGraph's serializer rejected ({exc})"
         ) from exc
     if "pickle" in encoded.kind:
         raise PickleRefusedError(f"session {key!r}: the serializer pickled {path}; refusing to store it")

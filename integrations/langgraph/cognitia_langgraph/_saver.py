@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from random import random
@@ -123,6 +125,11 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         refuse_pickle(self.serde)
         if not isinstance(key_prefix, str):
             raise TypeError(f"key_prefix must be a str, got {type(key_prefix).__name__}")
+        if not key_prefix:
+            raise ValueError(
+                "key_prefix must not be empty: the saver's sessions need a key space of their own, "
+                "apart from the other sessions of the manager"
+            )
         self.manager = InMemorySessionManager.of(store)
         self.key_prefix = key_prefix
         self._bridge = SyncBridge()
@@ -181,27 +188,24 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         one it names; ``limit`` caps how many are returned.
         """
         await self._bridge.enter()
-        if config is None:
-            threads: Sequence[object] = [
-                key[len(self.key_prefix) :] for key in await self.manager.list_keys(self.key_prefix)
-            ]
-            ns, checkpoint_id = None, None
-        else:
-            threads = [_thread_and_ns(config)[0]]
-            ns = config["configurable"].get("checkpoint_ns")
-            checkpoint_id = get_checkpoint_id(config)
         before_id = None if before is None else get_checkpoint_id(before)
-        remaining = limit
-        for thread_id in threads:
+        listings: list[list[tuple[object, Turn, Log, dict[Source, Stored]]]] = []
+        if config is None:
+            async for key, turns in self._scan():
+                found = _listing(turns, None, None, before_id, filter or {})[:limit]
+                if found:
+                    thread_id, stored = key[len(self.key_prefix) :], sources(turns)
+                    listings.append([(thread_id, turn, writes, stored) for turn, writes in found])
+        else:
+            thread_id, ns = _thread_and_ns(config)[0], config["configurable"].get("checkpoint_ns")
             turns = await self._history(self.key(thread_id))
-            found = _listing(turns, ns, checkpoint_id, before_id, filter or {})
+            found = _listing(turns, ns, get_checkpoint_id(config), before_id, filter or {})
             stored = sources(turns) if found else {}
-            for turn, writes in found:
-                if remaining is not None:
-                    if remaining <= 0:
-                        return
-                    remaining -= 1
-                yield self._tuple(thread_id, turn, writes, _resolved(turn, stored), None, None)
+            listings.append([(thread_id, turn, writes, stored) for turn, writes in found])
+        # Each thread's checkpoints come newest first; merged, so are all of them.
+        newest_first = heapq.merge(*listings, key=lambda entry: entry[1]["id"], reverse=True)
+        for thread_id, turn, writes, stored in itertools.islice(newest_first, limit):
+            yield self._tuple(thread_id, turn, writes, _resolved(turn, stored), None, None)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -222,7 +226,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         def change(session: Session) -> None:
             # Encoded under the thread's lock: which values the log already holds is only
             # known there.
-            stored = index.values(session.state, ns, since=len(session.turns) + 1 - REACH)
+            stored = index.values(_check_thread(session).state, ns, since=len(session.turns) + 1 - REACH)
             memo = self._memos.setdefault(session, {})
             versions = checkpoint["channel_versions"]
 
@@ -285,6 +289,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         async with self._locked(self.key(thread_id)) as session:
             if session is None:
                 return {channel: {"writes": []} for channel in channels}
+            _check_thread(session)
             stored = len(session.turns) - len(session.turns.pending)
             span = _WALK_SPAN
             while True:
@@ -372,8 +377,9 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         if not runs:
             return
         await self._bridge.enter()
-        for key in await self.manager.list_keys(self.key_prefix):
-            await self._rewrite(key, lambda turns: _without_runs(turns, runs))
+        async for key, turns in self._scan():
+            if len(_without_runs(turns, runs)) != len(turns):
+                await self._rewrite(key, lambda turns: _without_runs(turns, runs))
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         """Append every checkpoint and write of the source thread to the target thread."""
@@ -490,6 +496,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         async with self._locked(key) as session:
             if session is None:
                 return None
+            _check_thread(session)
             hint = index.latest(session.state, ns)
             if hint is not None and checkpoint_id in (None, hint[0]):
                 tail = await _committed(session, since=hint[1])
@@ -514,7 +521,23 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
 
     async def _history(self, key: str) -> Log:
         async with self._locked(key) as session:
-            return [] if session is None else await _committed(session, since=0)
+            return [] if session is None else await _committed(_check_thread(session), since=0)
+
+    async def _scan(self) -> AsyncIterator[tuple[str, Log]]:
+        """Every thread of this saver with its log, sessions of other kinds skipped.
+
+        A thread that was not live is let go once read, so a scan over every thread
+        leaves the live set as it found it rather than holding the whole store.
+        """
+        for key in await self.manager.list_keys(self.key_prefix):
+            was_live = key in self.manager
+            async with self._locked(key) as session:
+                if session is None or not _is_thread(session):
+                    continue
+                turns = await _committed(session, since=0)
+            if not was_live:
+                await self.manager.close(key)
+            yield key, turns
 
     async def _rewrite(self, key: str, keep: Callable[[Log], Log]) -> None:
         """Replace the thread's log with ``keep(log)`` (and rebuild the index), if that changes it."""
@@ -523,7 +546,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
             return
 
         async def change(session: Session) -> None:
-            turns = await _committed(session, since=0)
+            turns = await _committed(_check_thread(session), since=0)
             kept = _self_contained(keep(turns), sources(turns))
             session.turns.clear()
             for turn in kept:
@@ -593,6 +616,21 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         return load_value(self.serde, stored)
 
 
+def _is_thread(session: Session) -> bool:
+    """Whether ``session`` holds a LangGraph thread (or nothing yet)."""
+    return not session.state or "langgraph" in session.state
+
+
+def _check_thread(session: Session) -> Session:
+    if not _is_thread(session):
+        raise ValueError(
+            f"session {session.key!r} is not a LangGraph thread (its state has no checkpoint index): "
+            "other sessions of the manager use keys under the saver's key_prefix; give the saver "
+            "a key_prefix of its own"
+        )
+    return session
+
+
 def _thread_and_ns(config: RunnableConfig) -> tuple[str, str]:
     configurable = config.get("configurable") or {}
     if "thread_id" not in configurable:
@@ -604,6 +642,7 @@ def _appender(turns: Sequence[Turn]) -> Callable[[Session], None]:
     """A change for ``manager.update`` that appends ``turns`` and keeps the index in step."""
 
     def change(session: Session) -> None:
+        _check_thread(session)
         for turn in turns:
             index.record(session.state, turn, len(session.turns))
             session.turns.append(turn)
