@@ -75,6 +75,28 @@ async def test_reads_through_the_writer_or_several_readers(
     assert loaded == {i: ({"i": i}, [{"t": i}]) for i in range(40)}
 
 
+async def test_reads_batched_with_writes_on_the_writer(postgres_dsn: str, schema: str) -> None:
+    """With ``readers=0`` reads queue with writes on the writer and run in their batches,
+    beside deletes and creates that lock the removed version's row first."""
+    async with PostgresSessionBackend(postgres_dsn, schema=schema, readers=0) as backend:
+        for i in range(20):
+            await backend.save(f"agent:old:{i}", {"i": i})
+        results: dict[str, Any] = {}
+
+        async def run(name: str, op: Any) -> None:
+            results[name] = await op
+
+        for _ in range(5):
+            async with anyio.create_task_group() as tg:
+                for i in range(20):
+                    tg.start_soon(run, f"load {i}", backend.load(f"agent:old:{i}"))
+                    tg.start_soon(run, f"create {i}", backend.commit(f"agent:new:{i}", {"n": i}))
+                    tg.start_soon(run, f"delete {i}", backend.delete(f"agent:new:{i}"))
+                    tg.start_soon(run, f"save {i}", backend.save(f"agent:old:{i}", {"i": i}))
+            assert all(results[f"load {i}"] == {"i": i} for i in range(20))
+        assert await backend.list_keys("agent:old:") == sorted(f"agent:old:{i}" for i in range(20))
+
+
 # -- schema management ---------------------------------------------------------------------------
 
 
@@ -199,8 +221,14 @@ def test_bad_names_and_options_are_refused_up_front(driver: None) -> None:
         PostgresSessionBackend(dsn, schema="")
     with pytest.raises(ValueError, match="readers"):
         PostgresSessionBackend(dsn, readers=-1)
-    with pytest.raises(ValueError, match="statement_timeout"):
-        PostgresSessionBackend(dsn, statement_timeout=0)
+    for bad in (0, -1, float("inf"), float("nan"), 3e6):
+        with pytest.raises(ValueError, match="statement_timeout"):
+            PostgresSessionBackend(dsn, statement_timeout=bad)
+    for bad in (0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="connect_timeout"):
+            PostgresSessionBackend(dsn, connect_timeout=bad)
+    # A timeout under a millisecond is one millisecond: 0 would turn it off.
+    assert PostgresSessionBackend(dsn, statement_timeout=1e-9)._statement_timeout_ms == "1"
     with pytest.raises(ValueError, match="ttl"):
         PostgresSessionBackend(dsn, ttl=0)
     with pytest.raises(ValueError, match="dsn is not a valid") as caught:

@@ -336,8 +336,9 @@ def test_sync_close_and_repr_hide_the_password() -> None:
 def test_bad_options_are_rejected() -> None:
     with pytest.raises(ValueError, match="max_connections"):
         make("redis://127.0.0.1:1/0", "x:", max_connections=0)
-    with pytest.raises(ValueError, match="timeout"):
-        make("redis://127.0.0.1:1/0", "x:", timeout=0)
+    for bad in (0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="timeout"):
+            make("redis://127.0.0.1:1/0", "x:", timeout=bad)
     with pytest.raises(ValueError, match="ttl"):
         make("redis://127.0.0.1:1/0", "x:", ttl=-1)
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import threading
@@ -27,6 +28,7 @@ SCHEMA_VERSION = 2
 """Recorded in the ``<prefix>schema_version`` table; a newer schema is refused, an older one migrated."""
 
 _MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1, in bytes; longer names are silently cut
+_MAX_TIMEOUT_MS = 2**31 - 1  # PostgreSQL settings in milliseconds are 32-bit ints
 
 # Keepalives make a connection whose server vanished without a word (a dead host, a dropped
 # NAT entry) fail within about a minute instead of hanging; the DSN can override them.
@@ -299,10 +301,15 @@ class PostgresSessionBackend(BackendBase):
                 )
         if type(readers) is not int or readers < 0:
             raise ValueError(f"readers must be an int >= 0, got {readers!r}")
-        if not connect_timeout > 0:
-            raise ValueError(f"connect_timeout must be a positive number of seconds, got {connect_timeout!r}")
-        if statement_timeout is not None and not statement_timeout > 0:
-            raise ValueError(f"statement_timeout must be positive or None, got {statement_timeout!r}")
+        if not 0 < connect_timeout < math.inf:
+            raise ValueError(
+                f"connect_timeout must be a positive, finite number of seconds, got {connect_timeout!r}"
+            )
+        if statement_timeout is not None and not 0 < statement_timeout <= _MAX_TIMEOUT_MS / 1000:
+            raise ValueError(
+                f"statement_timeout must be None or seconds in (0, {_MAX_TIMEOUT_MS // 1000}], "
+                f"got {statement_timeout!r}"
+            )
         try:
             given = conninfo_to_dict(dsn)  # a malformed DSN fails here, not on first use
         except psycopg.Error as exc:
@@ -317,11 +324,17 @@ class PostgresSessionBackend(BackendBase):
             **{k: v for k, v in _CONNECT_DEFAULTS.items() if k not in given},
             connect_timeout=str(max(1, math.ceil(connect_timeout))),
         )
-        self._statement_timeout_ms = None if statement_timeout is None else str(int(statement_timeout * 1000))
+        # At least 1 ms: PostgreSQL reads 0 as no timeout at all.
+        self._statement_timeout_ms = (
+            None if statement_timeout is None else str(max(1, math.ceil(statement_timeout * 1000)))
+        )
         self._sql = _Statements(schema, table_prefix)
         self._schema_ready = threading.Event()
         self._writer: ThreadWorker[_Link] = ThreadWorker(
-            f"cognitia-postgres-writer:{self._target}", self._open_writer, _Link.close, batch=_run_writes
+            f"cognitia-postgres-writer:{self._target}",
+            self._open_writer,
+            _Link.close,
+            batch=functools.partial(_run_writes, q=self._sql),
         )
         self._readers: list[ThreadWorker[_Link]] = [
             ThreadWorker(
@@ -494,13 +507,14 @@ def _run_reads(link: _Link, jobs: list[Job]) -> None:
             job.error = exc
 
 
-def _run_writes(link: _Link, jobs: list[Job]) -> None:
+def _run_writes(link: _Link, jobs: list[Job], q: _Statements) -> None:
     """Run queued writes in one transaction, so they share one commit.
 
     Every write is a single statement or brings its own savepoint, so alone it runs in
     autocommit mode. Together they run without savepoints (a round trip each saved): a
     version conflict writes nothing, and in the rare case a statement fails and aborts
     the transaction, everything is rolled back and each write is run again on its own.
+    With ``readers=0`` the batch holds reads too: they run in it like writes.
     """
     conn = link.get()
     if len(jobs) == 1:
@@ -513,7 +527,7 @@ def _run_writes(link: _Link, jobs: list[Job]) -> None:
         # be locked in one order.
         rest = [job for job in jobs if job.fn is not _commit_many]
         if rest:
-            _run_writes(link, rest)
+            _run_writes(link, rest, q)
         for job in several:
             job.run(conn)
         return
@@ -525,7 +539,7 @@ def _run_writes(link: _Link, jobs: list[Job]) -> None:
     conn.execute("BEGIN")
     try:
         # The removed version's row is locked before every session row (see _Statements).
-        lock = _removed_version_lock(jobs)
+        lock = _removed_version_lock(jobs, q)
         if lock is not None:
             conn.execute(lock)
         for job in jobs:
@@ -545,7 +559,7 @@ def _run_writes(link: _Link, jobs: list[Job]) -> None:
         job.run(conn)
 
 
-def _removed_version_lock(jobs: list[Job]) -> str | None:
+def _removed_version_lock(jobs: list[Job], q: _Statements) -> str | None:
     """The lock on the removed version to take before running ``jobs`` together, if any.
 
     A job that needs the lock takes it before any session row, but in a batch the jobs
@@ -555,7 +569,6 @@ def _removed_version_lock(jobs: list[Job]) -> str | None:
     needs = [_removed_version_need(job) for job in jobs if job.fn is not _noop]
     if not needs or needs[0] == max(needs):
         return None
-    q: _Statements = next(job.args[0] for job in jobs if job.fn is not _noop)
     return q.lock_removed_version if max(needs) == 2 else q.share_removed_version
 
 
