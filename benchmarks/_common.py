@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
+import math
 import os
 import platform
 import sys
@@ -18,6 +20,14 @@ LOGGING_NOTE = (
     "structlog: configured by this script to drop events below WARNING "
     "(an application's choice; cognitia itself never configures structlog)"
 )
+
+
+def positive(text: str) -> int:
+    """An argparse type: a count of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive count, got {text}")
+    return value
 
 
 def quiet_structlog() -> None:
@@ -64,10 +74,21 @@ class Row:
     """Subject name (same scenario) this row's throughput is divided by."""
     target: float | None = None
     """Minimum ratio against the reference."""
+    also: str | None = None
+    """A second reference, whose ratio is printed too (no target)."""
 
     @property
     def rate(self) -> float:
         return self.ops / self.seconds
+
+
+def _versus(row: Row, reference: str, by_name: dict[tuple[str, str, str], Row]) -> tuple[float, str]:
+    """The ratio of ``row``'s throughput to the reference's, and how it is printed."""
+    scenario, subject, runtime = reference.split("|")
+    ref = by_name[(scenario or row.scenario, subject, runtime or row.runtime)]
+    value = row.rate / ref.rate
+    # Truncated, not rounded: a ratio printed as the target has met it.
+    return value, f"{math.floor(value * 100) / 100:.2f}x {subject}" + (f"/{runtime}" if runtime else "")
 
 
 def print_table(rows: list[Row]) -> bool:
@@ -78,10 +99,9 @@ def print_table(rows: list[Row]) -> bool:
     for row in rows:
         ratio = target = status = ""
         if row.reference is not None:
-            scenario, subject, runtime = row.reference.split("|")
-            ref = by_name[(scenario or row.scenario, subject, runtime or row.runtime)]
-            value = row.rate / ref.rate
-            ratio = f"{value:.2f}x {subject}" + (f"/{runtime}" if runtime else "")
+            value, ratio = _versus(row, row.reference, by_name)
+            if row.also is not None:
+                ratio += f"; {_versus(row, row.also, by_name)[1]}"
             if row.target is not None:
                 target = f">= {row.target:.2f}x"
                 met = value >= row.target

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
+from _common import positive
 from google.adk.agents import Agent
 from google.adk.agents.run_config import RunConfig
 from google.adk.events import Event
@@ -291,7 +292,7 @@ async def held_by(make: Callable[[], BaseSessionService]) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--turns", type=int, default=500)
+    parser.add_argument("--turns", type=positive, default=500)
     parser.add_argument("--window", type=int, default=20, help="events the Runner reads per turn (0: all)")
     args = parser.parse_args()
     # Python's default: compiled modules are cached, so the import ADK's Runner retries at

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import anyio
-from _common import header, quiet_structlog
+from _common import header, positive, quiet_structlog
 
 from cognitia import Session, persisted_session
 from cognitia.session.backends import InMemorySessionBackend
@@ -62,8 +62,8 @@ async def measure(calls: int, rounds: int) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=2000, help="calls per round")
-    parser.add_argument("--rounds", type=int, default=20, help="the fastest round counts")
+    parser.add_argument("--calls", type=positive, default=2000, help="calls per round")
+    parser.add_argument("--rounds", type=positive, default=20, help="the fastest round counts")
     args = parser.parse_args()
     quiet_structlog()
     header("bench_decorator: @persisted_session overhead on InMemorySessionBackend")
@@ -71,7 +71,7 @@ def main() -> int:
         f"a trivial async handler on one session: {args.rounds} interleaved rounds of {args.calls} bare and "
         f"{args.calls} decorated calls per runtime; the fastest round of each is reported\n"
     )
-    lines = [("runtime", "bare us/call", "decorated us/call", "overhead us/call", "ratio", "target", "")]
+    lines = [("runtime", "bare us/call", "decorated us/call", "overhead us/call", "time ratio", "target", "")]
     all_met = True
     for runtime in ("asyncio", "trio"):
         bare_s, decorated_s = anyio.run(measure, args.calls, args.rounds, backend=runtime)
@@ -84,7 +84,7 @@ def main() -> int:
                 f"{bare_s * 1e6:.2f}",
                 f"{decorated_s * 1e6:.2f}",
                 f"{overhead_us:.1f}",
-                f"{decorated_s / bare_s:.0f}x bare",
+                f"{decorated_s / bare_s:.0f}x the bare call's time",
                 f"<= {TARGET_US:.0f} us",
                 "ok" if met else "MISSED",
             )

@@ -31,7 +31,7 @@ from typing import Any
 
 import anyio
 import psycopg
-from _common import TURN, key, make_state
+from _common import TURN, key, make_state, positive, quiet_structlog
 from psycopg import sql
 
 from cognitia.session.backends import PostgresSessionBackend
@@ -164,18 +164,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn", default=os.environ.get("COGNITIA_TEST_POSTGRES_DSN"))
     parser.add_argument("--schema", default="cognitia_bench")
-    parser.add_argument("--sequential-ops", type=int, default=1000)
-    parser.add_argument("--concurrent-ops", type=int, default=4000)
-    parser.add_argument("--tasks", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--readers", type=int, default=1)
+    parser.add_argument("--sequential-ops", type=positive, default=1000)
+    parser.add_argument("--concurrent-ops", type=positive, default=4000)
+    parser.add_argument("--tasks", type=positive, default=200)
+    parser.add_argument("--rounds", type=positive, default=5)
+    parser.add_argument("--readers", type=positive, default=1)
     args = parser.parse_args()
+    quiet_structlog()
     if not args.dsn:
         print("set COGNITIA_TEST_POSTGRES_DSN (or pass --dsn) to a PostgreSQL server to benchmark against")
         return 2
 
     drop(args.dsn, args.schema)
     anyio.run(prepare, args.dsn, args.schema)
+    all_met = True
     print(
         f"psycopg {psycopg.__version__} ({psycopg.pq.__impl__}), server {server_version(args.dsn)}, "
         f"readers={args.readers}, rounds={args.rounds} (median)"
@@ -211,8 +213,14 @@ def main() -> int:
                     for op in OPS
                 )
                 print(f"  {name:28}{cells}")
+                if base is not None:
+                    missed = [op for op in OPS if result[op] / base[op] < target]
+                    all_met &= not missed
+                    verdict = f"MISSED for {', '.join(missed)}" if missed else "met"
+                    print(f"  {'':28}target >= {target}x: {verdict}")
     finally:
         drop(args.dsn, args.schema)
+    print("\nall targets met" if all_met else "\nSOME TARGETS MISSED")
     return 0
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pydantic_ai.models
 import structlog
+from _common import positive
 from pydantic_ai import Agent
 from pydantic_ai.conversation import Conversation
 from pydantic_ai.conversation_store import ConversationStore, InMemoryConversationStore
@@ -135,7 +136,7 @@ async def main(turns: int, window: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--turns", type=int, default=500)
-    parser.add_argument("--window", type=int, default=20, help="messages loaded per turn")
+    parser.add_argument("--turns", type=positive, default=500)
+    parser.add_argument("--window", type=positive, default=20, help="messages loaded per turn")
     args = parser.parse_args()
     asyncio.run(main(args.turns, args.window))

@@ -27,18 +27,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import anyio
 import coredis
 import redis
 import redis.asyncio
-from _common import TURN, key, make_state
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _common import Row, header, print_table, quiet_structlog
+from _common import TURN, Row, header, key, make_state, positive, print_table, quiet_structlog
 
 from cognitia.session.backends import RedisSessionBackend
 
@@ -154,15 +149,18 @@ def main() -> int:
         "--url", default=os.environ.get("COGNITIA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     )
     parser.add_argument(
-        "--ops", type=int, default=2000, help="sequential operations per round (default 2000)"
+        "--ops", type=positive, default=2000, help="sequential operations per round (default 2000)"
     )
-    parser.add_argument("--tasks", type=int, default=200, help="concurrent tasks (default 200)")
-    parser.add_argument("--cycles", type=int, default=10, help="operations per concurrent task (default 10)")
+    parser.add_argument("--tasks", type=positive, default=200, help="concurrent tasks (default 200)")
     parser.add_argument(
-        "--repeat", type=int, default=3, help="interleaved rounds; the best is kept (default 3)"
+        "--cycles", type=positive, default=10, help="operations per concurrent task (default 10)"
+    )
+    parser.add_argument(
+        "--repeat", type=positive, default=3, help="interleaved rounds; the best is kept (default 3)"
     )
     args = parser.parse_args()
-
+    if args.tasks < 2:
+        parser.error("--tasks must be at least 2: one task is the sequential scenario")
     quiet_structlog()
     header("RedisSessionBackend vs coredis and redis.asyncio used directly")
     print(f"redis-py {redis.__version__}, coredis {coredis.__version__}, server {args.url}")
@@ -194,7 +192,8 @@ def main() -> int:
             client.delete(*keys)
         client.close()
     rows.sort(key=lambda r: (r.runtime, r.scenario, r.subject))
-    return 0 if print_table(rows) else 1
+    print_table(rows)  # a report: a missed target is printed, not an error
+    return 0
 
 
 if __name__ == "__main__":

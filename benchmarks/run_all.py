@@ -1,6 +1,7 @@
 """Run every benchmark one after another, each with its default settings.
 
-    python benchmarks/run_all.py            (or: python3 scripts/dev.py bench)
+    python benchmarks/run_all.py                    (or: python3 scripts/dev.py bench)
+    python benchmarks/run_all.py bench_adk.py ...   (only those; each script has --help for its options)
 
 The PostgreSQL and Redis benchmarks run when COGNITIA_TEST_POSTGRES_DSN and
 COGNITIA_TEST_REDIS_URL name a server, and are skipped otherwise. The project's dev
@@ -9,6 +10,7 @@ environment has every peer the comparisons need (aiosqlite, openai-agents, langg
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -31,9 +33,17 @@ SERVER_SCRIPTS = {
 
 
 def main() -> int:
+    known = [*SCRIPTS, *SERVER_SCRIPTS]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "only", nargs="*", choices=known, metavar="SCRIPT", help=f"one of: {', '.join(known)}"
+    )
+    args = parser.parse_args()
     status = 0
-    scripts = list(SCRIPTS)
+    scripts = [script for script in SCRIPTS if not args.only or script in args.only]
     for script, variable in SERVER_SCRIPTS.items():
+        if args.only and script not in args.only:
+            continue
         if os.environ.get(variable):
             scripts.append(script)
         else:

@@ -24,7 +24,7 @@ RUNS: dict[str, tuple[list[str], str]] = {
         ["--states", "20", "--tasks", "4", "--cycles", "2", "--repeat", "1", "--cycle-runs", "1"],
         "raw sqlite3",
     ),
-    "bench_decorator.py": (["--calls", "50", "--rounds", "1"], "x bare"),
+    "bench_decorator.py": (["--calls", "50", "--rounds", "1"], "x the bare call's time"),
     "bench_turn_log.py": (["--turns", "20", "--repeat", "1"], "SQLiteSession.add_items"),
     "bench_openai_agents.py": (
         ["--turns", "100", "--repeat", "1"],
