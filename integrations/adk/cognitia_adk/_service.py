@@ -152,7 +152,7 @@ class CognitiaSessionService(BaseSessionService):
         *,
         app_name: str,
         user_id: str,
-        session_id: str,
+        session_id: str | None,
         config: GetSessionConfig | None = None,
     ) -> AdkSession | None:
         """The session with its events (filtered by ``config``), or ``None``."""
@@ -179,7 +179,7 @@ class CognitiaSessionService(BaseSessionService):
         sessions.sort(key=lambda s: (s.last_update_time, s.user_id, s.id))
         return ListSessionsResponse(sessions=sessions)
 
-    async def delete_session(self, *, app_name: str, user_id: str, session_id: str) -> None:
+    async def delete_session(self, *, app_name: str, user_id: str, session_id: str | None) -> None:
         """Delete the session and its events (app and user state stay)."""
         if session_id is None:  # as ADK's services: nothing to delete
             return

@@ -204,8 +204,8 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
             listings.append([(thread_id, turn, writes, stored) for turn, writes in found])
         # Each thread's checkpoints come newest first; merged, so are all of them.
         newest_first = heapq.merge(*listings, key=lambda entry: entry[1]["id"], reverse=True)
-        for thread_id, turn, writes, stored in itertools.islice(newest_first, limit):
-            yield self._tuple(thread_id, turn, writes, _resolved(turn, stored), None, None)
+        for owner, turn, writes, stored in itertools.islice(newest_first, limit):
+            yield self._tuple(owner, turn, writes, _resolved(turn, stored), None, None)
 
     # -- writing ----------------------------------------------------------------------------
 
