@@ -424,8 +424,11 @@ async def test_a_killed_connection_fails_one_operation_then_is_replaced(
 async def test_statement_timeout_cancels_a_blocked_write(postgres_dsn: str, schema: str) -> None:
     import psycopg
 
+    async with PostgresSessionBackend(postgres_dsn, schema=schema) as setup:
+        # The schema is created under the default timeout: a slow server must not fail it.
+        await setup.save("agent:locked", {"n": 1})
     async with PostgresSessionBackend(postgres_dsn, schema=schema, statement_timeout=0.3) as backend:
-        await backend.save("agent:locked", {"n": 1})
+        assert await backend.load("agent:locked") == {"n": 1}
         with psycopg.connect(postgres_dsn) as blocker:  # holds the row lock until the block ends
             blocker.execute(
                 f'SELECT 1 FROM "{schema}".cognitia_sessions WHERE key = %s FOR UPDATE', ("agent:locked",)

@@ -466,8 +466,10 @@ async def test_the_wal_is_checkpointed_and_stays_small(anyio_backend: str, tmp_p
     async with SqliteSessionBackend(db_path=path) as backend:
         for i in range(3000):
             await backend.save(f"agent:{i % 50}", state)
-        # 3,000 saves of 1 KB would leave 12+ MB of WAL if it were never reset.
-        assert (await anyio.Path(f"{path}-wal").stat()).st_size < 2 * 1024 * 1024
+        # 3,000 saves of 1 KB would leave 12+ MB of WAL if it were never reset. A busy
+        # writer checkpoints less often (when its queue is never empty), so the bound
+        # leaves room for that: about 2.5 MB at worst, against 12.
+        assert (await anyio.Path(f"{path}-wal").stat()).st_size < 4 * 1024 * 1024
         assert await backend.load("agent:7") == state
 
 
