@@ -378,8 +378,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
             return
         await self._bridge.enter()
         async for key, turns in self._scan():
-            if len(_without_runs(turns, runs)) != len(turns):
-                await self._rewrite(key, lambda turns: _without_runs(turns, runs))
+            await self._rewrite(key, lambda turns: _without_runs(turns, runs), turns)
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         """Append every checkpoint and write of the source thread to the target thread."""
@@ -539,9 +538,13 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
                 await self.manager.close(key)
             yield key, turns
 
-    async def _rewrite(self, key: str, keep: Callable[[Log], Log]) -> None:
-        """Replace the thread's log with ``keep(log)`` (and rebuild the index), if that changes it."""
-        turns = await self._history(key)
+    async def _rewrite(self, key: str, keep: Callable[[Log], Log], turns: Log | None = None) -> None:
+        """Replace the thread's log with ``keep(log)`` (and rebuild the index), if that changes it.
+
+        ``turns``: the log as the caller just read it, to decide without reading it again.
+        """
+        if turns is None:
+            turns = await self._history(key)
         if len(keep(turns)) == len(turns):
             return
 
