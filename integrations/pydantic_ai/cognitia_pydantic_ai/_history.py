@@ -30,7 +30,7 @@ async def history(
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or "message" not in turn:
             raise ValueError(
-                f"{await _turn_name(manager, key, i, len(turns), last)} is not a pydantic-ai message "
+                f"{_turn_name(key, i, len(turns), last)} is not a pydantic-ai message "
                 "turn ({'message': ...}, as remember() writes); was the key written by another integration?"
             )
         messages.append(turn["message"])
@@ -43,17 +43,21 @@ async def history(
         i = where[0] if where and isinstance(where[0], int) else 0
         place = "".join(f"[{part!r}]" for part in where[1:]) or " itself"
         raise ValueError(
-            f"{await _turn_name(manager, key, i, len(turns), last)} is not a valid pydantic-ai message: "
+            f"{_turn_name(key, i, len(turns), last)} is not a valid pydantic-ai message: "
             f"{first['type']} at message{place} ({exc.error_count()} error(s))"
         ) from exc
 
 
-async def _turn_name(manager: InMemorySessionManager, key: str, i: int, read: int, last: int | None) -> str:
-    """How an error names the ``i``-th of the ``read`` turns read: by its position in the whole log."""
-    if last is not None:
-        async with manager.locked(key) as session:
-            i += 0 if session is None else max(0, len(session.turns) - read)
-    return f"turn {i} of session {key!r}"
+def _turn_name(key: str, i: int, read: int, last: int | None) -> str:
+    """How an error names the ``i``-th of the ``read`` turns read.
+
+    A window of the newest turns is named from the end (``-1`` is the newest): its place in
+    the whole log would need the key's lock, which the caller may hold (a decorated handler
+    reading its own history).
+    """
+    if last is None:
+        return f"turn {i} of session {key!r}"
+    return f"turn {i - read} (from the newest) of session {key!r}"
 
 
 async def remember(

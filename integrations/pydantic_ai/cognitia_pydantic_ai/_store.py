@@ -128,7 +128,12 @@ class CognitiaConversationStore(ConversationStore):
             for turn in (*copied, *turns):
                 session.turns.append(turn)
 
-        await self.manager.update(key, change)
+        try:
+            await self.manager.update(key, change)
+        except VersionConflictError:
+            # Storage moved on more often than the manager's retries allow (or it allows
+            # none): the revision this save expected is gone, as ``change`` would have found.
+            raise ConversationConflict(record.conversation_id) from None
         self._note(key, record)
 
     async def delete_record(self, conversation_id: str, *, expected_revision: str) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import anyio.to_thread
 import pytest
 from pydantic_ai import Agent
@@ -20,7 +21,7 @@ from pydantic_ai.messages import (
     UserPromptPart,
 )
 
-from cognitia import InMemorySessionManager, SessionEvent
+from cognitia import InMemorySessionManager, Session, SessionEvent, persisted_session
 from cognitia.session.backends import BackendBase, SqliteSessionBackend
 from cognitia_pydantic_ai import CognitiaConversationStore, history, remember
 
@@ -101,5 +102,29 @@ async def test_turns_that_are_not_messages_are_named_in_the_error(store_backend:
     await remember(manager, "chat:43", [request, reply])
     await manager.update("chat:43", lambda s: s.turns.append({"message": {"kind": "secret-bogus"}}))
     with pytest.raises(ValueError, match=r"turn 2 of session 'chat:43' is not a valid") as info:
-        await history(manager, "chat:43", last=1)
+        await history(manager, "chat:43")
     assert "secret" not in str(info.value)
+    # A window is named from its end: the newest turn is -1.
+    with pytest.raises(ValueError, match=r"turn -1 \(from the newest\) of session 'chat:43' is not a valid"):
+        await history(manager, "chat:43", last=2)
+
+
+async def test_a_handler_reading_its_own_bad_history_gets_the_error(store_backend: BackendBase) -> None:
+    """history() inside a decorated handler of the same key: the error is raised, not a wait
+    for the key's lock, which the handler holds."""
+    manager = InMemorySessionManager(store_backend)
+    await manager.update("chat:44", lambda s: s.turns.append({"role": "user", "content": "hi"}))
+    errors: list[str] = []
+
+    @persisted_session(manager, key="chat_id")
+    async def handler(*, chat_id: str, session: Session) -> None:
+        for last in (None, 1):
+            with anyio.fail_after(10), pytest.raises(ValueError) as info:
+                await history(manager, chat_id, last=last)
+            errors.append(str(info.value))
+
+    await handler(chat_id="chat:44")
+    assert [error.split(" is ")[0] for error in errors] == [
+        "turn 0 of session 'chat:44'",
+        "turn -1 (from the newest) of session 'chat:44'",
+    ]

@@ -215,12 +215,15 @@ async def test_concurrent_saves_of_one_revision_let_exactly_one_win(
     assert len(prompts_of(loaded.messages)) == 2
 
 
+@pytest.mark.parametrize("retries", [3, 0])
 async def test_a_writer_in_another_process_is_detected_by_version(
-    persistent_backend_factory: Any, agent: Agent[None, str], prompts_of: Prompts
+    persistent_backend_factory: Any, agent: Agent[None, str], prompts_of: Prompts, retries: int
 ) -> None:
+    """With retries the manager reloads and the revision check refuses the save; without
+    any, the backend's version conflict itself reaches the caller as ConversationConflict."""
     async with persistent_backend_factory() as backend_a, persistent_backend_factory() as backend_b:
         conflicts: list[SessionEvent] = []
-        manager_a = InMemorySessionManager(backend_a)
+        manager_a = InMemorySessionManager(backend_a, retries=retries)
         manager_a.on("conflict", conflicts.append)
         store_a = CognitiaConversationStore(manager_a)
         store_b = CognitiaConversationStore(backend_b)
