@@ -431,6 +431,20 @@ async def test_max_sessions_evicts_the_least_recently_used(backend: SessionBacke
     assert (await manager.get("a")).state == {"n": 1}  # its change was saved on eviction
 
 
+async def test_a_manager_made_for_a_component_is_bounded(backend: SessionBackend) -> None:
+    """``of(backend)`` (what the integrations do with a backend) revalidates and keeps at
+    most ``max_sessions`` live; ``of(manager)`` is the manager itself, settings untouched."""
+    made = InMemorySessionManager.of(backend, max_sessions=3)
+    assert made.revalidate and made.max_sessions == 3
+    assert InMemorySessionManager.of(backend).max_sessions == 256
+    for i in range(5):
+        await made.update(f"chat:{i}", lambda session: session.turns.append({"n": 1}))
+    assert made.live_keys() == ["chat:2", "chat:3", "chat:4"]
+    assert await made.turns("chat:0") == [{"n": 1}]  # evicted, still stored
+    own = InMemorySessionManager(backend)
+    assert InMemorySessionManager.of(own) is own and own.max_sessions is None
+
+
 async def test_the_sweeper_expires_idle_sessions_in_the_background(backend: SessionBackend) -> None:
     # Idleness is measured on the manager's clock, moved by hand here, so a slow machine
     # cannot make "busy" look idle; the sweeper itself wakes every 10 ms of real time.

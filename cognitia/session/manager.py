@@ -287,16 +287,21 @@ class InMemorySessionManager:
         self._task_group: anyio.abc.TaskGroup | None = None
 
     @classmethod
-    def of(cls, store: SessionBackend | InMemorySessionManager) -> InMemorySessionManager:
+    def of(
+        cls, store: SessionBackend | InMemorySessionManager, *, max_sessions: int | None = 256
+    ) -> InMemorySessionManager:
         """``store`` itself if it is a manager, else a new manager over the backend.
 
         For components that accept either (the integrations do). A manager made here
         belongs to one component object, while other objects, processes or managers may
-        use the same storage, so it is created with ``revalidate=True``.
+        use the same storage, so it is created with ``revalidate=True``; and it keeps at
+        most ``max_sessions`` sessions live (the least recently used are evicted, and stay
+        in storage), so a long-running server does not hold every conversation it has
+        served. Pass a manager of your own to choose other settings.
         """
         if isinstance(store, InMemorySessionManager):
             return store
-        return cls(store, revalidate=True)
+        return cls(store, revalidate=True, max_sessions=max_sessions)
 
     # -- hooks ------------------------------------------------------------------------------
 
