@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import sqlite3
@@ -215,7 +216,31 @@ def _holds_sessions(path: Path) -> bool:
 
 async def _run(backend: BackendBase, args: argparse.Namespace) -> None:
     async with backend:
-        await _COMMANDS[args.command](backend, args, sys.stdout)
+        with _utf8(sys.stdout) as out:
+            await _COMMANDS[args.command](backend, args, out)
+
+
+@contextlib.contextmanager
+def _utf8(stream: TextIO) -> Iterator[TextIO]:
+    """``stream`` writing UTF-8 whatever the locale says, as ``import`` reads it.
+
+    Standard output redirected to a file takes the locale's encoding (cp1252 on Windows),
+    which would make an export unreadable to ``import`` or fail on the first emoji.
+    """
+    encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+    buffer = getattr(stream, "buffer", None)
+    if encoding == "utf8" or buffer is None:
+        yield stream
+        return
+    stream.flush()
+    wrapper = io.TextIOWrapper(buffer, encoding="utf-8", write_through=True)
+    try:
+        yield wrapper
+    finally:
+        try:
+            wrapper.flush()
+        finally:
+            wrapper.detach()  # the buffer stays standard output's
 
 
 async def _ls(backend: BackendBase, args: argparse.Namespace, out: TextIO) -> None:

@@ -436,6 +436,30 @@ def test_python_dash_m_cognitia_runs_the_cli(db: Path) -> None:
     assert missing.stderr == "cognitia: no session under key 'agent:nobody'\n"
 
 
+def test_output_is_utf_8_whatever_the_locale(db: Path, tmp_path: Path) -> None:
+    """An export redirected to a file on a cp1252 system (Windows) imports back: every
+    command writes UTF-8, which is what import reads."""
+    seed(db, {"agent:user:44": ({"note": "café 🙂"}, [{"q": "naïve ✓"}])})
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+
+    def cli(*argv: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [sys.executable, "-m", "cognitia", *argv], capture_output=True, env=env, timeout=60, check=False
+        )
+
+    exported = cli("--db", str(db), "export", "agent:user:44")
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads(exported.stdout.decode("utf-8"))["state"] == {"note": "café 🙂"}
+    shown = cli("--db", str(db), "show", "agent:user:44")
+    assert json.loads(shown.stdout.decode("utf-8")) == {"note": "café 🙂"}
+    backup = tmp_path / "backup.jsonl"
+    backup.write_bytes(exported.stdout)
+    other = tmp_path / "other.db"
+    imported = cli("--db", str(other), "import", str(backup))
+    assert imported.returncode == 0, imported.stderr
+    assert stored(other, "agent:user:44") == ({"note": "café 🙂"}, 1, [{"q": "naïve ✓"}])
+
+
 @pytest.mark.parametrize(
     "server",
     [pytest.param("postgres", marks=pytest.mark.postgres), pytest.param("redis", marks=pytest.mark.redis)],
