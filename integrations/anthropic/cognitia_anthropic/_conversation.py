@@ -9,6 +9,7 @@ from typing import Any, TypeVar, cast, overload
 import anyio
 import pydantic
 from anthropic.lib.streaming import BetaAsyncMessageStream
+from anthropic.lib.threads._thread_state import same_message
 from anthropic.lib.tools import BetaAsyncStreamingToolRunner, BetaAsyncToolRunner
 from anthropic.types.beta import BetaMessage, BetaMessageParam
 from anthropic.types.beta.parsed_beta_message import ParsedBetaMessage
@@ -106,14 +107,17 @@ class PersistedConversation:
         was given that are not stored yet are stored with its first reply, in one save.
 
         A reply is stored once you are done with it: when you ask for the next one, or
-        when the loop ends. A reply that calls tools is stored together with the tool
-        results, in one save, so the stored history never ends with an unanswered tool
-        call. The tools run once: the runner reuses the results (its
+        when the loop ends. A reply that stopped to call tools (``tool_use``) is stored
+        together with the tool results, in one save, so an interrupted run never leaves
+        that call unanswered; a reply cut off in a tool call (``max_tokens``) is stored as
+        the runner holds it, unanswered. The tools run once: the runner reuses the results (its
         ``generate_tool_call_response()`` is cached). Whatever else the runner does to its
         history is stored the same way: the message announcing ``add_tools()`` and
         ``remove_tools()``, the summary that replaces the history after
-        ``compact_before_next_turn()``, messages added with ``runner.append_messages()``,
-        and a refused reply, which the runner leaves out, is left out. A reply you
+        ``compact_before_next_turn()``, messages added with ``runner.append_messages()``
+        (a tool result you add yourself replaces the runner's), and a refused reply, which
+        the runner leaves out, is left out. A failure or cancellation during the loop
+        closes the runner, as one inside the runner's own loop does. A reply you
         ``break`` on is stored when the runner is recorded again (``run(runner)``).
 
         Works with ``stream=True`` runners too; their streams are yielded unread.
@@ -122,16 +126,26 @@ class PersistedConversation:
 
     async def _record(self, runner: AnyRunner) -> AsyncIterator[Any]:
         mirror = await self._follow(runner)
-        async for item in runner:
-            yield item
-            reply = item if isinstance(item, BetaMessage) else await item.get_final_message()
-            results = None
-            # The runner runs tools only for a `tool_use` stop; for any other stop reason
-            # (max_tokens, refusal, pause_turn) its tool_use blocks must stay unrun.
-            if reply.stop_reason == "tool_use":
-                results = await runner.generate_tool_call_response()
-            await mirror.sync(_history(runner), results)
-        await mirror.sync(_history(runner))
+        try:
+            async for item in runner:
+                yield item
+                reply = item if isinstance(item, BetaMessage) else await item.get_final_message()
+                results = None
+                # The runner runs tools only for a `tool_use` stop; for any other stop reason
+                # (max_tokens, refusal, pause_turn) its tool_use blocks must stay unrun.
+                if reply.stop_reason == "tool_use" and not runner._messages_modified:
+                    results = await runner.generate_tool_call_response()
+                await mirror.sync(_next_history(runner, reply, results))
+            await mirror.sync(_history(runner))
+        except BaseException as exc:
+            if not isinstance(exc, GeneratorExit):
+                # A failure here (a tool cancelled or failing, a conflict) ends the run, as a
+                # failure inside the runner's own loop would; closing the runner now, rather
+                # than when it is garbage collected, lets its request and span end in order.
+                # A `break` (GeneratorExit) leaves it to be recorded again.
+                with anyio.CancelScope(shield=True):
+                    await runner.close()
+            raise
 
     async def run(
         self, runner: BetaAsyncToolRunner[T] | BetaAsyncStreamingToolRunner[T]
@@ -202,8 +216,8 @@ class _Mirror:
         self._stored_any = False
         """Whether a step of this run has been stored (an error must not say "nothing")."""
 
-    async def sync(self, history: Sequence[Any], *more: BetaMessageParam | None) -> None:
-        messages = [*history, *(message for message in more if message is not None)]
+    async def sync(self, history: Sequence[Any]) -> None:
+        messages = list(history)
         same = await _common_prefix(messages, self._messages, self._turns)
         if same == len(messages) == len(self._messages):
             return
@@ -265,12 +279,40 @@ class _Mirror:
 
 
 def _history(runner: AnyRunner) -> Sequence[BetaMessageParam]:
-    """The runner's conversation as its next request sends it.
+    """The runner's conversation as its next request sends it, between replies.
 
     The runner keeps it on the message thread it runs over (``thread.messages``, which
     the SDK documents); the runner itself has no public accessor for it.
     """
     return runner._thread.messages
+
+
+def _next_history(runner: AnyRunner, reply: BetaMessage, results: BetaMessageParam | None) -> list[Any]:
+    """The history the runner's next request sends, once it has taken in ``reply`` (and the tool
+    ``results``), as the runner builds it when asked for the next reply.
+
+    While a reply is handled, ``set_messages_params()`` and ``append_messages()`` change a
+    copy of the history the runner keeps apart from its thread (``_messages``, the history
+    as sent until then). When asked for the next reply, the runner hands that copy to the
+    thread: followed by the reply, unless ``append_messages()`` was called (the caller then
+    owns the turn, and neither the reply nor tool results are added), then by any message
+    the thread itself was given meanwhile. Tool results go right after the reply.
+    """
+    history = list(runner._thread.messages)  # the history sent, the reply, messages added since
+    messages, sent = runner._messages, runner._sent_messages
+    modified = runner._messages_modified
+    if messages is not None and messages is not sent:
+        answer = reply.to_param()
+        added = history[len(sent) :]
+        history = [
+            *messages,
+            *(() if modified else (answer,)),
+            *(message for message in added if not same_message(message, answer)),
+        ]
+    if results is None or modified:
+        return history
+    after = max(i for i, message in enumerate(history) if message["role"] == "assistant") + 1
+    return [*history[:after], results, *history[after:]]
 
 
 async def _common_prefix(messages: list[Any], stored: list[Any], turns: list[dict[str, Any]]) -> int:

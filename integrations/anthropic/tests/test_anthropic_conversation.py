@@ -3,14 +3,20 @@ backend and on asyncio and trio."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+from collections.abc import Callable
 from typing import Any
 
+import anthropic
 import anyio
 import anyio.lowlevel
+import httpx2
 import pytest
 import structlog
 from anthropic import AsyncAnthropic, beta_async_tool
+from anthropic.lib.threads._thread_state import as_sent
 from anthropic.lib.tools import BetaAsyncFunctionTool
 
 from cognitia import InMemorySessionManager, MemoryScope, SessionEvent
@@ -269,6 +275,36 @@ async def test_a_reply_cut_off_in_a_tool_call_is_stored_without_running_it(
     ]
 
 
+async def test_a_cut_off_tool_call_can_be_answered_before_the_conversation_goes_on(
+    backend_factory: Any, api: Any, get_weather: Any
+) -> None:
+    """The stored history ends with the call the runner left unanswered, as the runner's own
+    does, and the Messages API refuses a history with an unanswered call: storing a tool
+    result for it (an error) makes the conversation valid to continue."""
+    conversation = PersistedConversation(backend_factory(), "user-1")
+    await conversation.append({"role": "user", "content": "cut"})
+    await conversation.run(await resume(conversation, api.client(), get_weather))
+    cut: Any = (await conversation.messages())[-1]
+    call = next(block for block in cut["content"] if block["type"] == "tool_use")
+    answer: Any = {
+        "role": "user",
+        "content": [
+            {"type": "tool_result", "tool_use_id": call["id"], "content": "cut off", "is_error": True},
+            {"type": "text", "text": "hello"},
+        ],
+    }
+    await conversation.append(answer)
+    await conversation.run(await resume(conversation, api.client(), get_weather))
+    assert digest(await conversation.messages()) == [
+        "user: cut",
+        "assistant: Let me look.",
+        "call get_weather({})",
+        "result cut off",
+        "user: hello",
+        "assistant: It is cut off.",
+    ]
+
+
 async def test_unstorable_message_is_refused_with_its_path(backend_factory: Any) -> None:
     """A message JSON cannot hold is refused before anything is written, naming where it is."""
     from cognitia import StateNotSerializableError
@@ -435,6 +471,102 @@ async def test_a_history_trimmed_to_its_newest_messages_keeps_the_older_ones_sto
         "result sunny in Oslo",
         "assistant: It is sunny in Oslo.",
     ]
+
+
+RAW_WEATHER: Any = {
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
+
+
+class FailsAfterFirstReply:
+    """The offline API answering the first request, then overloaded (HTTP 529)."""
+
+    def __init__(self, api: Any) -> None:
+        self.api = api
+
+    def client(self) -> AsyncAnthropic:
+        handle: Callable[[httpx2.Request], httpx2.Response] = self.api.handle
+
+        def overloaded_after_one(request: httpx2.Request) -> httpx2.Response:
+            if self.api.requests:
+                error = {"type": "overloaded_error", "message": "Overloaded"}
+                return httpx2.Response(529, json={"type": "error", "error": error})
+            return handle(request)
+
+        transport = httpx2.MockTransport(overloaded_after_one)
+        return AsyncAnthropic(
+            api_key="test-key", http_client=httpx2.AsyncClient(transport=transport), max_retries=0
+        )
+
+
+@pytest.mark.filterwarnings("ignore:Tool 'get_weather' not found in tool runner")
+@pytest.mark.parametrize("next_request_fails", [False, True])
+async def test_a_tool_result_the_caller_appends_is_stored_not_one_the_runner_would_make(
+    backend_factory: Any, api: Any, next_request_fails: bool
+) -> None:
+    """A raw tool the caller answers itself with ``append_messages()``: the runner then sends
+    the caller's history, not its own "tool not found" result, and that is what is stored,
+    as soon as the caller is done with the reply (before the next request, which may fail)."""
+    conversation = PersistedConversation(backend_factory(), "user-1")
+    await conversation.append({"role": "user", "content": "What is the weather in Paris?"})
+    client = (FailsAfterFirstReply(api) if next_request_fails else api).client()
+    runner = client.beta.messages.tool_runner(
+        model=MODEL, max_tokens=256, tools=[RAW_WEATHER], messages=await conversation.messages()
+    )
+    answered = [
+        "user: What is the weather in Paris?",
+        "assistant: Let me look.",
+        'call get_weather({"city": "Paris"})',
+        "result rainy (my own result)",
+    ]
+    with pytest.raises(anthropic.APIStatusError) if next_request_fails else contextlib.nullcontext():
+        async for reply in conversation.record(runner):
+            if reply.stop_reason == "tool_use":
+                call = next(block for block in reply.content if block.type == "tool_use")
+                result: Any = {
+                    "type": "tool_result",
+                    "tool_use_id": call.id,
+                    "content": "rainy (my own result)",
+                }
+                runner.append_messages(reply, {"role": "user", "content": [result]})
+    stored = await PersistedConversation(backend_factory(), "user-1").messages()
+    if next_request_fails:
+        assert digest(stored) == answered
+    else:
+        assert digest(stored) == [*answered, "assistant: It is rainy (my own result)."]
+        # The runner continues its thread on the server: the request carries the new messages.
+        assert digest(api.requests[-1]["messages"]) == answered[-1:]
+    # What the runner holds, as a request would send it.
+    assert stored == [as_sent(message) for message in runner._thread.messages]
+
+
+async def test_a_run_cancelled_while_a_tool_runs_ends_its_runner(backend_factory: Any, api: Any) -> None:
+    """Cancelling a recorded run while a tool runs stores nothing of the step and closes the
+    runner, as a cancelled runner ends on its own (no generator left for the garbage collector
+    to close, which would report an error)."""
+    started = anyio.Event()
+
+    @beta_async_tool
+    async def get_weather(city: str) -> str:
+        """The weather in a city."""
+        started.set()
+        await anyio.sleep_forever()
+        return city
+
+    conversation = PersistedConversation(backend_factory(), "user-1")
+    await conversation.append({"role": "user", "content": "What is the weather in Paris?"})
+    runner = await resume(conversation, api.client(), get_weather)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(conversation.run, runner)
+        await started.wait()
+        tg.cancel_scope.cancel()
+    del tg
+    gc.collect()
+    with anyio.fail_after(10):
+        assert [item async for item in runner] == []  # closed: iterating yields nothing
+    assert digest(await conversation.messages()) == ["user: What is the weather in Paris?"]
 
 
 async def test_the_tool_change_message_of_add_tools_is_stored(
