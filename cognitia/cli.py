@@ -1,7 +1,8 @@
 """The ``cognitia`` command: look at, export, import and clean up stored sessions.
 
 It works on a SQLite file (``--db``, default ``sessions.db``), or on a server when the
-extra is installed (``--postgres DSN``, ``--redis URL``)::
+extra is installed (``--postgres DSN`` with ``--schema`` and ``--table-prefix``,
+``--redis URL`` with ``--key-prefix``, when the backend was given other than the defaults)::
 
     cognitia ls agent:                  keys with version, turn count, last save, size
     cognitia show agent:user:42         the state as pretty JSON
@@ -67,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
+        _check_options(parser, args)
     except SystemExit as exc:  # a usage error (2), or --help (0): argparse has printed why
         return exc.code if isinstance(exc.code, int) else 2
     try:
@@ -106,6 +108,17 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--redis", metavar="URL", help="Redis URL, e.g. redis://localhost:6379/0 (extra [redis])"
     )
+    parser.add_argument(
+        "--schema", metavar="NAME", help="with --postgres: the schema holding the tables (default: public)"
+    )
+    parser.add_argument(
+        "--table-prefix",
+        metavar="PREFIX",
+        help="with --postgres: the tables' name prefix (default: cognitia_)",
+    )
+    parser.add_argument(
+        "--key-prefix", metavar="PREFIX", help="with --redis: the prefix of every key (default: cognitia:)"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ls = commands.add_parser("ls", help="list sessions with version, turn count, last save and size")
@@ -143,6 +156,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a server option given for another kind of storage (a usage error, exit 2)."""
+    for option, value, needs in (
+        ("--schema", args.schema, "postgres"),
+        ("--table-prefix", args.table_prefix, "postgres"),
+        ("--key-prefix", args.key_prefix, "redis"),
+    ):
+        if value is not None and getattr(args, needs) is None:
+            parser.error(f"{option} applies to --{needs} only")
+
+
 def _non_negative(text: str) -> int:
     try:
         value = int(text)
@@ -162,7 +186,10 @@ def _open_backend(args: argparse.Namespace) -> BackendBase:
         if args.postgres is not None:
             from .session.backends import PostgresSessionBackend
 
-            postgres = PostgresSessionBackend(args.postgres)
+            layout = {"schema": args.schema, "table_prefix": args.table_prefix}
+            postgres = PostgresSessionBackend(
+                args.postgres, **{name: value for name, value in layout.items() if value is not None}
+            )
             if args.command != "import":
                 try:
                     found = postgres._tables_exist()
@@ -171,12 +198,19 @@ def _open_backend(args: argparse.Namespace) -> BackendBase:
                         f"cannot read the PostgreSQL database: {type(exc).__name__}"
                     ) from None
                 if not found:
-                    raise _CommandError("the PostgreSQL database holds no cognitia sessions")
+                    raise _CommandError(
+                        f"the PostgreSQL database holds no cognitia sessions in schema {postgres.schema!r} "
+                        f"with table prefix {postgres.table_prefix!r} (see --schema, --table-prefix)"
+                    )
             return postgres
         if args.redis is not None:
             from .session.backends import RedisSessionBackend
 
-            redis: BackendBase = RedisSessionBackend(args.redis)
+            redis: BackendBase = (
+                RedisSessionBackend(args.redis)
+                if args.key_prefix is None
+                else RedisSessionBackend(args.redis, key_prefix=args.key_prefix)
+            )
             return redis
     except ValueError as exc:  # a malformed DSN or URL
         raise _CommandError(str(exc)) from None

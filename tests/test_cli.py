@@ -505,6 +505,60 @@ def test_the_commands_work_on_a_server(
     assert run(capsys, *where, "ls", prefix, "--json")[1] == ""
 
 
+@pytest.mark.parametrize(
+    "server",
+    [pytest.param("postgres", marks=pytest.mark.postgres), pytest.param("redis", marks=pytest.mark.redis)],
+)
+def test_a_store_laid_out_other_than_the_defaults_is_named_by_options(
+    server: str, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A backend given another schema and table prefix (PostgreSQL) or key prefix (Redis): the
+    commands reach its sessions with the same options, and without them see none of them."""
+    if server == "postgres":
+        from cognitia.session.backends import PostgresSessionBackend
+
+        dsn = request.getfixturevalue("postgres_dsn")
+        schema = request.getfixturevalue("postgres_schemas")()
+        backend: Any = PostgresSessionBackend(dsn, schema=schema, table_prefix="app_")
+        where = ["--postgres", dsn]
+        layout = ["--schema", schema, "--table-prefix", "app_"]
+    else:
+        from cognitia.session.backends import RedisSessionBackend
+
+        url = request.getfixturevalue("redis_url")
+        prefix = request.getfixturevalue("redis_prefix")
+        backend = RedisSessionBackend(url, key_prefix=prefix)
+        where = ["--redis", url]
+        layout = ["--key-prefix", prefix]
+
+    async def store() -> None:
+        async with backend:
+            await backend.commit("agent:user:1", {"n": 1}, turns=[{"q": "hi"}])
+
+    anyio.run(store)
+    code, out, _ = run(capsys, *where, *layout, "ls", "agent:user:", "--json")
+    assert code == 0
+    assert [(row["key"], row["turns"]) for row in map(json.loads, out.splitlines())] == [("agent:user:1", 1)]
+    assert run(capsys, *where, *layout, "turns", "agent:user:1")[1] == '{"q":"hi"}\n'
+    # Without the options: the default layout (which may hold other sessions) has none of them.
+    assert run(capsys, *where, "show", "agent:user:1")[:2] == (1, "")
+    if server == "postgres":
+        code, _, err = run(capsys, *where, "--schema", schema + "_other", "ls")
+        assert code == 1
+        assert f"holds no cognitia sessions in schema '{schema}_other' with table prefix 'cognitia_'" in err
+    assert run(capsys, *where, *layout, "rm", "agent:user:1")[0] == 0
+    assert run(capsys, *where, *layout, "ls", "agent:user:", "--json")[1] == ""
+
+
+def test_a_server_option_for_another_kind_of_storage_is_a_usage_error(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "--db", str(db), "--schema", "app", "ls")
+    assert code == 2 and "--schema applies to --postgres only" in err
+    code, _, err = run(capsys, "--postgres", "postgresql://x", "--key-prefix", "app:", "ls")
+    assert code == 2 and "--key-prefix applies to --redis only" in err
+
+
 def test_an_import_postgresql_cannot_hold_writes_nothing(
     postgres_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
