@@ -75,6 +75,19 @@ class _Persister:
             raise TypeError(
                 f"@persisted_session: parameter {param!r} of {handler.__qualname__} must accept a keyword"
             )
+        names = list(signature.parameters)
+        after = [
+            name
+            for name in names[names.index(param) + 1 :]
+            if signature.parameters[name].kind
+            in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+        ]
+        if signature.parameters[param].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and after:
+            # Callers leave the session out, so their positional arguments would land on it.
+            raise TypeError(
+                f"@persisted_session: parameter {param!r} of {handler.__qualname__} comes before the "
+                f"positional parameter {after[0]!r}; make it keyword-only (after *) or the last one"
+            )
         if isinstance(key, str) and key not in signature.parameters:
             raise TypeError(
                 f"@persisted_session: key={key!r} is not a parameter of {handler.__qualname__}; "

@@ -205,6 +205,15 @@ async def test_an_abandoned_stream_releases_its_key(backend: BackendBase) -> Non
     assert await backend.load("k") == {"n": 1}
 
 
+async def test_a_session_parameter_last_among_the_positional_ones_works(backend: BackendBase) -> None:
+    @persisted_session(backend, key="sid")
+    async def last(sid: str, msg: str, session: Session) -> str:
+        return f"{msg} {session.key}"
+
+    assert list(inspect.signature(last).parameters) == ["sid", "msg"]
+    assert await last("chat:1", "hi") == "hi chat:1"
+
+
 def test_misuse_is_refused_at_decoration_time() -> None:
     backend = InMemorySessionBackend()
     with pytest.raises(TypeError, match="sync generator"):
@@ -227,6 +236,17 @@ def test_misuse_is_refused_at_decoration_time() -> None:
 
         @persisted_session(backend)
         async def positional(session: Session, /, *, session_id: str) -> None: ...
+
+    # Callers leave the session out, so their positional arguments would land on it.
+    with pytest.raises(TypeError, match=r"'session' of .*first comes before the positional parameter 'msg'"):
+
+        @persisted_session(backend)
+        async def first(session: Session, msg: str, *, session_id: str) -> None: ...
+
+    with pytest.raises(TypeError, match="before the positional parameter 'rest'"):
+
+        @persisted_session(backend, key="sid")
+        async def middle(sid: str, session: Session, *rest: str) -> None: ...
 
     with pytest.raises(TypeError, match="initial"):
         persisted_session(backend, initial=5)  # type: ignore[arg-type]

@@ -1296,3 +1296,153 @@ async def test_a_failed_change_to_a_session_never_stored_is_undone(anyio_backend
     fresh = InMemorySessionManager(manager._store.backend)
     assert (await fresh.get("agent:k")).state == {"v": 0}
     assert await fresh.turns("agent:k") == []
+
+
+# -- calling back into the manager, and retention around keys in use ------------------------------
+
+
+@pytest.mark.parametrize("step", ["saved", "evicted", "expired"])
+async def test_a_hook_calling_the_manager_for_its_own_key_gets_an_error_not_a_wait(step: str) -> None:
+    """A hook runs while its step holds the key: a call for that key from the hook would wait
+    for itself forever. It raises RuntimeError instead."""
+    clock = Clock()
+    manager = InMemorySessionManager(InMemorySessionBackend(), max_sessions=1, idle_ttl=10, clock=clock)
+    errors: list[str] = []
+
+    async def reenter(event: SessionEvent) -> None:
+        try:
+            await manager.get(event.key)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    manager.on(step, reenter)
+    with anyio.fail_after(10):
+        session = await manager.register("agent:a", {"n": 0})
+        if step == "evicted":
+            await manager.register("agent:b", {})  # pushes agent:a out
+        elif step == "expired":
+            clock.advance(60)
+            await manager.evict_idle()
+        else:
+            await manager.save(session)
+    assert len(errors) == 1
+    assert "session 'agent:a' is held by this very task" in errors[0]
+    # Nothing is left held: the key is usable at once.
+    with anyio.fail_after(10):
+        assert (await manager.get("agent:a")).state == {"n": 0}
+
+
+async def test_a_decorated_handler_calling_itself_for_its_key_gets_an_error(backend: SessionBackend) -> None:
+    manager = InMemorySessionManager(backend)
+
+    @persisted_session(manager)
+    async def handler(depth: int, *, session_id: str, session: Session) -> int:
+        session.state["depth"] = depth
+        if depth == 0:
+            return await handler(1, session_id=session_id)
+        return depth
+
+    with anyio.fail_after(10), pytest.raises(RuntimeError, match="'chat:1' is held by this very task"):
+        await handler(0, session_id="chat:1")
+    assert "chat:1" not in await manager.list_keys()  # the outer turn failed: nothing stored
+
+
+async def test_another_task_waits_for_a_key_a_handler_holds(backend: SessionBackend) -> None:
+    """Only the holding task itself is refused: a task the handler starts in a task group that
+    outlives it waits for the key, as any other task does."""
+    manager = InMemorySessionManager(backend)
+    async with anyio.create_task_group() as background:
+
+        @persisted_session(manager)
+        async def handler(*, session_id: str, session: Session) -> None:
+            async def later() -> None:
+                await manager.update(session_id, lambda s: s.turns.append({"from": "background"}))
+
+            background.start_soon(later)
+            await anyio.sleep(0.01)  # the background task is now waiting for the key
+
+        await handler(session_id="chat:2")
+    assert [turn.get("from") for turn in await manager.turns("chat:2")] == [None, "background"]
+
+
+async def test_without_a_backend_a_handle_kept_across_a_delete_is_a_conflict() -> None:
+    manager = InMemorySessionManager()
+    stale = await manager.register("agent:a", {"n": 1})
+    await manager.delete("agent:a")
+    stale.state["n"] = 2
+    with pytest.raises(VersionConflictError, match="'agent:a'"):
+        await manager.save(stale)
+    assert "agent:a" not in manager
+    closed = await manager.register("agent:b", {})
+    await manager.close("agent:b")
+    with pytest.raises(VersionConflictError, match="'agent:b'"):
+        await manager.save(closed)
+
+
+async def test_an_eviction_whose_hook_is_still_running_counts_its_session_gone_once() -> None:
+    """While a slow ``evicted`` hook runs, other operations still evict down to max_sessions."""
+    manager = InMemorySessionManager(InMemorySessionBackend(), max_sessions=1)
+    hook_running = anyio.Event()
+    release_hook = anyio.Event()
+
+    async def slow(event: SessionEvent) -> None:
+        hook_running.set()
+        await release_hook.wait()
+
+    manager.on("evicted", slow)
+    await manager.register("x", {})
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(manager.register, "a", {})  # evicts x; its hook waits
+            await hook_running.wait()
+            manager.off("evicted", slow)
+            try:
+                await manager.register("b", {})  # evicts a while x's hook still runs
+                live_meanwhile = manager.live_keys()
+            finally:
+                release_hook.set()
+    assert live_meanwhile == ["b"]
+    assert manager.live_keys() == ["b"]
+
+
+async def test_idle_eviction_passes_over_a_key_in_use(backend: SessionBackend) -> None:
+    """A handler longer than idle_ttl neither holds up the others' expiry nor deadlocks when it
+    calls evict_idle itself: a key in use is not idle."""
+    clock = Clock()
+    manager = InMemorySessionManager(backend, idle_ttl=10, clock=clock)
+    await manager.register("agent:idle", {})
+
+    @persisted_session(manager)
+    async def busy(*, session_id: str, session: Session) -> list[str]:
+        clock.advance(60)
+        return await manager.evict_idle()
+
+    with anyio.fail_after(10):
+        assert await busy(session_id="agent:busy") == ["agent:idle"]
+    assert manager.live_keys() == ["agent:busy"]
+
+
+async def test_aclose_waits_for_operations_under_way_and_closes_what_they_leave_live(tmp_path: Path) -> None:
+    manager = InMemorySessionManager(SqliteSessionBackend(db_path=tmp_path / "s.db"))
+    closed = record(manager, "closed")
+    await manager.register("a", {})
+    reading = anyio.Event()
+    finish = anyio.Event()
+
+    async def change(session: Session) -> None:
+        reading.set()
+        await finish.wait()
+        session.state["x"] = 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(manager.update, "n", change)
+        await reading.wait()  # the update holds "n"
+        tg.start_soon(manager.aclose)
+        await anyio.sleep(0.05)
+        with pytest.raises(BackendClosedError):
+            await manager.get("b")  # closed at once for new operations
+        finish.set()
+    assert manager.closed and manager.live_keys() == []
+    assert sorted(event.key for event in closed) == ["a", "n"]
+    assert await manager.backend.load("n") == {"x": 1}  # type: ignore[union-attr]
+    await manager.backend.aclose()  # type: ignore[union-attr]

@@ -146,9 +146,11 @@ class NullStore(Store):
         truncate: int | None = None,
     ) -> int:
         session = self._live.get(key)
-        if session is None or not session.version:
-            return self._removed_version + 1
-        return int(session.version) + 1
+        stored = None if session is None or not session.version else int(session.version)
+        # The live set is the storage: a handle kept from before a delete or close, or
+        # from an older version, is refused as a backend refuses it.
+        check_version(key, expected, stored)
+        return (self._removed_version if stored is None else stored) + 1
 
     async def write_many(self, writes: list[Pending]) -> list[int]:
         # Nothing can fail part way: the live set is the storage, and nothing awaits.

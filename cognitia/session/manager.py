@@ -22,6 +22,7 @@ import anyio.lowlevel
 import structlog
 
 from .._json import byte_size, check_key, dumps, loads
+from .._worker import current_task
 from ..errors import BackendClosedError, SessionNotFound, VersionConflictError
 from ._events import EVENTS, EventName, Hook, HookRegistry, SessionEvent, Subscription
 from ._session import Session, Turns
@@ -96,8 +97,8 @@ class _KeyLocks:
 class _Held:
     """``async with locks.hold(key)``: a class, not a generator, as it wraps every operation.
 
-    The entry for a key is ``[semaphore or None, holders and waiters]``. A free key is
-    taken without creating any lock object (``[None, 1]``): most operations never wait,
+    The entry for a key is ``[semaphore or None, holders and waiters, holding task]``. A
+    free key is taken without creating any lock object (``[None, 1, task]``): most operations never wait,
     and making an anyio semaphore per operation was a measurable part of a decorated
     call. The first caller that finds the key taken creates the semaphore it waits on,
     so a semaphore is always made inside the event loop whose tasks wait on it, never
@@ -117,10 +118,17 @@ class _Held:
             # caller still stops here (the operation checkpoints in storage).
             await anyio.lowlevel.checkpoint_if_cancelled()
         entry = locks.get(key)
+        me = current_task()
         if entry is None:
-            entry = locks[key] = [None, 1]
+            entry = locks[key] = [None, 1, me]
             self._entry = entry
             return
+        if entry[2] is me:
+            raise RuntimeError(
+                f"session {key!r} is held by this very task: a hook of an operation on it, or a "
+                "decorated handler of it, called the manager for the same key, which would wait "
+                "for itself forever (hand that work to another task, or do it after the operation)"
+            )
         entry[1] += 1
         try:
             if entry[0] is None:
@@ -133,6 +141,7 @@ class _Held:
         except BaseException:
             self._drop(entry)
             raise
+        entry[2] = me
         self._entry = entry
 
     async def __aexit__(
@@ -145,6 +154,7 @@ class _Held:
 
     def _release(self) -> None:
         entry = self._entry
+        entry[2] = None
         try:
             if entry[0] is not None:
                 entry[0].release()
@@ -282,8 +292,9 @@ class InMemorySessionManager:
         self._clock = clock
         self._locks = _KeyLocks()
         self._closed = False
-        self._evicting = 0
-        """Sessions being saved on their way out for capacity: no longer counted as live."""
+        self._evicting: set[str] = set()
+        """Keys of sessions being saved on their way out for capacity: while still in the
+        live set, no longer counted as live."""
         self._task_group: anyio.abc.TaskGroup | None = None
 
     @classmethod
@@ -731,7 +742,9 @@ class InMemorySessionManager:
         deadline = self._clock() - self.idle_ttl
         evicted = []
         for key, session in list(self._live.items()):
-            if session.last_active <= deadline:
+            # A key in use is not idle, and is not waited for: an operation may take longer
+            # than idle_ttl (and may be the caller's own, a handler calling this).
+            if session.last_active <= deadline and key not in self._locks._locks:
                 async with self._operation(key, allow_closed=True):
                     current = self._live.get(key)
                     if current is not None and current.last_active <= deadline:
@@ -797,15 +810,27 @@ class InMemorySessionManager:
         return suppressed
 
     async def aclose(self) -> None:
-        """Close every live session, then refuse further operations. The backend stays open.
+        """Refuse further operations, then close every live session. The backend stays open.
 
-        The manager is closed even if some sessions could not be saved; their failures are
-        raised as by :meth:`close_all`.
+        Operations already under way finish first, and the sessions they leave live are
+        closed too. The manager is closed even if some sessions could not be saved; their
+        failures are raised as by :meth:`close_all`.
         """
-        try:
-            await self.close_all()
-        finally:
-            self._closed = True
+        # Closed first, so that no operation starts meanwhile; one already under way is
+        # waited for (closing its key takes the key's lock) and what it leaves live is closed.
+        self._closed = True
+        failed: dict[str, Exception] = {}
+        while keys := [key for key in dict.fromkeys((*self._live, *self._locks._locks)) if key not in failed]:
+            for key in keys:
+                try:
+                    await self.close(key)
+                except Exception as exc:
+                    failed[key] = exc
+        failures = list(failed.values())
+        if len(failures) == 1:
+            raise failures[0]
+        if failures:
+            raise ExceptionGroup(f"{len(failures)} sessions could not be closed", failures)
 
     @property
     def closed(self) -> bool:
@@ -1044,18 +1069,21 @@ class InMemorySessionManager:
         """
         assert self.max_sessions is not None
         for key in list(self._live):
-            if len(self._live) - self._evicting <= self.max_sessions:
+            leaving = sum(1 for key in self._evicting if key in self._live)
+            if len(self._live) - leaving <= self.max_sessions:
                 return
             if key == keep or key in self._locks._locks:
                 continue
             async with self._locks.hold(key):
                 session = self._live.get(key)
                 if session is not None:
-                    self._evicting += 1
+                    # Counted as leaving while it is saved; once out of the live set (its
+                    # `evicted` hooks may still be running) it counts as gone by itself.
+                    self._evicting.add(key)
                     try:
                         await self._retire_or_report(session, "evicted", reason="capacity")
                     finally:
-                        self._evicting -= 1
+                        self._evicting.discard(key)
 
     async def _retire_or_report(self, session: Session, event: str, *, reason: str | None) -> bool:
         """:meth:`_retire`, logging a failure (``session.retire_failed``) instead of raising it."""
