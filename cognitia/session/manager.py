@@ -512,8 +512,8 @@ class InMemorySessionManager:
         other in a cycle. Code that holds one key and then waits for another (inside
         :meth:`locked`, or a decorated handler calling a second session) takes them in its
         own order: if that order is not sorted, it can wait in a cycle with a call over both
-        keys, as any two tasks taking two locks in opposite orders can. Do not call it while
-        holding one of its keys: it would wait for itself.
+        keys, as any two tasks taking two locks in opposite orders can. Called by a task
+        that holds one of its keys, it raises ``RuntimeError`` (it would wait for itself).
 
         On a plain four-method backend the sessions are written one after the other,
         every version checked first: a conflict found then writes nothing, but a failure
@@ -695,8 +695,8 @@ class InMemorySessionManager:
         """Hold ``key``'s lock and yield its session (rehydrated if needed), or ``None``.
 
         For reading consistently: no save, update or decorated call of the same key runs
-        until the block ends. Do not call the manager for the same key inside the block
-        (it would wait for this lock); save after leaving it.
+        until the block ends. Calling the manager for the same key inside the block raises
+        ``RuntimeError`` (it would wait for this lock); save after leaving it.
 
         >>> async with manager.locked("agent:user:42") as session:  # doctest: +SKIP
         ...     tail = [] if session is None else await session.turns.last(2)
