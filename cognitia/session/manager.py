@@ -123,7 +123,7 @@ class _Held:
             entry = locks[key] = [None, 1, me]
             self._entry = entry
             return
-        if entry[2] is me:
+        if entry[2] is me and me is not None:
             raise RuntimeError(
                 f"session {key!r} is held by this very task: a hook of an operation on it, or a "
                 "decorated handler of it, called the manager for the same key, which would wait "
