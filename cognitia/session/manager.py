@@ -98,7 +98,8 @@ class _Held:
     """``async with locks.hold(key)``: a class, not a generator, as it wraps every operation.
 
     The entry for a key is ``[semaphore or None, holders and waiters, holding task]``. A
-    free key is taken without creating any lock object (``[None, 1, task]``): most operations never wait,
+    free key is taken without creating any lock object (``[None, 1, task]``): most
+    operations never wait,
     and making an anyio semaphore per operation was a measurable part of a decorated
     call. The first caller that finds the key taken creates the semaphore it waits on,
     so a semaphore is always made inside the event loop whose tasks wait on it, never
@@ -125,9 +126,10 @@ class _Held:
             return
         if entry[2] is me and me is not None:
             raise RuntimeError(
-                f"session {key!r} is held by this very task: a hook of an operation on it, or a "
-                "decorated handler of it, called the manager for the same key, which would wait "
-                "for itself forever (hand that work to another task, or do it after the operation)"
+                f"session {key!r} is held by this very task: code running inside an operation on "
+                "it (a locked() block, a hook of its step, a decorated handler of it) called the "
+                "manager for the same key, which would wait for itself forever (hand that work "
+                "to another task, or do it after the operation)"
             )
         entry[1] += 1
         try:
