@@ -32,6 +32,10 @@ __all__ = ["CognitiaSessionService"]
 
 Turn = dict[str, Any]
 
+SNAPSHOT_ATTEMPTS = 8
+"""How many times ``get_session`` reads a session and its app and user state while appends
+keep changing them; the last read is returned if none was a single snapshot."""
+
 RETRY_WINDOW = 16
 """How many of a session's newest events a retried append is looked for among, in any order."""
 
@@ -145,7 +149,7 @@ class CognitiaSessionService(BaseSessionService):
         key = self.session_key(app_name, user_id, session_id)
         scoped = self._scoped(app_name, user_id, app_delta, user_delta)
         stored = await self._commit(key, create, scoped)
-        return await self._to_adk(copy.deepcopy(stored.state), stored.version, events=[])
+        return await self._without_events(copy.deepcopy(stored.state), stored.version)
 
     async def get_session(
         self,
@@ -159,13 +163,23 @@ class CognitiaSessionService(BaseSessionService):
         if session_id is None:  # as ADK's services: no such session
             return None
         key = self.session_key(app_name, user_id, _stripped(session_id))
-        # Locked so that the state and the events come from one version of the session.
-        async with self.manager.locked(key) as stored:
-            if stored is None:
-                return None
-            events = await self._read_events(stored, config)
-            record, version = copy.deepcopy(stored.state), stored.version
-        return await self._to_adk(record, version, events=events)
+        app_key, user_key = self.app_key(app_name), self.user_key(app_name, user_id)
+        for _ in range(SNAPSHOT_ATTEMPTS):
+            # Locked so that the state and the events come from one version of the session.
+            async with self.manager.locked(key) as stored:
+                if stored is None:
+                    return None
+                events = await self._read_events(stored, config)
+                record, version = copy.deepcopy(stored.state), stored.version
+            app_state, app_version = await self._scoped_state(app_key)
+            user_state, _ = await self._scoped_state(user_key)
+            # The app and user state live under keys of their own, read after the session's
+            # lock is let go. An append stores them with the session in one commit, so the
+            # three reads are one snapshot (as of the last) if neither the session nor the
+            # app state was stored again in between; otherwise read again.
+            if (await self._version(key), await self._version(app_key)) == (version, app_version):
+                break
+        return self._to_adk(record, version, events, app_state, user_state)
 
     async def list_sessions(self, *, app_name: str, user_id: str | None = None) -> ListSessionsResponse:
         """The app's sessions (of ``user_id`` if given) without events, oldest update first."""
@@ -175,7 +189,7 @@ class CognitiaSessionService(BaseSessionService):
                 stored = await self.manager.get(key)
             except SessionNotFound:  # deleted since it was listed
                 continue
-            sessions.append(await self._to_adk(copy.deepcopy(stored.state), stored.version, events=[]))
+            sessions.append(await self._without_events(copy.deepcopy(stored.state), stored.version))
         sessions.sort(key=lambda s: (s.last_update_time, s.user_id, s.id))
         return ListSessionsResponse(sessions=sessions)
 
@@ -187,7 +201,8 @@ class CognitiaSessionService(BaseSessionService):
 
     async def get_user_state(self, *, app_name: str, user_id: str) -> dict[str, Any]:
         """The user's state in the app, keys without the ``user:`` prefix."""
-        return await self._scoped_state(self.user_key(app_name, user_id))
+        state, _ = await self._scoped_state(self.user_key(app_name, user_id))
+        return state
 
     async def append_event(self, session: AdkSession, event: Event) -> Event:
         """Store the event as one turn and apply its state delta; returns the event.
@@ -371,18 +386,30 @@ class CognitiaSessionService(BaseSessionService):
         # Events the cache keeps are copied; the older ones were built for this read alone.
         return events[:private] + [event.model_copy(deep=True) for event in events[private:]]
 
-    async def _to_adk(self, record: dict[str, Any], version: int, *, events: list[Event]) -> AdkSession:
-        """An ADK session from a copy of a stored record, with the app and user state merged in."""
-        app_name, user_id = record["app_name"], record["user_id"]
+    async def _without_events(self, record: dict[str, Any], version: int) -> AdkSession:
+        """:meth:`_to_adk` with no events and the app and user state as they are now."""
+        app_state, _ = await self._scoped_state(self.app_key(record["app_name"]))
+        user_state, _ = await self._scoped_state(self.user_key(record["app_name"], record["user_id"]))
+        return self._to_adk(record, version, [], app_state, user_state)
+
+    @staticmethod
+    def _to_adk(
+        record: dict[str, Any],
+        version: int,
+        events: list[Event],
+        app_state: dict[str, Any],
+        user_state: dict[str, Any],
+    ) -> AdkSession:
+        """An ADK session from copies of a stored record and its app and user state."""
         state = record["state"]
-        for key, value in (await self._scoped_state(self.app_key(app_name))).items():
+        for key, value in app_state.items():
             state[State.APP_PREFIX + key] = value
-        for key, value in (await self._scoped_state(self.user_key(app_name, user_id))).items():
+        for key, value in user_state.items():
             state[State.USER_PREFIX + key] = value
         session = AdkSession(
             id=record["id"],
-            app_name=app_name,
-            user_id=user_id,
+            app_name=record["app_name"],
+            user_id=record["user_id"],
             state=state,
             events=events,
             last_update_time=record["updated"],
@@ -390,12 +417,19 @@ class CognitiaSessionService(BaseSessionService):
         _set_marker(session, version)
         return session
 
-    async def _scoped_state(self, key: str) -> dict[str, Any]:
+    async def _scoped_state(self, key: str) -> tuple[dict[str, Any], int | None]:
+        """A copy of the app or user state under ``key`` and its version (``None``: none stored)."""
         try:
             stored = await self.manager.get(key)
         except SessionNotFound:
-            return {}
-        return copy.deepcopy(stored.state)
+            return {}, None
+        return copy.deepcopy(stored.state), stored.version
+
+    async def _version(self, key: str) -> int | None:
+        try:
+            return (await self.manager.get(key)).version
+        except SessionNotFound:
+            return None
 
 
 class _EventCache:

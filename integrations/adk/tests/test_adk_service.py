@@ -347,6 +347,41 @@ async def test_a_session_created_as_the_caller_is_cancelled_keeps_its_app_and_us
     assert session.state == {"app:model": "v2", "user:name": "Ann", "topic": "dice"}
 
 
+async def test_a_read_returns_the_session_and_its_user_state_from_one_commit() -> None:
+    """The ``user:`` state is stored under a key of its own and read after the session: an
+    append committed by another worker between the two reads makes the read start over, so
+    the session never comes back with its own values from before that append and its
+    ``user:`` values from after."""
+    from cognitia.session.backends import InMemorySessionBackend, SessionRecord
+
+    async def append(worker: CognitiaSessionService, n: int) -> None:
+        session = await stored(worker, "ann", "s1")
+        delta = {"own": n, "user:n": n}
+        await worker.append_event(
+            session, Event(author="user", invocation_id=f"i{n}", actions=EventActions(state_delta=delta))
+        )
+
+    interleave: list[int] = []
+
+    class Shared(InMemorySessionBackend):
+        async def load_record(self, key: str) -> SessionRecord | None:
+            if interleave and ":user:" in key:
+                await append(other, interleave.pop())
+            return await super().load_record(key)
+
+    storage = Shared()
+    reader = CognitiaSessionService(InMemorySessionManager(storage, revalidate=True))
+    other = CognitiaSessionService(InMemorySessionManager(storage, revalidate=True))
+    await reader.create_session(app_name=APP, user_id="ann", session_id="s1")
+    await append(reader, 1)
+
+    interleave.append(2)
+    session = await stored(reader, "ann", "s1")
+    assert not interleave  # the other worker's append ran between the two reads
+    assert (session.state["own"], session.state["user:n"]) == (2, 2)
+    assert [event.invocation_id for event in session.events] == ["i1", "i2"]
+
+
 async def test_storage_stopping_while_app_state_is_read_leaves_nothing_stored() -> None:
     """Storage stops answering while the ``app:`` state is read: the caller can give up, and
     nothing is stored, neither the session nor its values (they are written as one commit)."""
