@@ -396,7 +396,9 @@ async def test_cancellation_at_every_await_point(backend: BackendBase, where: st
             break
     else:
         pytest.fail("the call never completed")
-    assert cancelled > 5
+    # Hooks run shielded (a step that happened is always reported), so with where="hooks"
+    # the points a cancellation can land on are those of the load and the save themselves.
+    assert cancelled > (5 if where == "handler" else 2)
     count, _ = await stored()
     assert await chat("after", session_id="k") == f"reply #{count + 1} to after"
     await stored()

@@ -318,3 +318,71 @@ async def test_a_hook_slower_than_save_timeout_does_not_fail_the_committed_save(
     saved = await manager.save(session)
     assert saved.version == 2
     assert await backend.load("agent:slow") == {"n": 1}
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("step", list(EVENTS))
+async def test_every_step_that_happened_reaches_its_hooks_even_if_the_caller_is_cancelled(
+    step: str, anyio_backend: str
+) -> None:
+    """The caller is cancelled while the step's first hook runs: the step happened and is
+    logged, so every hook of it still runs to the end, whichever step it is."""
+    clock = _Clock()
+    backend = InMemorySessionBackend(ttl=60, clock=clock)
+    manager = InMemorySessionManager(backend, max_sessions=2, idle_ttl=30, clock=clock)
+    other = InMemorySessionManager(backend)
+    await manager.register("agent:a", {"n": 0})
+    await manager.register("agent:b", {"n": 0})
+    stale = await other.get("agent:a")
+    await manager.update("agent:a", lambda s: s.state.update(n=1))
+    if step == "loaded":
+        await manager.close("agent:a")
+    elif step == "pruned":
+        await manager.close_all()
+        clock.now += 120
+
+    reached: list[str] = []
+    scope = anyio.CancelScope()
+
+    def cancel_the_caller(event: SessionEvent) -> None:
+        scope.cancel()
+
+    async def finish(event: SessionEvent) -> None:
+        await anyio.lowlevel.checkpoint()  # where an unshielded hook would be cancelled
+        reached.append(event.name)
+
+    manager.on(step, cancel_the_caller)
+    manager.on(step, finish)
+    other.on(step, cancel_the_caller)
+    other.on(step, finish)
+    with scope:
+        if step == "registered":
+            await manager.register("agent:c", {})
+        elif step == "loaded":
+            await manager.get("agent:a")
+        elif step == "saved":
+            await manager.update("agent:a", lambda s: s.state.update(n=2))
+        elif step == "closed":
+            await manager.close("agent:a")
+        elif step == "deleted":
+            await manager.delete("agent:a")
+        elif step == "expired":
+            clock.now += 60
+            await manager.evict_idle()
+        elif step == "evicted":
+            await manager.register("agent:c", {})
+        elif step == "conflict":
+            stale.state["n"] = 9
+            with pytest.raises(cognitia.VersionConflictError):
+                await other.save(stale)
+        elif step == "pruned":
+            assert await manager.prune() == ["agent:a", "agent:b"]
+    assert scope.cancel_called
+    assert reached and set(reached) == {step}

@@ -13,7 +13,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from types import TracebackType
 from typing import Any, NoReturn, TypeVar, overload
 
@@ -256,6 +256,9 @@ class InMemorySessionManager:
         strict_hooks: re-raise hook failures as :class:`~cognitia.errors.HookError`
             instead of logging them (for tests).
         sweep_interval: seconds between idle and retention sweeps under ``async with``.
+        save_timeout: seconds a write may take before it raises ``TimeoutError``; its
+            outcome is then unknown, so the live copy is dropped and the next access reads
+            storage.
         clock: monotonic clock for idle tracking.
 
     >>> manager = InMemorySessionManager()
@@ -1012,15 +1015,8 @@ class InMemorySessionManager:
     async def _announce(
         self, name: str, key: str, version: int, started: float, size: int, count: int, reason: str | None
     ) -> None:
-        # Hooks run after the deadline scope (a slow hook cannot fail a committed save) but
-        # still shielded, so a committed save is always reported. With no hook for the
-        # event, emitting never suspends (structlog logs synchronously), so nothing can
-        # interrupt it and the shield, a measurable cost on every save, is skipped.
-        if self._hooks.has_hooks(name):
-            with anyio.CancelScope(shield=True):
-                await self._emit(name, key, version, started, size=size, turns=count, reason=reason)
-        else:
-            await self._emit(name, key, version, started, size=size, turns=count, reason=reason)
+        # Called after the deadline scope: a slow hook cannot fail a committed save.
+        await self._emit(name, key, version, started, size=size, turns=count, reason=reason)
 
     async def _retire(self, session: Session, event: str, *, reason: str | None) -> None:
         """Persist the session if it changed, drop it from the live set, and report ``event``."""
@@ -1114,13 +1110,22 @@ class InMemorySessionManager:
         turns: int = 0,
         reason: str | None = None,
     ) -> None:
-        await self._hooks.emit(
-            name,
-            key,
-            backend=self._store.name,
-            version=version,
-            bytes=size,
-            duration=time.perf_counter() - started,
-            turns=turns,
-            reason=reason,
-        )
+        """Report a step that happened: its structlog event, then its hooks.
+
+        Hooks run shielded from the caller's cancellation, so a step that happened is
+        always reported to them as it is logged. With no hook for the event, emitting never
+        suspends (structlog logs synchronously), so nothing can interrupt it and the
+        shield, a measurable cost on every save, is skipped.
+        """
+        hooked = self._hooks.has_hooks(name)
+        with anyio.CancelScope(shield=True) if hooked else nullcontext():
+            await self._hooks.emit(
+                name,
+                key,
+                backend=self._store.name,
+                version=version,
+                bytes=size,
+                duration=time.perf_counter() - started,
+                turns=turns,
+                reason=reason,
+            )
