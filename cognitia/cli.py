@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument(
         "--scope",
         choices=[scope.value for scope in MemoryScope],
-        help="only keys of one MemoryScope (same as PREFIX 'SCOPE:')",
+        help="only keys of one MemoryScope, PREFIX then read within it (agent + user: lists agent:user:...)",
     )
     ls.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
 

@@ -247,7 +247,8 @@ def persisted_session(
       (``on_conflict="raise"`` raises :class:`~cognitia.errors.VersionConflictError` instead).
 
     Args:
-        store: a backend, or an :class:`~cognitia.session.manager.InMemorySessionManager`
+        store: a backend (the decorator then makes a manager keeping at most 10,000
+            sessions live), or an :class:`~cognitia.session.manager.InMemorySessionManager`
             (whose hooks and logs then see these calls too).
         key: the name of the handler argument holding the session key, or a callable
             taking the call's :class:`inspect.BoundArguments` and returning the key.

@@ -43,7 +43,7 @@ class SessionEvent:
     turns: int = 0
     """Turns appended by this step (``saved``) or loaded (``loaded``)."""
     reason: str | None = None
-    """Why it happened, where there is a choice: ``"idle"``, ``"capacity"``, ``"retry"``, ..."""
+    """Why it happened, where there is a choice: ``"idle"``, ``"capacity"``, ``"stale"``, ..."""
 
 
 Hook = Callable[[SessionEvent], Awaitable[None] | None]

@@ -63,7 +63,7 @@ class PersistedConversation:
     >>> conversation = PersistedConversation(manager, "user-42")  # doctest: +SKIP
     >>> await conversation.append({"role": "user", "content": "Weather in Paris?"})  # doctest: +SKIP
     >>> runner = client.beta.messages.tool_runner(  # doctest: +SKIP
-    ...     model="claude-sonnet-4-5", max_tokens=1024, tools=[get_weather],
+    ...     model="claude-sonnet-5-5", max_tokens=1024, tools=[get_weather],
     ...     messages=await conversation.messages(),
     ... )
     >>> final = await conversation.run(runner)  # doctest: +SKIP
