@@ -1446,3 +1446,36 @@ async def test_aclose_waits_for_operations_under_way_and_closes_what_they_leave_
     assert sorted(event.key for event in closed) == ["a", "n"]
     assert await manager.backend.load("n") == {"x": 1}  # type: ignore[union-attr]
     await manager.backend.aclose()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("step", ["evicted", "expired", "saved"])
+async def test_a_strict_hook_failing_in_an_eviction_is_logged_as_that_hook_not_as_a_failed_retirement(
+    step: str,
+) -> None:
+    """Evictions run on behalf of another caller, so even strict hooks are not raised there.
+    The step happened: the failure is the hook's, logged as ``session.hook_failed``."""
+    clock = Clock()
+    backend = InMemorySessionBackend()
+    manager = InMemorySessionManager(backend, max_sessions=1, idle_ttl=60, clock=clock, strict_hooks=True)
+
+    def broken(event: SessionEvent) -> None:
+        raise RuntimeError("metrics are down")
+
+    session = await manager.register("agent:a", {"n": 0})
+    manager.on(step, broken)
+    session.state["n"] = 1  # changed: retiring it saves it first
+    with capture_logs() as logs:
+        if step == "expired":
+            clock.advance(61)
+            assert await manager.evict_idle() == ["agent:a"]
+        else:
+            await manager.register("agent:b", {})  # pushes agent:a out
+    failed = [(e["event"], e.get("lifecycle_event"), e.get("key")) for e in logs if e["log_level"] != "info"]
+    assert failed == [("session.hook_failed", step, "agent:a")]
+    assert await backend.load("agent:a") == {"n": 1}
+    # Retired, or (a failed `saved` hook stops the retirement after the save) retired next time.
+    if step == "saved":
+        manager.off(step, broken)
+        clock.advance(61)
+        await manager.evict_idle()
+    assert "agent:a" not in manager.live_keys()

@@ -23,7 +23,7 @@ import structlog
 
 from .._json import byte_size, check_key, dumps, loads
 from .._worker import current_task
-from ..errors import BackendClosedError, SessionNotFound, VersionConflictError
+from ..errors import BackendClosedError, HookError, SessionNotFound, VersionConflictError
 from ._events import EVENTS, EventName, Hook, HookRegistry, SessionEvent, Subscription
 from ._session import Session, Turns
 from ._store import Loaded, Pending, Store, open_store
@@ -1087,6 +1087,19 @@ class InMemorySessionManager:
         """:meth:`_retire`, logging a failure (``session.retire_failed``) instead of raising it."""
         try:
             await self._retire(session, event, reason=reason)
+        except HookError as exc:
+            # Strict hooks: the step happened (the save on the way out, or the retirement
+            # itself) and one of its hooks failed. Reported as that hook's failure, as it
+            # would be without strict hooks, not to this unrelated caller.
+            log.error(
+                "session.hook_failed",
+                lifecycle_event=exc.event,
+                key=exc.key,
+                hook=exc.hook,
+                error=type(exc.__cause__).__name__,
+                exc_info=exc.__cause__,
+            )
+            return session.key not in self._live
         except Exception as exc:
             # Only the error's type: a message may quote the state (a path to a bad value).
             log.warning(
