@@ -59,7 +59,6 @@ Found = tuple[Turn, Log]
 """A checkpoint's newest turn and the turns holding its pending writes."""
 Values = dict[str, tuple[str, dict[str, tuple[Any, Any]]]]
 """Per namespace: the id of the checkpoint saved last, and its channels' versions and objects."""
-"""Per namespace, per channel: the version and the object of the latest value saved."""
 Memo = dict[tuple[str, str], Encoded]
 """Per (namespace, channel): the last encoding made, to extend or to check an object against."""
 WriteAt = tuple[str, str, str, int, str, str]
@@ -69,6 +68,11 @@ _WALK_SPAN = 512
 """How many of a log's newest turns a ``DeltaChannel`` history read starts with (then 4x, ...)."""
 _WALK_MARGIN = 64
 """A walk reaching this close to the start of the turns read reads further back."""
+
+KEPT_NAMESPACES = 8
+"""How many checkpoint namespaces besides the root one a live thread keeps encodings and
+objects of, the most recently saved. A graph with subgraphs saves under a new namespace at
+every subgraph call, so keeping all of them would hold a copy of the conversation per call."""
 
 REACH = 64
 """How far back in the log a checkpoint may carry or extend a channel value from, in turns.
@@ -153,6 +157,9 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         # where they are stored and their stored data, each with its fingerprint: the next
         # read serves a write again while its fingerprint is unchanged.
         self._written: WeakKeyDictionary[Session, dict[WriteAt, tuple[Any, bytes]]] = WeakKeyDictionary()
+        # Per live session, the namespaces other than the root one that the caches above
+        # hold, least recently saved first; at most KEPT_NAMESPACES.
+        self._namespaces: WeakKeyDictionary[Session, dict[str, None]] = WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"<CognitiaSaver key_prefix={self.key_prefix!r} manager={self.manager!r}>"
@@ -239,6 +246,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
             _appender([turn])(session)
 
         session = await self.manager.update(key, change)
+        self._keep_namespace(session, ns)
         versions = checkpoint["channel_versions"]
         self._saved.setdefault(session, {})[ns] = (
             checkpoint["id"],
@@ -346,6 +354,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         """Decode a DeltaChannel seed, or serve the one decoded last if it is unchanged since."""
         cache = self._seeds.setdefault(session, {})
         name, version = source[:2], source[2]
+        self._keep_namespace(session, name[0])
         last = cache.get(name)
         if last is not None and last[0] == version and fingerprint(last[1]) == last[2]:
             return last[1]
@@ -356,6 +365,23 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         else:
             cache[name] = (version, value, mark)
         return value
+
+    def _keep_namespace(self, session: Session, ns: str) -> None:
+        """Note ``ns`` as just used, and drop what the caches hold of namespaces used longer ago."""
+        if not ns:
+            return
+        recent = self._namespaces.setdefault(session, {})
+        recent.pop(ns, None)
+        recent[ns] = None
+        while len(recent) > KEPT_NAMESPACES:
+            old = next(iter(recent))
+            del recent[old]
+            self._saved.get(session, {}).pop(old, None)
+            memo, seeds = self._memos.get(session, {}), self._seeds.get(session, {})
+            for name in [name for name in memo if name[0] == old]:
+                del memo[name]
+            for name in [name for name in seeds if name[0] == old]:
+                del seeds[name]
 
     def get_delta_channel_history(
         self, *, config: RunnableConfig, channels: Sequence[str]

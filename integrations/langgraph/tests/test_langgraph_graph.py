@@ -227,3 +227,73 @@ async def test_stored_data_is_plain_json(
     last_checkpoint = max(t["id"] for t in turns if t["kind"] == "checkpoint")
     assert state["namespaces"][""]["latest"] == last_checkpoint
     assert turns[state["namespaces"][""]["at"]]["id"] == last_checkpoint
+
+
+def build_with_subgraph(saver: Any) -> Any:
+    """A parent graph whose one node is a subgraph sharing its messages: every turn saves
+    checkpoints under a namespace of its own (the subgraph call's task)."""
+    from langgraph.graph import MessagesState
+
+    inner = StateGraph(MessagesState)
+    inner.add_node("answer", lambda s: {"messages": [AIMessage(content=f"answer {len(s['messages'])}")]})
+    inner.add_edge(START, "answer")
+    outer = StateGraph(MessagesState)
+    outer.add_node("sub", inner.compile())
+    outer.add_edge(START, "sub")
+    return outer.compile(checkpointer=saver)
+
+
+async def test_a_graph_with_a_subgraph_keeps_what_the_in_memory_saver_keeps_and_bounded_caches(
+    persistent_backend_factory: Any,
+) -> None:
+    """Each subgraph call saves under a new namespace. The thread's history, every
+    namespace's latest state included, is InMemorySaver's, also after a restart; a live
+    thread keeps encodings of only its most recent namespaces."""
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from cognitia_langgraph._saver import KEPT_NAMESPACES
+
+    cfg = config("t")
+    reference = build_with_subgraph(InMemorySaver())
+
+    async def history(graph: Any) -> list[tuple[str, list[str]]]:
+        return [
+            (s.config["configurable"]["checkpoint_ns"], [m.content for m in s.values.get("messages", [])])
+            async for s in graph.aget_state_history(cfg)
+        ]
+
+    async def checkpoints(saver: Any) -> list[tuple[str, list[str]]]:
+        """Every checkpoint of every namespace: its namespace and its messages, sorted."""
+        found = [
+            (s.config["configurable"]["checkpoint_ns"], s.checkpoint["channel_values"].get("messages", []))
+            async for s in saver.alist(None)
+        ]
+        return sorted((ns, [m.content for m in messages]) for ns, messages in found)
+
+    def strip(found: list[tuple[str, list[str]]]) -> list[tuple[bool, list[str]]]:
+        return sorted((bool(ns), messages) for ns, messages in found)
+
+    async with persistent_backend_factory() as backend:
+        saver = CognitiaSaver(backend)
+        graph = build_with_subgraph(saver)
+        for n in range(KEPT_NAMESPACES + 6):
+            for g in (graph, reference):
+                await g.ainvoke({"messages": [HumanMessage(content=f"q{n}")]}, cfg)
+        session = await saver.manager.get(saver.key("t"))
+        # The caches are internal; this is the bound that keeps a long thread's memory flat.
+        assert len({ns for ns, _ in saver._memos[session]}) <= KEPT_NAMESPACES + 1
+        assert len(saver._saved[session]) <= KEPT_NAMESPACES + 1
+        assert await history(graph) == await history(reference)
+        everything = await checkpoints(saver)
+        # The same checkpoints, namespaces aside (a subgraph call's namespace names its task).
+        assert strip(everything) == strip(await checkpoints(reference.checkpointer))
+        assert len({ns for ns, _ in everything}) > KEPT_NAMESPACES + 1
+
+    async with persistent_backend_factory() as backend:
+        saver = CognitiaSaver(backend)
+        graph = build_with_subgraph(saver)
+        assert await history(graph) == await history(reference)
+        assert await checkpoints(saver) == everything
+        final = await graph.ainvoke({"messages": [HumanMessage(content="last")]}, cfg)
+        expected = await reference.ainvoke({"messages": [HumanMessage(content="last")]}, cfg)
+        assert [m.content for m in final["messages"]] == [m.content for m in expected["messages"]]
