@@ -185,11 +185,17 @@ class CognitiaSessionService(BaseSessionService):
         """The app's sessions (of ``user_id`` if given) without events, oldest update first."""
         sessions = []
         for key in await self.manager.list_keys(self._sessions_prefix(app_name, user_id)):
+            # A session that was not live is let go once read: listing a large store must
+            # neither hold it all in memory nor push the sessions in use out of the live set.
+            was_live = key in self.manager
             try:
                 stored = await self.manager.get(key)
             except SessionNotFound:  # deleted since it was listed
                 continue
-            sessions.append(await self._without_events(copy.deepcopy(stored.state), stored.version))
+            record, version = copy.deepcopy(stored.state), stored.version
+            if not was_live:
+                await self.manager.close(key)
+            sessions.append(await self._without_events(record, version))
         sessions.sort(key=lambda s: (s.last_update_time, s.user_id, s.id))
         return ListSessionsResponse(sessions=sessions)
 

@@ -492,6 +492,24 @@ async def test_create_list_and_delete(store_backend: BackendBase) -> None:
         await service.append_event(created, Event(author="user", invocation_id="late"))
 
 
+async def test_listing_sessions_leaves_the_live_set_as_it_found_it(store_backend: BackendBase) -> None:
+    """Listing reads every session of the app: those that were not live are let go once
+    read, so a listing neither holds the store in memory nor pushes the sessions in use
+    (with their validated events) out of the live set."""
+    writer = CognitiaSessionService(store_backend)
+    for i in range(6):
+        await writer.create_session(app_name=APP, user_id="ann", session_id=f"s{i}")
+    service = CognitiaSessionService(InMemorySessionManager(store_backend, max_sessions=3))
+    hot = await stored(service, "ann", "s0")
+    live = service.manager.live_keys()
+    assert live == [service.session_key(APP, "ann", "s0")]
+
+    listed = await service.list_sessions(app_name=APP, user_id="ann")
+    assert [s.id for s in listed.sessions] == [f"s{i}" for i in range(6)]
+    assert sorted(service.manager.live_keys()) == sorted(live)
+    assert (await stored(service, "ann", "s0")).id == hot.id
+
+
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_sync_runner_from_trio_through_a_thread(tmp_path: Path, agent: Agent) -> None:
     """cognitia on trio; ADK's sync Runner.run runs its own asyncio loop in a worker thread."""
