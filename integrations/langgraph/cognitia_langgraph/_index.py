@@ -18,6 +18,10 @@ the background, so the writes of a step's tasks can be saved before that step's 
 ``writes`` remembers, for the latest checkpoint and any newer one not saved yet, the position
 of its first writes. The index is a hint: readers check what they find and fall back to the
 whole log if it does not match.
+
+Every subgraph call saves under a namespace of its own, so the index keeps the root
+namespace and only the ``KEPT`` others used most recently; once it has let one go it says
+``"pruned": true``, and a namespace it does not list may then be in the log.
 """
 
 from __future__ import annotations
@@ -27,9 +31,13 @@ from typing import Any
 
 from ._codec import CHECKPOINT, WRITES, extended
 
-__all__ = ["FORMAT", "latest", "rebuild", "record", "values"]
+__all__ = ["FORMAT", "KEPT", "latest", "pruned", "rebuild", "record", "values"]
 
 FORMAT = 1
+
+KEPT = 16
+"""How many namespaces besides the root one the index lists: the state holding it is
+written at every save, so it must not grow with every subgraph call."""
 
 
 def _namespace(state: dict[str, Any], ns: str) -> dict[str, Any]:
@@ -58,6 +66,24 @@ def record(state: dict[str, Any], turn: dict[str, Any], seq: int) -> None:
         checkpoint_id = turn["checkpoint"]
         if latest is None or checkpoint_id >= latest:
             entry.setdefault("writes", {}).setdefault(checkpoint_id, seq)
+    namespaces: dict[str, Any] = state["namespaces"]
+    if len(namespaces) > KEPT + 1:
+        others = sorted((_last_used(entry), ns) for ns, entry in namespaces.items() if ns)
+        for _, ns in others[: len(namespaces) - KEPT - 1]:
+            del namespaces[ns]
+        state["pruned"] = True
+
+
+def _last_used(entry: dict[str, Any]) -> int:
+    """The log position of the newest turn the index knows of in a namespace."""
+    at: int | None = entry["at"]
+    positions: list[int] = [-1 if at is None else at, *entry.get("writes", {}).values()]
+    return max(positions)
+
+
+def pruned(state: dict[str, Any]) -> bool:
+    """Whether the index has let a namespace go: one it does not list may be in the log."""
+    return bool(state.get("pruned"))
 
 
 def _root(where: list[Any]) -> int:

@@ -160,6 +160,10 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         # Per live session, the namespaces other than the root one that the caches above
         # hold, least recently saved first; at most KEPT_NAMESPACES.
         self._namespaces: WeakKeyDictionary[Session, dict[str, None]] = WeakKeyDictionary()
+        # Per live session whose index has let namespaces go: every namespace its log holds,
+        # read from the log once and kept up to date by this saver's appends, so a subgraph's
+        # new namespace is known to be new without reading the log at every call.
+        self._in_log: WeakKeyDictionary[Session, set[str]] = WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"<CognitiaSaver key_prefix={self.key_prefix!r} manager={self.manager!r}>"
@@ -246,6 +250,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
             _appender([turn])(session)
 
         session = await self.manager.update(key, change)
+        self._logged(session, ns)
         self._keep_namespace(session, ns)
         versions = checkpoint["channel_versions"]
         self._saved.setdefault(session, {})[ns] = (
@@ -279,7 +284,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         key = self.key(thread_id)
         checkpoint_id = config["configurable"]["checkpoint_id"]
         turn = writes_turn(self.serde, key, ns, checkpoint_id, task_id, task_path, writes)
-        await self.manager.update(key, _appender([turn]))
+        self._logged(await self.manager.update(key, _appender([turn])), ns)
 
     async def aget_delta_channel_history(
         self, *, config: RunnableConfig, channels: Sequence[str]
@@ -366,6 +371,19 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
             cache[name] = (version, value, mark)
         return value
 
+    async def _namespaces_of(self, session: Session) -> set[str]:
+        """Every namespace the log of ``session`` holds (called with its key held)."""
+        known = self._in_log.get(session)
+        if known is None:
+            known = self._in_log[session] = {turn["ns"] for turn in await _committed(session, since=0)}
+        return known
+
+    def _logged(self, session: Session, *namespaces: str) -> None:
+        """Note that this saver appended turns of ``namespaces`` to the log of ``session``."""
+        known = self._in_log.get(session)
+        if known is not None:
+            known.update(namespaces)
+
     def _keep_namespace(self, session: Session, ns: str) -> None:
         """Note ``ns`` as just used, and drop what the caches hold of namespaces used longer ago."""
         if not ns:
@@ -413,7 +431,7 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
             raise ValueError(f"cannot copy thread {source_thread_id!r} onto itself")
         turns = await self._history(source)
         if turns:
-            await self.manager.update(target, _appender(turns))
+            self._logged(await self.manager.update(target, _appender(turns)), *{turn["ns"] for turn in turns})
 
     async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         """``"keep_latest"``: keep each namespace's latest checkpoint and its writes; ``"delete"``: all.
@@ -531,7 +549,10 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
                     if values is not None:
                         return session, found, values
             elif hint is None and checkpoint_id is None and "langgraph" in session.state:
-                return None  # the index knows every namespace this thread has
+                if not index.pruned(session.state):
+                    return None  # the index knows every namespace this thread has
+                if ns not in await self._namespaces_of(session):
+                    return None  # a new namespace (a subgraph's first call)
             # An older checkpoint (time travel), or an index that does not match the log.
             turns = await _committed(session, since=0)
         if checkpoint_id is None:

@@ -247,10 +247,12 @@ async def test_a_graph_with_a_subgraph_keeps_what_the_in_memory_saver_keeps_and_
     persistent_backend_factory: Any,
 ) -> None:
     """Each subgraph call saves under a new namespace. The thread's history, every
-    namespace's latest state included, is InMemorySaver's, also after a restart; a live
-    thread keeps encodings of only its most recent namespaces."""
+    namespace's latest state included, is InMemorySaver's, also after a restart. The
+    stored index lists only the most recent namespaces, yet the latest checkpoint of every
+    one is found, and a live thread keeps encodings of only its most recent namespaces."""
     from langgraph.checkpoint.memory import InMemorySaver
 
+    from cognitia_langgraph import _index
     from cognitia_langgraph._saver import KEPT_NAMESPACES
 
     cfg = config("t")
@@ -273,10 +275,22 @@ async def test_a_graph_with_a_subgraph_keeps_what_the_in_memory_saver_keeps_and_
     def strip(found: list[tuple[str, list[str]]]) -> list[tuple[bool, list[str]]]:
         return sorted((bool(ns), messages) for ns, messages in found)
 
+    async def every_latest_is_found(saver: CognitiaSaver) -> None:
+        latest: dict[str, str] = {}
+        async for s in saver.alist(None):
+            ns, checkpoint_id = s.config["configurable"]["checkpoint_ns"], s.checkpoint["id"]
+            latest[ns] = max(latest.get(ns, ""), checkpoint_id)
+        assert len(latest) > _index.KEPT + 1
+        for ns, checkpoint_id in latest.items():
+            found = await saver.aget_tuple({"configurable": {"thread_id": "t", "checkpoint_ns": ns}})
+            assert found is not None and found.checkpoint["id"] == checkpoint_id, ns
+        new = {"configurable": {"thread_id": "t", "checkpoint_ns": "sub:not-called-yet"}}
+        assert await saver.aget_tuple(new) is None
+
     async with persistent_backend_factory() as backend:
         saver = CognitiaSaver(backend)
         graph = build_with_subgraph(saver)
-        for n in range(KEPT_NAMESPACES + 6):
+        for n in range(2 * _index.KEPT + 4):  # namespaces go from the index after the first miss
             for g in (graph, reference):
                 await g.ainvoke({"messages": [HumanMessage(content=f"q{n}")]}, cfg)
         session = await saver.manager.get(saver.key("t"))
@@ -288,12 +302,17 @@ async def test_a_graph_with_a_subgraph_keeps_what_the_in_memory_saver_keeps_and_
         # The same checkpoints, namespaces aside (a subgraph call's namespace names its task).
         assert strip(everything) == strip(await checkpoints(reference.checkpointer))
         assert len({ns for ns, _ in everything}) > KEPT_NAMESPACES + 1
+        # The state, written at every save, lists a bounded number of namespaces.
+        state = await backend.load(saver.key("t"))
+        assert state is not None and len(state["namespaces"]) == _index.KEPT + 1 and state["pruned"]
+        await every_latest_is_found(saver)
 
     async with persistent_backend_factory() as backend:
         saver = CognitiaSaver(backend)
         graph = build_with_subgraph(saver)
         assert await history(graph) == await history(reference)
         assert await checkpoints(saver) == everything
+        await every_latest_is_found(saver)
         final = await graph.ainvoke({"messages": [HumanMessage(content="last")]}, cfg)
         expected = await reference.ainvoke({"messages": [HumanMessage(content="last")]}, cfg)
         assert [m.content for m in final["messages"]] == [m.content for m in expected["messages"]]
