@@ -61,6 +61,8 @@ Values = dict[str, tuple[str, dict[str, tuple[Any, Any]]]]
 """Per namespace: the id of the checkpoint saved last, and its channels' versions and objects."""
 Memo = dict[tuple[str, str], Encoded]
 """Per (namespace, channel): the last encoding made, to extend or to check an object against."""
+Listed = tuple[object, Turn, Log, dict[str, Stored]]
+"""A checkpoint as ``list`` returns it: its thread id, turn, writes and stored channel values."""
 WriteAt = tuple[str, str, str, int, str, str]
 """A pending write as stored: namespace, checkpoint id, task id, index, type and data."""
 
@@ -200,23 +202,27 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         """
         await self._bridge.enter()
         before_id = None if before is None else get_checkpoint_id(before)
-        listings: list[list[tuple[object, Turn, Log, dict[Source, Stored]]]] = []
+        # Each thread's checkpoints, newest first, with the stored values they need (not all
+        # of the thread's values: a listing of every thread holds only what it returns).
+        listings: list[list[Listed]] = []
         if config is None:
             async for key, turns in self._scan():
                 found = _listing(turns, None, None, before_id, filter or {})[:limit]
                 if found:
                     thread_id, stored = key[len(self.key_prefix) :], sources(turns)
-                    listings.append([(thread_id, turn, writes, stored) for turn, writes in found])
+                    listings.append(
+                        [(thread_id, turn, writes, _resolved(turn, stored)) for turn, writes in found]
+                    )
+                    if limit is not None and sum(map(len, listings)) > limit:
+                        listings = [list(itertools.islice(_newest_first(listings), limit))]
         else:
             thread_id, ns = _thread_and_ns(config)[0], config["configurable"].get("checkpoint_ns")
             turns = await self._history(self.key(thread_id))
-            found = _listing(turns, ns, get_checkpoint_id(config), before_id, filter or {})
+            found = _listing(turns, ns, get_checkpoint_id(config), before_id, filter or {})[:limit]
             stored = sources(turns) if found else {}
-            listings.append([(thread_id, turn, writes, stored) for turn, writes in found])
-        # Each thread's checkpoints come newest first; merged, so are all of them.
-        newest_first = heapq.merge(*listings, key=lambda entry: entry[1]["id"], reverse=True)
-        for owner, turn, writes, stored in itertools.islice(newest_first, limit):
-            yield self._tuple(owner, turn, writes, _resolved(turn, stored), None, None)
+            listings.append([(thread_id, turn, writes, _resolved(turn, stored)) for turn, writes in found])
+        for owner, turn, writes, values in itertools.islice(_newest_first(listings), limit):
+            yield self._tuple(owner, turn, writes, values, None, None)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -686,6 +692,11 @@ def _thread_and_ns(config: RunnableConfig) -> tuple[str, str]:
     if "thread_id" not in configurable:
         raise ValueError("CognitiaSaver needs a thread id: pass config={'configurable': {'thread_id': ...}}")
     return str(configurable["thread_id"]), configurable.get("checkpoint_ns", "") or ""
+
+
+def _newest_first(listings: list[list[Listed]]) -> Iterator[Listed]:
+    """Lists of checkpoints, each newest first, merged into one newest first."""
+    return heapq.merge(*listings, key=lambda entry: entry[1]["id"], reverse=True)
 
 
 def _appender(turns: Sequence[Turn]) -> Callable[[Session], None]:

@@ -107,3 +107,35 @@ async def test_other_sessions_of_the_manager_are_passed_over_and_refused_by_key(
 def test_the_key_prefix_must_not_be_empty() -> None:
     with pytest.raises(ValueError, match="key_prefix must not be empty"):
         CognitiaSaver(InMemorySessionBackend(), key_prefix="")
+
+
+async def test_listing_every_thread_with_a_limit_holds_only_what_it_returns(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """``list(None, limit=1)`` reads every thread, but keeps of each only the checkpoints
+    it may still return, not the thread's stored values: its memory does not grow with
+    the store."""
+    import tracemalloc
+
+    from langgraph.checkpoint.base import create_checkpoint
+
+    async with SqliteSessionBackend(tmp_path / "threads.db") as backend:
+        writer = CognitiaSaver(backend)
+        for i in range(40):
+            base = empty_checkpoint()
+            base["channel_values"] = {"notes": f"{i}:" + "x" * 50_000}
+            base["channel_versions"] = {"notes": writer.get_next_version(None, None)}
+            await writer.aput(cfg(f"t{i}"), create_checkpoint(base, None, 1), {}, base["channel_versions"])
+        await writer.manager.close_all()
+
+        reader = CognitiaSaver(backend)
+        tracemalloc.start()
+        try:
+            [newest] = [t async for t in reader.alist(None, limit=1)]
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert newest.config["configurable"]["thread_id"] == "t39"
+        assert newest.checkpoint["channel_values"]["notes"].startswith("39:")
+        # 40 threads of 50 KB each: holding them all would take 2 MB.
+        assert peak < 1_000_000, peak
