@@ -286,8 +286,14 @@ class ThreadWorker(Generic[R]):
         else:
             self._submit([job])
             await job.wait(shield)
-        if job.error is not None:
-            raise job.error
+        error, job.error = job.error, None
+        if error is not None:
+            # Raised from a variable deleted on the way out: a job or a frame still holding
+            # the error would make a cycle through its traceback (freed only by the gc).
+            try:
+                raise error
+            finally:
+                del error
         return job.result  # type: ignore[no-any-return]
 
     def _submit(self, jobs: list[Job]) -> None:

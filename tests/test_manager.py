@@ -1479,3 +1479,33 @@ async def test_a_strict_hook_failing_in_an_eviction_is_logged_as_that_hook_not_a
         clock.advance(61)
         await manager.evict_idle()
     assert "agent:a" not in manager.live_keys()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_a_live_copy_dropped_on_a_conflict_is_freed_at_once(tmp_path: Path, kind: str) -> None:
+    """A conflict drops the stale live copy. Nothing the error passed through keeps it (a
+    frame or a job holding the error would make a cycle through its traceback), so it is
+    freed by reference counting, with what integrations cache for it, not at the next
+    garbage collection."""
+    import gc
+    import weakref
+
+    backend: SessionBackend = (
+        InMemorySessionBackend() if kind == "memory" else SqliteSessionBackend(db_path=tmp_path / "c.db")
+    )
+    one, two = InMemorySessionManager(backend), InMemorySessionManager(backend)
+    await one.register("agent:a", {"n": 0})
+    await two.update("agent:a", lambda s: s.state.update(n=1))
+    gc.collect()
+    gc.disable()
+    try:
+        stale = await one.get("agent:a")
+        stale.state["n"] = 2
+        gone = weakref.ref(stale)
+        with pytest.raises(VersionConflictError):
+            await one.save(stale)
+        del stale
+        assert gone() is None
+    finally:
+        gc.enable()
+        await backend.aclose()

@@ -942,7 +942,10 @@ class InMemorySessionManager:
         if scope.cancelled_caught:
             raise TimeoutError(f"saving session {key!r} took longer than {self.save_timeout}s")
         if conflict is not None:
-            await self._report_conflict(conflict, session.version, started)
+            try:
+                await self._report_conflict(conflict, session.version, started)
+            finally:
+                del conflict  # no cycle through the error's traceback, which holds this frame
         await self._report(event, session, write, count, started)
 
     async def _persist_many(self, sessions: list[Session]) -> None:
@@ -969,7 +972,10 @@ class InMemorySessionManager:
             raise TimeoutError(f"saving sessions {keys} took longer than {self.save_timeout}s")
         if conflict is not None:
             stale = next((s.version for s in sessions if s.key == conflict.key), 0)
-            await self._report_conflict(conflict, stale, started)
+            try:
+                await self._report_conflict(conflict, stale, started)
+            finally:
+                del conflict  # no cycle through the error's traceback, which holds this frame
         for session, (write, count) in zip(sessions, encoded, strict=True):
             await self._report("saved", session, write, count, started)
 
@@ -1005,7 +1011,10 @@ class InMemorySessionManager:
         self, conflict: VersionConflictError, version: int, started: float
     ) -> NoReturn:
         await self._announce("conflict", conflict.key, version, started, 0, 0, f"found {conflict.actual}")
-        raise conflict
+        try:
+            raise conflict
+        finally:
+            del conflict
 
     async def _report(self, event: str, session: Session, write: Pending, count: int, started: float) -> None:
         await self._announce(
