@@ -61,7 +61,9 @@ class CognitiaSessionService(BaseSessionService):
     whole session (the Runner's default) validates each event once and then hands out
     copies, which cost about half as much; past that many, older events are validated on
     every read, as ADK's own services do. Each cached event costs a few kilobytes of memory,
-    held only while the session is live in the manager.
+    held only while the session is live in the manager, and all sessions together keep at
+    most ``cached_events_total``: beyond it, the caches of the sessions read or appended to
+    least recently are let go.
 
     Writes are versioned: a session object carries the version it was read at, and
     appending through a copy that another writer has since advanced raises ADK's
@@ -79,6 +81,8 @@ class CognitiaSessionService(BaseSessionService):
         prefix: prepended to every key this service writes.
         cached_events: how many of a live session's newest events to keep validated
             (0 turns the cache off).
+        cached_events_total: how many validated events all live sessions keep together
+            (about 6 KB each: the default bounds the cache near 120 MB).
     """
 
     def __init__(
@@ -87,12 +91,15 @@ class CognitiaSessionService(BaseSessionService):
         *,
         prefix: str = "adk:",
         cached_events: int = 1_000,
+        cached_events_total: int = 20_000,
     ) -> None:
-        if type(cached_events) is not int or cached_events < 0:
-            raise ValueError(f"cached_events must be a non-negative int, got {cached_events!r}")
+        for name, value in (("cached_events", cached_events), ("cached_events_total", cached_events_total)):
+            if type(value) is not int or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         self.manager = InMemorySessionManager.of(backend_or_manager)
         self.prefix = prefix
-        self.cached_events = cached_events
+        self.cached_events = min(cached_events, cached_events_total)
+        self.cached_events_total = cached_events_total
         # Per live cognitia session: its validated events. Dropped with the session object,
         # so a session the manager evicts, reloads or deletes takes its cache with it.
         self._events: weakref.WeakKeyDictionary[Session, _EventCache] = weakref.WeakKeyDictionary()
@@ -299,6 +306,7 @@ class CognitiaSessionService(BaseSessionService):
         cache = self._events.get(stored)
         if cache is not None:
             cache.appended(before, stored.version, turn, self.cached_events)
+            self._used(stored, cache)
         session.last_update_time = event.timestamp
         _set_marker(session, stored.version)
         return False
@@ -389,8 +397,22 @@ class CognitiaSessionService(BaseSessionService):
                     events, private = events[start:], max(0, private - start)
                     break
                 window *= 4
+        if self.cached_events:
+            self._used(stored, cache)
         # Events the cache keeps are copied; the older ones were built for this read alone.
         return events[:private] + [event.model_copy(deep=True) for event in events[private:]]
+
+    def _used(self, stored: Session, cache: _EventCache) -> None:
+        """Note that ``cache`` was just used, and let the least recently used caches go
+        while all of them together hold more than ``cached_events_total`` events."""
+        self._events.pop(stored, None)
+        self._events[stored] = cache  # the most recently used come last
+        total = sum(len(each.items) for each in self._events.values())
+        for session, each in list(self._events.items()):
+            if total <= self.cached_events_total or each is cache:
+                break
+            total -= len(each.items)
+            del self._events[session]
 
     async def _without_events(self, record: dict[str, Any], version: int) -> AdkSession:
         """:meth:`_to_adk` with no events and the app and user state as they are now."""

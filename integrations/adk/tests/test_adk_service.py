@@ -835,7 +835,36 @@ async def test_the_cached_events_follow_changes_made_around_the_service(store_ba
     assert invocations == ["one", "two", "unsaved", "four"]
 
 
+async def test_the_caches_of_all_sessions_together_stay_within_cached_events_total(
+    store_backend: BackendBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four sessions of 10 events, 25 cached at most together: reading them in turn keeps
+    the two read last cached (read again, nothing is validated) and lets the others go
+    (read again, every event is validated)."""
+    service = CognitiaSessionService(store_backend, cached_events=10, cached_events_total=25)
+    for i in range(4):
+        session = await service.create_session(app_name=APP, user_id="ann", session_id=f"s{i}")
+        for n in range(10):
+            await service.append_event(session, Event(author="user", invocation_id=f"e{n}"))
+    for i in range(4):
+        await stored(service, "ann", f"s{i}")  # fills each session's cache
+    validations = count_validations(monkeypatch)
+    for i in (3, 2):
+        assert len((await stored(service, "ann", f"s{i}")).events) == 10
+    assert validations == []
+    assert len((await stored(service, "ann", "s0")).events) == 10
+    assert len(validations) == 10
+    # s0 is cached again and s1 is not; s3, read longest ago now, was let go for it.
+    validations.clear()
+    await stored(service, "ann", "s2")
+    await stored(service, "ann", "s0")
+    assert validations == []
+    await stored(service, "ann", "s3")
+    assert len(validations) == 10
+
+
+@pytest.mark.parametrize("name", ["cached_events", "cached_events_total"])
 @pytest.mark.parametrize("bad", [-1, 1.5, "10", None])
-def test_cached_events_must_be_a_count(bad: Any) -> None:
-    with pytest.raises(ValueError, match=f"cached_events must be a non-negative int, got {bad!r}"):
-        CognitiaSessionService(InMemorySessionManager(), cached_events=bad)
+def test_cached_events_must_be_a_count(bad: Any, name: str) -> None:
+    with pytest.raises(ValueError, match=f"{name} must be a non-negative int, got {bad!r}"):
+        CognitiaSessionService(InMemorySessionManager(), **{name: bad})
