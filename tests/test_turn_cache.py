@@ -26,6 +26,17 @@ async def test_the_cached_tail_is_bounded_and_older_turns_are_reread(
     assert len(session.turns._known) == 10
     assert await session.turns.last(3) == [{"i": 22}, {"i": 23}, {"i": 24}]
     assert await session.turns.all() == [{"i": i} for i in range(25)]
+    # Reads of more than the bound return everything and keep the bound: a read-only
+    # session (a history view) does not hold its whole log until its next save.
+    assert len(session.turns._known) == 10
+    assert await session.turns.last(20) == [{"i": i} for i in range(5, 25)]
+    assert len(session.turns._known) == 10
+    session.turns.append({"i": 25})
+    assert await session.turns.last(30) == [{"i": i} for i in range(26)]
+    assert await session.turns.all() == [{"i": i} for i in range(26)]
+    await manager.save(session)
+    assert await session.turns.all() == [{"i": i} for i in range(26)]
+    assert len(session.turns._known) == 10
 
 
 async def test_the_newest_turns_span_stored_and_queued_ones(anyio_backend: str) -> None:

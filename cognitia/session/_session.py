@@ -112,25 +112,31 @@ class Turns:
                 popped = self._backing - self._stored
                 loaded = await self._loader(self._key, wanted + popped)
                 if generation == self._generation:
-                    self._known = loaded[: len(loaded) - popped]
-                    self._complete = len(self._known) >= self._stored
-                    break
+                    turns = loaded[: len(loaded) - popped]
+                    self._keep(turns)
+                    return turns[max(0, len(turns) - wanted) :] + self._pending
         # Sliced before joining: the cost follows n, not the length of the log held.
         pending = self._pending
         if n <= len(pending):
             return pending[len(pending) - n :]
         return self._known[-(n - len(pending)) :] + pending
 
+    def _keep(self, turns: list[dict[str, Any]]) -> None:
+        """Hold the newest of the stored ``turns`` just read (all of them, up to MAX_CACHED_TURNS)."""
+        self._known = turns if len(turns) <= MAX_CACHED_TURNS else turns[-MAX_CACHED_TURNS:]
+        self._complete = len(self._known) >= self._stored
+
     async def all(self) -> list[dict[str, Any]]:
-        """Every turn, oldest first (loaded once, then kept in memory)."""
+        """Every turn, oldest first (kept in memory after the first read, up to the newest
+        ``MAX_CACHED_TURNS``: a longer log is read from storage at every call)."""
         if not self._complete and self._loader is not None:
             for _ in range(_READ_ATTEMPTS):
                 generation = self._generation
                 loaded = await self._loader(self._key, None)
                 if generation == self._generation:
-                    self._known = loaded[: self._stored]
-                    self._complete = True
-                    break
+                    turns = loaded[: self._stored]
+                    self._keep(turns)
+                    return turns + self._pending
         return self._known + self._pending
 
     # -- used by the manager ----------------------------------------------------------------
