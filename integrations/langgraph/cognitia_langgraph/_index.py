@@ -21,7 +21,10 @@ whole log if it does not match.
 
 Every subgraph call saves under a namespace of its own, so the index keeps the root
 namespace and only the ``KEPT`` others used most recently; once it has let one go it says
-``"pruned": true``, and a namespace it does not list may then be in the log.
+``"pruned": true``, and a namespace it does not list may then be in the log. An entry made
+after that is ``"partial"``: the log may hold older turns of its namespace (writes saved
+before their checkpoint, an older checkpoint copied in) that it does not know of, so it
+gives no hint, and readers read the log.
 """
 
 from __future__ import annotations
@@ -42,11 +45,16 @@ written at every save, so it must not grow with every subgraph call."""
 
 def _namespace(state: dict[str, Any], ns: str) -> dict[str, Any]:
     state.setdefault("langgraph", FORMAT)
-    entry: dict[str, Any] = state.setdefault("namespaces", {}).setdefault(ns, {"latest": None, "at": None})
+    namespaces: dict[str, Any] = state.setdefault("namespaces", {})
+    entry: dict[str, Any] | None = namespaces.get(ns)
+    if entry is None:
+        entry = namespaces[ns] = {"latest": None, "at": None}
+        if ns and state.get("pruned"):
+            entry["partial"] = True
     return entry
 
 
-def record(state: dict[str, Any], turn: dict[str, Any], seq: int) -> None:
+def record(state: dict[str, Any], turn: dict[str, Any], seq: int, *, prune: bool = True) -> None:
     """Account for ``turn``, stored at log position ``seq``, in the index held by ``state``."""
     entry = _namespace(state, turn["ns"])
     latest = entry["latest"]
@@ -66,7 +74,13 @@ def record(state: dict[str, Any], turn: dict[str, Any], seq: int) -> None:
         checkpoint_id = turn["checkpoint"]
         if latest is None or checkpoint_id >= latest:
             entry.setdefault("writes", {}).setdefault(checkpoint_id, seq)
-    namespaces: dict[str, Any] = state["namespaces"]
+    if prune:
+        _prune(state)
+
+
+def _prune(state: dict[str, Any]) -> None:
+    """Let the namespaces used longest ago go, beyond the root one and ``KEPT`` others."""
+    namespaces: dict[str, Any] = state.get("namespaces", {})
     if len(namespaces) > KEPT + 1:
         others = sorted((_last_used(entry), ns) for ns, entry in namespaces.items() if ns)
         for _, ns in others[: len(namespaces) - KEPT - 1]:
@@ -123,7 +137,7 @@ def _record_values(entry: dict[str, Any], turn: dict[str, Any], seq: int) -> Non
 def latest(state: dict[str, Any], ns: str) -> tuple[str, int] | None:
     """The latest checkpoint id of ``ns`` and the log position to read from, or ``None``."""
     entry = state.get("namespaces", {}).get(ns)
-    if entry is None or entry["latest"] is None:
+    if entry is None or entry["latest"] is None or entry.get("partial"):
         return None
     at: int = entry["at"]
     first_write: int = entry.get("writes", {}).get(entry["latest"], at)
@@ -145,4 +159,5 @@ def rebuild(state: dict[str, Any], turns: Iterable[dict[str, Any]]) -> None:
     state["langgraph"] = FORMAT
     state["namespaces"] = {}
     for seq, turn in enumerate(turns):
-        record(state, turn, seq)
+        record(state, turn, seq, prune=False)  # every entry sees the whole log: none is partial
+    _prune(state)

@@ -163,9 +163,11 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
         # hold, least recently saved first; at most KEPT_NAMESPACES.
         self._namespaces: WeakKeyDictionary[Session, dict[str, None]] = WeakKeyDictionary()
         # Per live session whose index has let namespaces go: every namespace its log holds,
-        # read from the log once and kept up to date by this saver's appends, so a subgraph's
-        # new namespace is known to be new without reading the log at every call.
-        self._in_log: WeakKeyDictionary[Session, set[str]] = WeakKeyDictionary()
+        # with the session version it was read at. Read from the log once and kept up to date
+        # by this saver's appends, so a subgraph's new namespace is known to be new without
+        # reading the log at every call; read again once anyone else (another saver on the
+        # same manager) has saved the session since.
+        self._in_log: WeakKeyDictionary[Session, tuple[int, set[str]]] = WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"<CognitiaSaver key_prefix={self.key_prefix!r} manager={self.manager!r}>"
@@ -380,15 +382,18 @@ class CognitiaSaver(BaseCheckpointSaver[str]):
     async def _namespaces_of(self, session: Session) -> set[str]:
         """Every namespace the log of ``session`` holds (called with its key held)."""
         known = self._in_log.get(session)
-        if known is None:
-            known = self._in_log[session] = {turn["ns"] for turn in await _committed(session, since=0)}
-        return known
+        if known is None or known[0] != session.version:
+            known = self._in_log[session] = (
+                session.version,
+                {turn["ns"] for turn in await _committed(session, since=0)},
+            )
+        return known[1]
 
     def _logged(self, session: Session, *namespaces: str) -> None:
-        """Note that this saver appended turns of ``namespaces`` to the log of ``session``."""
-        known = self._in_log.get(session)
-        if known is not None:
-            known.update(namespaces)
+        """Note that this saver's save of ``session`` appended turns of ``namespaces``."""
+        known = self._in_log.pop(session, None)
+        if known is not None and known[0] == session.version - 1:  # no other save in between
+            self._in_log[session] = (session.version, known[1] | set(namespaces))
 
     def _keep_namespace(self, session: Session, ns: str) -> None:
         """Note ``ns`` as just used, and drop what the caches hold of namespaces used longer ago."""
