@@ -191,18 +191,35 @@ class CognitiaSessionService(BaseSessionService):
     async def list_sessions(self, *, app_name: str, user_id: str | None = None) -> ListSessionsResponse:
         """The app's sessions (of ``user_id`` if given) without events, oldest update first."""
         sessions = []
-        for key in await self.manager.list_keys(self._sessions_prefix(app_name, user_id)):
-            # A session that was not live is let go once read: listing a large store must
-            # neither hold it all in memory nor push the sessions in use out of the live set.
+        # Each key read once per listing; a key that was not live is let go once read, so
+        # listing a large store neither holds it all in memory nor pushes the sessions in use
+        # (and their cached events) out of the live set.
+        scoped: dict[str, dict[str, Any]] = {}
+
+        async def read(key: str) -> Session | None:
             was_live = key in self.manager
             try:
                 stored = await self.manager.get(key)
-            except SessionNotFound:  # deleted since it was listed
-                continue
-            record, version = copy.deepcopy(stored.state), stored.version
+            except SessionNotFound:  # deleted since it was listed, or never stored
+                return None
             if not was_live:
                 await self.manager.close(key)
-            sessions.append(await self._without_events(record, version))
+            return stored
+
+        async def scoped_state(key: str) -> dict[str, Any]:
+            if key not in scoped:
+                stored = await read(key)
+                scoped[key] = {} if stored is None else copy.deepcopy(stored.state)
+            return copy.deepcopy(scoped[key])
+
+        for key in await self.manager.list_keys(self._sessions_prefix(app_name, user_id)):
+            stored = await read(key)
+            if stored is None:
+                continue
+            record, version = copy.deepcopy(stored.state), stored.version
+            app_state = await scoped_state(self.app_key(app_name))
+            user_state = await scoped_state(self.user_key(app_name, record["user_id"]))
+            sessions.append(self._to_adk(record, version, [], app_state, user_state))
         sessions.sort(key=lambda s: (s.last_update_time, s.user_id, s.id))
         return ListSessionsResponse(sessions=sessions)
 

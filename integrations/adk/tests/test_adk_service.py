@@ -498,16 +498,19 @@ async def test_listing_sessions_leaves_the_live_set_as_it_found_it(store_backend
     (with their validated events) out of the live set."""
     writer = CognitiaSessionService(store_backend)
     for i in range(6):
-        await writer.create_session(app_name=APP, user_id="ann", session_id=f"s{i}")
-    service = CognitiaSessionService(InMemorySessionManager(store_backend, max_sessions=3))
-    hot = await stored(service, "ann", "s0")
-    live = service.manager.live_keys()
-    assert live == [service.session_key(APP, "ann", "s0")]
+        state = {"app:theme": "dark", f"user:n{i}": i}
+        await writer.create_session(app_name=APP, user_id=f"u{i}", session_id=f"s{i}", state=state)
+    service = CognitiaSessionService(InMemorySessionManager(store_backend, max_sessions=4))
+    hot = await stored(service, "u0", "s0")
+    live = sorted(service.manager.live_keys())
+    assert service.session_key(APP, "u0", "s0") in live
 
-    listed = await service.list_sessions(app_name=APP, user_id="ann")
-    assert [s.id for s in listed.sessions] == [f"s{i}" for i in range(6)]
-    assert sorted(service.manager.live_keys()) == sorted(live)
-    assert (await stored(service, "ann", "s0")).id == hot.id
+    listed = await service.list_sessions(app_name=APP)
+    assert [(s.id, s.state) for s in listed.sessions] == [
+        (f"s{i}", {"app:theme": "dark", f"user:n{i}": i}) for i in range(6)
+    ]
+    assert sorted(service.manager.live_keys()) == live
+    assert (await stored(service, "u0", "s0")).id == hot.id
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])
