@@ -1,8 +1,12 @@
 """cognitia sessions for the Anthropic SDK: tool-runner conversations that survive a restart.
 
+One backend (or manager) serves every conversation of the process; close it when done:
+
 >>> from cognitia_anthropic import PersistedConversation
 >>> from cognitia.session.backends import SqliteSessionBackend
->>> conversation = PersistedConversation(SqliteSessionBackend(db_path="sessions.db"), "user-42")
+>>> backend = SqliteSessionBackend(db_path="sessions.db")
+>>> conversation = PersistedConversation(backend, "user-42")
+>>> # ... and at shutdown: await backend.aclose()
 """
 
 from ._conversation import ConversationChangedError, PersistedConversation
