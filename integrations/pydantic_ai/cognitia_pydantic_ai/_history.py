@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,7 +36,9 @@ async def history(
             )
         messages.append(turn["message"])
     try:
-        return ModelMessagesTypeAdapter.validate_python(messages)
+        # From JSON text, not from the turns: a model keeps the dicts of its free-form fields
+        # (tool arguments) as given, and the turns are the live session's own.
+        return ModelMessagesTypeAdapter.validate_json(json.dumps(messages))
     except ValidationError as exc:
         # Named by the error's kind and place, not its message, which may quote the content.
         first = exc.errors()[0]

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import heapq
+import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -84,18 +86,31 @@ class CognitiaConversationStore(ConversationStore):
     async def read_records(
         self, *, scope: str | None = None, limit: int | None = None
     ) -> Sequence[ConversationRecord]:
-        """Stored records (of ``scope`` if given), most recently saved first, at most ``limit``."""
-        records = []
-        for key in await self.manager.list_keys(self.prefix):
+        """Stored records (of ``scope`` if given), most recently saved first, at most ``limit``.
+
+        Reads every stored conversation's record. One that was not live is let go once
+        read, and only the newest ``limit`` records are held meanwhile, so listing a large
+        store neither fills memory nor pushes the conversations in use out of the live set.
+        """
+        if limit is not None and limit <= 0:
+            return []
+        newest: list[tuple[Any, int, ConversationRecord]] = []  # a heap of the newest, oldest on top
+        for n, key in enumerate(await self.manager.list_keys(self.prefix)):
+            was_live = key in self.manager
             try:
                 session = await self.manager.get(key)
             except SessionNotFound:  # deleted since it was listed
                 continue
             record = self._record_of(session, key)
-            if record is not None and (scope is None or record.scope == scope):
-                records.append(record)
-        records.sort(key=lambda record: record.updated_at, reverse=True)
-        return records[:limit]
+            if not was_live:
+                await self.manager.close(key)
+            if record is None or (scope is not None and record.scope != scope):
+                continue
+            # Ties keep the listing's order (by key), as a stable sort of all of them would.
+            heapq.heappush(newest, (record.updated_at, -n, record))
+            if limit is not None and len(newest) > limit:
+                heapq.heappop(newest)
+        return [record for _, _, record in sorted(newest, key=lambda item: item[:2], reverse=True)]
 
     async def write_record(
         self,
@@ -261,7 +276,9 @@ def _to_turns(entries: Sequence[ConversationEntry]) -> list[Turn]:
 
 
 def _to_entries(turns: list[Turn]) -> list[ConversationEntry]:
-    messages = ModelMessagesTypeAdapter.validate_python([turn["message"] for turn in turns])
+    # From JSON text, not from the turns: a model keeps the dicts of its free-form fields
+    # (tool arguments) as given, and the turns are the live session's own.
+    messages = ModelMessagesTypeAdapter.validate_json(json.dumps([turn["message"] for turn in turns]))
     return [
         ConversationEntry(id=turn["id"], parent_id=turn["parent_id"], message=message)
         for turn, message in zip(turns, messages, strict=True)

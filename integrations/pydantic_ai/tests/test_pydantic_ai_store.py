@@ -366,6 +366,57 @@ async def test_list_conversations_by_scope(store_backend: BackendBase, agent: Ag
     assert len(await store.list_conversations(limit=2)) == 2
 
 
+async def test_messages_read_back_share_nothing_with_what_the_store_keeps(store_backend: BackendBase) -> None:
+    """A caller changing what ``load`` or ``history`` returned, nested tool arguments
+    included, changes neither storage nor the next read, as with pydantic-ai's own store."""
+    from pydantic_ai.messages import ModelRequest, ModelResponse, UserPromptPart
+
+    from cognitia_pydantic_ai import history, remember
+
+    messages: list[ModelMessage] = [
+        ModelRequest(parts=[UserPromptPart("weather?")]),
+        ModelResponse(parts=[ToolCallPart("get_weather", {"city": {"name": "Paris"}}, tool_call_id="t1")]),
+        ModelRequest(parts=[ToolReturnPart("get_weather", {"tags": ["sunny"]}, tool_call_id="t1")]),
+    ]
+    store = CognitiaConversationStore(store_backend)
+    await store.save(Conversation(conversation_id="c1", messages=messages))
+    manager = InMemorySessionManager(store_backend)
+    await remember(manager, "chat:1", messages)
+    for _ in range(2):
+        loaded = await store.load("c1")
+        assert loaded is not None
+        remembered = await history(manager, "chat:1")
+        for read in (loaded.messages, remembered):
+            call, returned = read[1].parts[0], read[2].parts[0]
+            assert isinstance(call, ToolCallPart) and isinstance(returned, ToolReturnPart)
+            assert call.args == {"city": {"name": "Paris"}} and returned.content == {"tags": ["sunny"]}
+            call.args["city"]["name"] = "changed"  # type: ignore[index]
+            returned.content["tags"].append("changed")
+
+
+async def test_listing_conversations_leaves_the_live_set_as_it_found_it(
+    store_backend: BackendBase, agent: Agent[None, str]
+) -> None:
+    """A listing reads every stored record: those that were not live are let go once read,
+    so the conversations in use stay live and a large store is not held in memory."""
+    writer = CognitiaConversationStore(store_backend)
+    for i in range(6):
+        result = await agent.run("hi", conversation=Conversation(conversation_id=f"c{i}"))
+        await writer.save(result, scope="even" if i % 2 == 0 else "odd")
+    store = CognitiaConversationStore(InMemorySessionManager(store_backend, max_sessions=3))
+    await store.load("c0")
+    live = store.manager.live_keys()
+    assert live == [store.key("c0")]
+
+    listed = await store.list_conversations()
+    assert [record.conversation_id for record in listed] == [f"c{i}" for i in reversed(range(6))]
+    assert store.manager.live_keys() == live
+    newest_even = await store.list_conversations(scope="even", limit=2)
+    assert [record.conversation_id for record in newest_even] == ["c4", "c2"]
+    assert await store.list_conversations(limit=0) == []
+    assert store.manager.live_keys() == live
+
+
 class TurnReadsRecorded(InMemorySessionManager):
     """A real manager that also notes how many turns each read asked for."""
 
