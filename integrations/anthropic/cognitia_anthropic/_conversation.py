@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, TypeVar, cast, overload
@@ -81,8 +82,14 @@ class PersistedConversation:
         self.manager = InMemorySessionManager.of(store)
 
     async def messages(self) -> list[BetaMessageParam]:
-        """Every stored message, oldest first: what to pass as ``messages=`` to resume."""
-        return cast("list[BetaMessageParam]", await self.manager.turns(self.key))
+        """Every stored message, oldest first: what to pass as ``messages=`` to resume.
+
+        The messages are the caller's own: changing them in place (marking the newest
+        block with ``cache_control``, say) changes neither storage nor the next read.
+        """
+        # Copied through JSON text (the turns are JSON already): the turns are the live
+        # session's own, which later reads hand out too.
+        return cast("list[BetaMessageParam]", json.loads(json.dumps(await self.manager.turns(self.key))))
 
     async def append(self, *messages: BetaMessageParam | BetaMessage) -> None:
         """Store ``messages`` (params or replies) at the end of the conversation, in one save."""
@@ -364,6 +371,9 @@ def _as_json(value: object, files: list[tuple[dict[str, Any], object]]) -> objec
 
     A base64 source whose ``data`` is a path or a file object (the SDK reads and encodes
     those when it sends them) is noted in ``files``, to be read and encoded the same way.
+    ``cache_control`` is left out: it asks the API to cache a prefix of this one request,
+    and the caller marks the blocks of each request anew (a stored mark would be sent again
+    with every later request, past the API's limit of four).
     """
     if isinstance(value, pydantic.BaseModel):
         # Only the fields the API sent (exclude_unset), so the dump round-trips as input.
@@ -371,7 +381,7 @@ def _as_json(value: object, files: list[tuple[dict[str, Any], object]]) -> objec
             mode="json", by_alias=True, exclude_unset=True, exclude=getattr(value, "__api_exclude__", None)
         )
     if isinstance(value, Mapping):
-        copied = {key: _as_json(item, files) for key, item in value.items()}
+        copied = {key: _as_json(item, files) for key, item in value.items() if key != "cache_control"}
         data = value.get("data")
         if value.get("type") == "base64" and isinstance(data, (os.PathLike, io.IOBase)):
             files.append((copied, data))

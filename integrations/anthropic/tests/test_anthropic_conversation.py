@@ -141,6 +141,40 @@ async def test_multi_turn_tool_run_stores_every_message(
     assert api.requests[-1]["messages"] == stored[:5]
 
 
+async def test_prompt_caching_marks_are_the_callers_for_one_request(
+    backend_factory: Any, api: Any, get_weather: Any
+) -> None:
+    """The usual prompt-caching pattern: mark the newest block of messages() with
+    cache_control, then run. A request carries that one mark at most; messages() hands out
+    copies and storage keeps no mark, so marks never pile up past the API's limit of
+    four, in a live conversation as after a restart."""
+    backend = backend_factory()
+    conversation = PersistedConversation(backend, "user-1")
+    client = api.client()
+
+    def marks(messages: list[Any]) -> int:
+        return sum(
+            1
+            for message in messages
+            if isinstance(message["content"], list)
+            for block in message["content"]
+            if "cache_control" in block
+        )
+
+    for text in ("What is the weather in Paris?", "thanks", "and tomorrow?", "bye", "really"):
+        await conversation.append({"role": "user", "content": [{"type": "text", "text": text}]})
+        messages = await conversation.messages()
+        messages[-1]["content"][-1]["cache_control"] = {"type": "ephemeral"}  # type: ignore[index]
+        sent = len(api.requests)
+        runner = client.beta.messages.tool_runner(
+            model="claude-test", max_tokens=256, tools=[get_weather], messages=messages
+        )
+        await conversation.run(runner)
+        assert max(marks(request["messages"]) for request in api.requests[sent:]) == 1
+        assert marks(await conversation.messages()) == 0
+    assert marks(await PersistedConversation(InMemorySessionManager(backend), "user-1").messages()) == 0
+
+
 async def test_conversation_resumes_after_a_restart_with_its_full_history(
     backend_factory: Any, api: Any, get_weather: Any
 ) -> None:
