@@ -386,3 +386,32 @@ async def test_every_step_that_happened_reaches_its_hooks_even_if_the_caller_is_
             assert await manager.prune() == ["agent:a", "agent:b"]
     assert scope.cancel_called
     assert reached and set(reached) == {step}
+
+
+async def test_a_hook_that_never_returns_is_cancelled_after_save_timeout(anyio_backend: str) -> None:
+    """Hooks are shielded, but not for ever: one still running after the manager's
+    save_timeout is cancelled and logged as failed, and the step, done, returns."""
+    manager = InMemorySessionManager(InMemorySessionBackend(), save_timeout=0.2)
+    after: list[str] = []
+
+    async def stuck(event: SessionEvent) -> None:
+        await anyio.sleep_forever()
+
+    manager.on("deleted", stuck)
+    manager.on("deleted", lambda event: after.append(event.name))
+    await manager.register("agent:a", {})
+    with capture_logs() as logs, anyio.fail_after(10):
+        assert await manager.delete("agent:a") is True
+    failed = [e for e in logs if e["event"] == "session.hook_failed"]
+    assert [(e["lifecycle_event"], e["hook"].rsplit(".", 1)[-1], e["error"]) for e in failed] == [
+        ("deleted", "stuck", "TimeoutError")
+    ]
+    assert after == ["deleted"]  # the hooks after it still ran
+
+    strict = InMemorySessionManager(InMemorySessionBackend(), save_timeout=0.2, strict_hooks=True)
+    strict.on("deleted", stuck)
+    await strict.register("agent:a", {})
+    with anyio.fail_after(10), pytest.raises(HookError) as raised:
+        await strict.delete("agent:a")
+    assert isinstance(raised.value.__cause__, TimeoutError)
+    assert await strict.list_keys() == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -131,7 +132,10 @@ class HookRegistry:
         duration: float = 0.0,
         turns: int = 0,
         reason: str | None = None,
+        deadline: float = math.inf,
     ) -> None:
+        """Log the event, then run its hooks; an async hook still running at ``deadline``
+        (``anyio.current_time()``) is cancelled and reported as failed with a ``TimeoutError``."""
         hooks = self._hooks[name]
         logger = log.bind()  # resolves the current structlog configuration once
         logging_on = _info_enabled(logger)
@@ -169,7 +173,10 @@ class HookRegistry:
             try:
                 result = hook(event)
                 if inspect.isawaitable(result):
-                    await result
+                    with anyio.CancelScope(deadline=deadline) as limit:
+                        await result
+                    if limit.cancelled_caught:
+                        raise TimeoutError(f"hook still running at the deadline of {name!r}")
             except Exception as exc:
                 hook_name = _hook_name(hook)
                 if self.strict:

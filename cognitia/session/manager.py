@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import random
 import time
 from collections import OrderedDict
@@ -258,7 +259,8 @@ class InMemorySessionManager:
         sweep_interval: seconds between idle and retention sweeps under ``async with``.
         save_timeout: seconds a write may take before it raises ``TimeoutError``; its
             outcome is then unknown, so the live copy is dropped and the next access reads
-            storage.
+            storage. Also how long a step's hooks may run (shielded) before the one still
+            running is cancelled and reported as failed.
         clock: monotonic clock for idle tracking.
 
     >>> manager = InMemorySessionManager()
@@ -1135,7 +1137,9 @@ class InMemorySessionManager:
         """Report a step that happened: its structlog event, then its hooks.
 
         Hooks run shielded from the caller's cancellation, so a step that happened is
-        always reported to them as it is logged. With no hook for the event, emitting never
+        always reported to them as it is logged; one still running after ``save_timeout``
+        is cancelled and reported as failed, so a stuck hook cannot hold the manager (its
+        shutdown included) for ever. With no hook for the event, emitting never
         suspends (structlog logs synchronously), so nothing can interrupt it and the
         shield, a measurable cost on every save, is skipped.
         """
@@ -1150,4 +1154,5 @@ class InMemorySessionManager:
                 duration=time.perf_counter() - started,
                 turns=turns,
                 reason=reason,
+                deadline=anyio.current_time() + self.save_timeout if hooked else math.inf,
             )
