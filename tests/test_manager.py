@@ -1490,7 +1490,7 @@ async def test_a_live_copy_dropped_on_a_conflict_is_freed_at_once(tmp_path: Path
     import gc
     import weakref
 
-    backend: SessionBackend = (
+    backend: InMemorySessionBackend | SqliteSessionBackend = (
         InMemorySessionBackend() if kind == "memory" else SqliteSessionBackend(db_path=tmp_path / "c.db")
     )
     one, two = InMemorySessionManager(backend), InMemorySessionManager(backend)

@@ -284,7 +284,7 @@ async def test_a_graph_with_a_subgraph_keeps_what_the_in_memory_saver_keeps_and_
         for ns, checkpoint_id in latest.items():
             found = await saver.aget_tuple({"configurable": {"thread_id": "t", "checkpoint_ns": ns}})
             assert found is not None and found.checkpoint["id"] == checkpoint_id, ns
-        new = {"configurable": {"thread_id": "t", "checkpoint_ns": "sub:not-called-yet"}}
+        new: RunnableConfig = {"configurable": {"thread_id": "t", "checkpoint_ns": "sub:not-called-yet"}}
         assert await saver.aget_tuple(new) is None
 
     async with persistent_backend_factory() as backend:

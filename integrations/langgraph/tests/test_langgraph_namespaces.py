@@ -55,7 +55,7 @@ async def test_writes_saved_before_their_checkpoint_are_found_after_other_namesp
         await saver.aput(cfg("sub:x"), x, {}, {})
         found = await saver.aget_tuple(cfg("sub:x"))
         assert found is not None and found.checkpoint["id"] == x["id"]
-        assert [(channel, value) for _, channel, value in found.pending_writes] == [("out", "hello")]
+        assert [(channel, value) for _, channel, value in found.pending_writes or []] == [("out", "hello")]
 
 
 async def test_copying_an_older_checkpoint_in_does_not_hide_the_newer_one(anyio_backend: str) -> None:
@@ -66,6 +66,7 @@ async def test_copying_an_older_checkpoint_in_does_not_hide_the_newer_one(anyio_
     for i in range(KEPT + 1):
         await put(saver, f"sub:o{i}", thread_id="b")
     await saver.acopy_thread("a", "b")
+    assert saver.manager.backend is not None
     for reader in (saver, CognitiaSaver(saver.manager.backend)):
         found = await reader.aget_tuple(cfg("sub:x", thread_id="b"))
         assert found is not None and found.checkpoint["id"] == newer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -389,9 +389,10 @@ async def test_messages_read_back_share_nothing_with_what_the_store_keeps(store_
         for read in (loaded.messages, remembered):
             call, returned = read[1].parts[0], read[2].parts[0]
             assert isinstance(call, ToolCallPart) and isinstance(returned, ToolReturnPart)
-            assert call.args == {"city": {"name": "Paris"}} and returned.content == {"tags": ["sunny"]}
-            call.args["city"]["name"] = "changed"  # type: ignore[index]
-            returned.content["tags"].append("changed")
+            args, content = cast("dict[str, Any]", call.args), cast("dict[str, Any]", returned.content)
+            assert args == {"city": {"name": "Paris"}} and content == {"tags": ["sunny"]}
+            args["city"]["name"] = "changed"
+            content["tags"].append("changed")
 
 
 async def test_listing_conversations_leaves_the_live_set_as_it_found_it(
