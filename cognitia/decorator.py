@@ -45,6 +45,12 @@ class _Call:
         self.key = key
 
 
+def _name(handler: Callable[..., Any]) -> str:
+    """How errors name a handler: a function's qualified name, an instance's class."""
+    name = getattr(handler, "__qualname__", None)
+    return name if isinstance(name, str) else f"{type(handler).__qualname__} instance"
+
+
 class _Persister:
     """The machinery behind one decorated handler."""
 
@@ -65,15 +71,14 @@ class _Persister:
         signature = inspect.signature(handler)
         if param not in signature.parameters:
             raise TypeError(
-                f"@persisted_session: {handler.__qualname__} has no parameter {param!r} "
-                "to receive the session"
+                f"@persisted_session: {_name(handler)} has no parameter {param!r} to receive the session"
             )
         if signature.parameters[param].kind not in (
             inspect.Parameter.KEYWORD_ONLY,
             inspect.Parameter.POSITIONAL_OR_KEYWORD,
         ):
             raise TypeError(
-                f"@persisted_session: parameter {param!r} of {handler.__qualname__} must accept a keyword"
+                f"@persisted_session: parameter {param!r} of {_name(handler)} must accept a keyword"
             )
         names = list(signature.parameters)
         after = [
@@ -85,16 +90,33 @@ class _Persister:
         if signature.parameters[param].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and after:
             # Callers leave the session out, so their positional arguments would land on it.
             raise TypeError(
-                f"@persisted_session: parameter {param!r} of {handler.__qualname__} comes before the "
+                f"@persisted_session: parameter {param!r} of {_name(handler)} comes before the "
                 f"positional parameter {after[0]!r}; make it keyword-only (after *) or the last one"
             )
         if isinstance(key, str) and key not in signature.parameters:
             raise TypeError(
-                f"@persisted_session: key={key!r} is not a parameter of {handler.__qualname__}; "
+                f"@persisted_session: key={key!r} is not a parameter of {_name(handler)}; "
                 "pass the name of the argument that holds the session key, or a callable"
             )
+        if not isinstance(key, str) and not callable(key):
+            raise TypeError(
+                f"@persisted_session: key must be the name of a parameter of {_name(handler)} "
+                f"or a callable, got {type(key).__name__}"
+            )
+        if scope is not None:
+            try:
+                scope = MemoryScope(scope)  # reported here, not at every call
+            except ValueError:
+                raise ValueError(
+                    f"@persisted_session: scope must be a MemoryScope "
+                    f"({', '.join(repr(s.value) for s in MemoryScope)}), got {scope!r}"
+                ) from None
         if on_conflict not in ("retry", "raise"):
             raise ValueError(f"on_conflict must be 'retry' or 'raise', got {on_conflict!r}")
+        if encoder is not None and not callable(encoder):
+            raise TypeError(f"@persisted_session: encoder must be a callable, got {type(encoder).__name__}")
+        if type(retries) is not int or retries < 0:
+            raise ValueError(f"@persisted_session: retries must be an int >= 0, got {retries!r}")
         self.handler = handler
         self.manager = manager
         self.key = key
@@ -116,7 +138,7 @@ class _Persister:
     def resolve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
         if self.param in kwargs:
             raise TypeError(
-                f"{self.handler.__qualname__}() got {self.param!r} from its caller; "
+                f"{_name(self.handler)}() got {self.param!r} from its caller; "
                 "@persisted_session passes the session itself"
             )
         bound = self._bind(args, kwargs)
@@ -153,7 +175,7 @@ class _Persister:
         manager = self.manager
         session = await manager._get_locked(key)
         if session is None:
-            session = Session(key, self.initial(), turns=Turns(key, 0, manager._store.turns))
+            session = Session(key, self.initial(), turns=Turns(key, 0, manager._store.turn_loader))
             session.last_active = manager._clock()
             manager._admit(session)
         return session
@@ -298,13 +320,15 @@ def persisted_session(
             retries=manager.retries if retries is None else retries,
         )
         wrapper: Callable[..., Any]
-        if inspect.isasyncgenfunction(handler):
+        # An instance is called through its class's __call__: that says what it returns.
+        called = handler if inspect.isroutine(handler) else type(handler).__call__
+        if inspect.isasyncgenfunction(handler) or inspect.isasyncgenfunction(called):
             wrapper = _stream_wrapper(persister)
-        elif inspect.iscoroutinefunction(handler) or not inspect.isgeneratorfunction(handler):
+        elif not (inspect.isgeneratorfunction(handler) or inspect.isgeneratorfunction(called)):
             wrapper = _call_wrapper(persister, is_async=inspect.iscoroutinefunction(handler))
         else:
             raise TypeError(
-                f"@persisted_session cannot wrap the sync generator {handler.__qualname__}; "
+                f"@persisted_session cannot wrap the sync generator {_name(handler)}; "
                 "make it an async generator (async def ... yield) to stream replies"
             )
         functools.update_wrapper(wrapper, handler)
@@ -338,7 +362,9 @@ def _call_wrapper(p: _Persister, *, is_async: bool) -> Callable[..., Coroutine[A
                 try:
                     kwargs[p.param] = session
                     output = p.handler(*args, **kwargs)
-                    if is_async:
+                    # Not only `async def` functions return awaitables: so do objects with
+                    # an `async def __call__` and plain wrappers around async functions.
+                    if is_async or inspect.isawaitable(output):
                         output = await output
                     saving = True
                     await p.finish(session, call, output, started_at, t0)
@@ -360,7 +386,8 @@ def _call_wrapper(p: _Persister, *, is_async: bool) -> Callable[..., Coroutine[A
 def _stream_wrapper(p: _Persister) -> Callable[..., AsyncGenerator[Any, None]]:
     async def wrapper(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, None]:
         call = p.resolve(args, kwargs)
-        async with p.manager._operation(call.key):
+        operation = p.manager._operation(call.key)
+        async with operation:
             session = await p.session_for(call.key)
             point = session._checkpoint()
             started_at, t0 = time.time(), time.perf_counter()
@@ -370,7 +397,14 @@ def _stream_wrapper(p: _Persister) -> Callable[..., AsyncGenerator[Any, None]]:
             try:
                 async for chunk in stream:
                     chunks.append(chunk)
-                    yield chunk
+                    # While the chunk is out, no task runs the handler: the key's holder is
+                    # whichever task resumes it next (the caller's, another, or the runtime's
+                    # finalizer of a stream left by `break`).
+                    operation._park()
+                    try:
+                        yield chunk
+                    finally:
+                        operation._unpark()
                 output: Any = (
                     "".join(chunks) if chunks and all(isinstance(c, str) for c in chunks) else chunks
                 )

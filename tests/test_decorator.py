@@ -205,6 +205,88 @@ async def test_an_abandoned_stream_releases_its_key(backend: BackendBase) -> Non
     assert await backend.load("k") == {"n": 1}
 
 
+async def test_a_stream_left_by_break_then_called_again_in_the_same_task(backend: BackendBase) -> None:
+    @persisted_session(backend)
+    async def stream(message: str, *, session_id: str, session: Session) -> AsyncIterator[str]:
+        session.state["n"] = session.state.get("n", 0) + 1
+        for word in message.split():
+            yield word
+
+    async for _ in stream("a b c", session_id="k"):
+        break  # no aclosing(): the runtime's finalizer closes the stream, in a task of its own
+    with anyio.fail_after(5):
+        assert [w async for w in stream("d e", session_id="k")] == ["d", "e"]
+    assert await backend.load("k") == {"n": 1}  # the abandoned turn stored nothing
+    assert [t["output"] for t in await backend.load_turns("k")] == ["de"]
+
+    # A stream the caller still holds is not waited for: that would be forever.
+    kept = stream("f g", session_id="k")
+    assert await kept.__anext__() == "f"
+    with pytest.raises(RuntimeError, match="held by a streaming handler this task started"):
+        await stream.manager.get("k")
+    await kept.aclose()
+    assert (await stream.manager.get("k")).state == {"n": 1}
+
+
+async def test_a_stream_resumed_by_another_task_holds_the_key_there(backend: BackendBase) -> None:
+    """The task that resumes a stream holds its key: the one that started it may use the manager."""
+
+    @persisted_session(backend)
+    async def stream(*, session_id: str, session: Session) -> AsyncIterator[int]:
+        session.state["n"] = session.state.get("n", 0) + 1
+        for i in range(3):
+            yield i
+
+    @persisted_session(stream.manager)
+    async def chat(*, session_id: str, session: Session) -> int:
+        session.state["n"] = session.state.get("n", 0) + 1
+        return int(session.state["n"])
+
+    agen = stream(session_id="k")
+    assert await agen.__anext__() == 0
+    rest: list[int] = []
+
+    async def finish() -> None:
+        rest.extend([i async for i in agen])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(finish)
+        with anyio.fail_after(5):
+            # Waits for the stream, finished by the other task, instead of refusing.
+            assert await chat(session_id="k") == 2
+    assert rest == [1, 2]
+    assert await backend.load("k") == {"n": 2}
+
+
+async def test_handlers_that_are_not_async_def_functions_but_return_awaitables(backend: BackendBase) -> None:
+    async def reply(message: str, *, session_id: str, session: Session) -> str:
+        session.state["n"] = session.state.get("n", 0) + 1
+        return f"{message} #{session.state['n']}"
+
+    def traced(function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return function(*args, **kwargs)
+
+        return call
+
+    class Agent:
+        async def __call__(self, message: str, *, session_id: str, session: Session) -> str:
+            return await reply(message, session_id=session_id, session=session)
+
+    class Streamer:
+        async def __call__(self, message: str, *, session_id: str, session: Session) -> AsyncIterator[str]:
+            yield message.upper()
+
+    assert await persisted_session(backend)(traced(reply))("hi", session_id="a") == "hi #1"
+    assert await persisted_session(backend)(Agent())("hi", session_id="b") == "hi #1"
+    chunks = [c async for c in persisted_session(backend)(Streamer())("hi", session_id="c")]
+    assert chunks == ["HI"]
+    assert [t["output"] for t in await backend.load_turns("a")] == ["hi #1"]
+    assert [t["output"] for t in await backend.load_turns("b")] == ["hi #1"]
+    assert [t["output"] for t in await backend.load_turns("c")] == ["HI"]
+
+
 async def test_a_session_parameter_last_among_the_positional_ones_works(backend: BackendBase) -> None:
     @persisted_session(backend, key="sid")
     async def last(sid: str, msg: str, session: Session) -> str:
@@ -257,6 +339,22 @@ def test_misuse_is_refused_at_decoration_time() -> None:
 
         @persisted_session(backend, on_conflict="ignore")  # type: ignore[arg-type]
         async def handler(*, session_id: str, session: Session) -> None: ...
+
+    async def plain(*, session_id: str, session: Session) -> None: ...
+
+    # Arguments that would fail every call are refused when decorating.
+    with pytest.raises(ValueError, match="retries must be an int >= 0, got -1"):
+        persisted_session(backend, retries=-1)(plain)
+    with pytest.raises(ValueError, match="scope must be a MemoryScope .*got 'bogus'"):
+        persisted_session(backend, scope="bogus")(plain)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="key must be the name of a parameter of .*plain or a callable, got int"):
+        persisted_session(backend, key=123)(plain)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="encoder must be a callable, got str"):
+        persisted_session(backend, encoder="json")(plain)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="a backend or a session manager is needed, got None"):
+        persisted_session(None)(plain)  # type: ignore[arg-type]
+    # A scope given as its string value is accepted, as MemoryScope accepts it.
+    assert persisted_session(backend, scope="agent")(plain)  # type: ignore[arg-type]
 
 
 async def test_the_caller_cannot_pass_the_session() -> None:

@@ -26,6 +26,7 @@ from cognitia import (
     VersionConflictError,
     persisted_session,
 )
+from cognitia.session._session import MAX_CACHED_TURNS
 from cognitia.session.backends import (
     InMemorySessionBackend,
     MemoryScope,
@@ -1509,3 +1510,126 @@ async def test_a_live_copy_dropped_on_a_conflict_is_freed_at_once(tmp_path: Path
     finally:
         gc.enable()
         await backend.aclose()
+
+
+class SharingBackend:
+    """A four-method backend that keeps and hands out the very dicts it is given."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, dict[str, Any]] = {}
+
+    async def save(self, key: str, state: dict[str, Any]) -> None:
+        self.data[key] = state
+
+    async def load(self, key: str) -> dict[str, Any] | None:
+        return self.data.get(key)
+
+    async def delete(self, key: str) -> bool:
+        return self.data.pop(key, None) is not None
+
+    async def list_keys(self) -> list[str]:
+        return list(self.data)
+
+
+async def test_a_failed_turn_never_reaches_a_backend_that_hands_out_its_own_dicts(anyio_backend: str) -> None:
+    backend = SharingBackend()
+    manager = InMemorySessionManager(backend)
+
+    @persisted_session(manager)
+    async def answer(message: str, *, session_id: str, session: Session) -> str:
+        session.state.setdefault("notes", []).append(message)
+        if message == "boom":
+            raise ValueError("the model call failed")
+        return "ok"
+
+    await answer("hello", session_id="s")
+    await manager.close("s")  # the next call loads the backend's dict
+    with pytest.raises(ValueError, match="model call failed"):
+        await answer("boom", session_id="s")
+    assert backend.data["s"]["notes"] == ["hello"]
+    assert (await InMemorySessionManager(backend).get("s")).state == {"notes": ["hello"]}
+    turns = await manager.turns("s")
+    turns[0]["output"] = "changed by the caller"
+    assert [t["output"] for t in await InMemorySessionManager(backend).turns("s")] == ["ok"]
+
+
+@pytest.mark.parametrize("method", ["open", "register"])
+async def test_a_session_starts_from_a_copy_of_the_state_it_is_given(backend: SessionBackend, method: str) -> None:
+    manager = InMemorySessionManager(backend)
+    default: dict[str, Any] = {"role": "coach", "history": []}
+    make = manager.open if method == "open" else manager.register
+    alice = await make("agent:alice", default)
+    alice.state["history"].append("alice: my diagnosis is X")
+    await manager.save(alice)
+    bob = await make("agent:bob", default)
+    assert default == {"role": "coach", "history": []}
+    assert bob.state == {"role": "coach", "history": []}
+    # Checked before anything else: a state that cannot be stored never becomes live.
+    with pytest.raises(StateNotSerializableError, match=r"'agent:carol': state\[.when.\] is a object"):
+        await make("agent:carol", {"when": object()})
+    with pytest.raises(StateNotSerializableError, match="must be a dict, got str"):
+        await make("agent:carol", "not a dict")  # type: ignore[arg-type]
+    assert "agent:carol" not in manager
+
+
+async def test_without_a_backend_the_turn_log_is_kept_whole(anyio_backend: str) -> None:
+    """The cache bound of a live turn log applies only where storage holds the older turns."""
+    manager = InMemorySessionManager()
+    session = await manager.open("agent:chat", {})
+    count = MAX_CACHED_TURNS + 5
+    for i in range(count):
+        session.turns.append({"i": i})
+        await manager.save(session)
+    assert [t["i"] for t in await manager.turns("agent:chat")] == list(range(count))
+    assert [t["i"] for t in await session.turns.last(2)] == [count - 2, count - 1]
+    assert [t["i"] for t in await manager.turns("agent:chat", last=3)] == [count - 3, count - 2, count - 1]
+    popped = await session.turns.pop()
+    assert popped is not None and popped["i"] == count - 1
+    await manager.save(session)
+    assert len(await session.turns.all()) == count - 1
+
+
+async def test_max_sessions_holds_when_operations_fail_or_are_cancelled(backend: SessionBackend) -> None:
+    for i in range(20):
+        await backend.save(f"user:{i}", {"n": i})
+    manager = InMemorySessionManager(backend, max_sessions=2)
+
+    @persisted_session(manager)
+    async def chat(message: str, *, session_id: str, session: Session) -> str:
+        raise RuntimeError("the model provider is down")
+
+    def refuse(session: Session) -> None:
+        raise ValueError("bad change")
+
+    for i in range(20):
+        with pytest.raises(RuntimeError):
+            await chat("hi", session_id=f"user:{i}")
+        assert len(manager) <= 2
+        with pytest.raises(ValueError):
+            await manager.update(f"user:{19 - i}", refuse)
+        assert len(manager) <= 2
+        with anyio.CancelScope() as scope:
+            async with manager.locked(f"user:{i}"):
+                scope.cancel()
+                await anyio.lowlevel.checkpoint()
+        assert len(manager) <= 2
+    assert (await InMemorySessionManager(backend).get("user:7")).state == {"n": 7}
+
+
+async def test_an_exception_in_the_body_of_an_entered_manager_propagates_as_raised(anyio_backend: str) -> None:
+    for options in ({}, {"idle_ttl": 60.0}):
+        with pytest.raises(SessionNotFound):
+            async with InMemorySessionManager(**options) as manager:
+                await manager.get("agent:nobody")
+        with pytest.raises(KeyError):
+            async with InMemorySessionManager(**options):
+                raise KeyError("mine")
+
+
+async def test_update_refuses_a_negative_retry_count(backend: SessionBackend) -> None:
+    manager = InMemorySessionManager(backend)
+    with pytest.raises(ValueError, match=r"retries must be an int >= 0, got -1 \(sessions 'k'\)"):
+        await manager.update("k", lambda session: None, retries=-1)
+    with pytest.raises(ValueError, match=r"retries must be an int >= 0, got -2 \(sessions 'j', 'k'\)"):
+        await manager.update_many(["k", "j"], lambda sessions: None, retries=-2)
+    assert await backend.load("k") is None

@@ -24,7 +24,10 @@ class Turns:
     ``append`` queues a turn; the next save writes it together with the state, in one
     atomic step. ``len()`` counts every turn, stored and queued. The log is read lazily:
     ``await turns.last(5)`` fetches only the tail, and once fetched, turns stay in memory,
-    so a live conversation costs one append per turn, never a reload.
+    so a live conversation costs one append per turn, never a reload. Only the newest
+    ``MAX_CACHED_TURNS`` stored turns stay in memory; older ones are read again on demand. A
+    log without a ``loader`` (a manager without a backend) is the only copy of its turns and
+    keeps them all.
     """
 
     __slots__ = (
@@ -165,7 +168,8 @@ class Turns:
         # nothing else holds on to it (last(), all() and pop() hand out or keep new lists).
         known = self._known
         known.extend(done if stored is None else stored)
-        if len(known) > MAX_CACHED_TURNS:
+        # Without a loader this log is the only copy of the turns: nothing is let go.
+        if len(known) > MAX_CACHED_TURNS and self._loader is not None:
             del known[: len(known) - MAX_CACHED_TURNS]
             self._complete = False
         self._stored += count

@@ -14,8 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._json import loads
+from .._json import dumps, loads
 from ..errors import StateNotSerializableError, StorageError
+from ._session import TurnLoader
 from .backends._base import BackendBase, EncodedWrite, check_version
 from .backends._protocol import Capability, SessionBackend, StoreBackend, Write, capabilities_of
 
@@ -102,6 +103,12 @@ class Store:
     async def turns(self, key: str, last: int | None) -> list[dict[str, Any]]:
         return []
 
+    @property
+    def turn_loader(self) -> TurnLoader | None:
+        """What a live session's turn log reads older turns with; ``None`` where the live
+        session is the only copy of its turns, which it must then keep whole."""
+        return self.turns
+
     async def keys(self, prefix: str) -> list[str]:
         return []
 
@@ -167,6 +174,10 @@ class NullStore(Store):
 
     def dropped(self, key: str, version: int) -> None:
         self._removed_version = max(self._removed_version, version)
+
+    @property
+    def turn_loader(self) -> TurnLoader | None:
+        return None
 
 
 class NativeStore(Store):
@@ -264,7 +275,9 @@ class EnvelopeStore(Store):
         raw = await self._plain.load(key)
         if raw is None:
             return None
-        raw = dict(raw)  # the backend may hand out its own dict; never modify it
+        # A copy all the way down: the backend may hand out its own dict, which a failed
+        # turn's changes to the live state must never reach.
+        raw = loads(dumps(key, raw))
         meta = raw.pop(META_KEY, None)
         if not isinstance(meta, dict):
             # A state saved directly through the backend: adopt it as version 1, no turns.

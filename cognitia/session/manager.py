@@ -82,7 +82,14 @@ def as_manager(store: SessionBackend | InMemorySessionManager, **options: Any) -
     """
     if isinstance(store, InMemorySessionManager):
         return store
+    if store is None:
+        raise TypeError("a backend or a session manager is needed, got None")
     return InMemorySessionManager(store, **options)
+
+
+def _own_copy(key: str, state: dict[str, Any] | None) -> dict[str, Any]:
+    """A session's initial state: a deep copy of ``state``, which must be storable."""
+    return {} if state is None else loads(dumps(key, state))
 
 
 class _KeyLocks:
@@ -93,6 +100,19 @@ class _KeyLocks:
 
     def hold(self, key: str) -> _Held:
         return _Held(self._locks, key)
+
+
+_FINALIZER_TURNS = 20
+"""Scheduler turns given to an abandoned streaming handler's finalizer to start closing it."""
+
+
+class _Parked:
+    """The holder of a key whose streaming handler is suspended at a chunk, last run by ``task``."""
+
+    __slots__ = ("task",)
+
+    def __init__(self, task: object) -> None:
+        self.task = task
 
 
 class _Held:
@@ -121,17 +141,20 @@ class _Held:
             await anyio.lowlevel.checkpoint_if_cancelled()
         entry = locks.get(key)
         me = current_task()
+        if entry is not None and me is not None and entry[2] is not None:
+            if entry[2] is me:
+                raise RuntimeError(
+                    f"session {key!r} is held by this very task: code running inside an operation "
+                    "on it (a locked() block, a hook of its step, a decorated handler of it) called "
+                    "the manager for the same key, which would wait for itself forever (hand that "
+                    "work to another task, or do it after the operation)"
+                )
+            if type(entry[2]) is _Parked and entry[2].task is me:
+                entry = await self._await_abandoned_stream(entry, me)
         if entry is None:
             entry = locks[key] = [None, 1, me]
             self._entry = entry
             return
-        if entry[2] is me and me is not None:
-            raise RuntimeError(
-                f"session {key!r} is held by this very task: code running inside an operation on "
-                "it (a locked() block, a hook of its step, a decorated handler of it) called the "
-                "manager for the same key, which would wait for itself forever (hand that work "
-                "to another task, or do it after the operation)"
-            )
         entry[1] += 1
         try:
             if entry[0] is None:
@@ -155,6 +178,34 @@ class _Held:
     ) -> None:
         self._release()
 
+    async def _await_abandoned_stream(self, entry: list[Any], me: object) -> list[Any] | None:
+        """The key is held by a streaming handler this task iterated and left suspended.
+
+        A stream left by ``break`` is closed by the runtime's async-generator finalizer,
+        in a task of its own, within a few turns of the scheduler: give it those turns, and
+        the key is free or held by that task (and waited for as usual). A stream still
+        suspended after them is one the caller keeps, and waiting would be forever.
+        """
+        parked = entry[2]
+        for _ in range(_FINALIZER_TURNS):
+            await anyio.lowlevel.checkpoint()
+            current = self._locks.get(self._key)
+            if current is not entry or entry[2] is not parked:
+                return current
+        raise RuntimeError(
+            f"session {self._key!r} is held by a streaming handler this task started and has not "
+            "finished: iterate it to the end, or close it (`async with contextlib.aclosing(stream)`), "
+            "before calling the manager for the same key; waiting would be forever"
+        )
+
+    def _park(self) -> None:
+        """A streaming handler holding the key hands a chunk out: no task runs it until resumed."""
+        self._entry[2] = _Parked(self._entry[2])
+
+    def _unpark(self) -> None:
+        """The handler runs again, in whichever task resumed it (or closes it)."""
+        self._entry[2] = current_task()
+
     def _release(self) -> None:
         entry = self._entry
         entry[2] = None
@@ -171,7 +222,7 @@ class _Held:
 
 
 class _Operation(_Held):
-    """``async with manager._operation(key)``: the key's lock, then the capacity check on success."""
+    """``async with manager._operation(key)``: the key's lock, then the capacity check."""
 
     __slots__ = ("_manager",)
 
@@ -188,10 +239,13 @@ class _Operation(_Held):
     ) -> None:
         self._release()
         manager = self._manager
-        if exc is None and manager.max_sessions is not None and len(manager._live) > manager.max_sessions:
-            # The operation has succeeded (a save may have committed): a cancellation arriving
-            # now must not report it as cancelled. Eviction never waits for a key in use, and
-            # each of its saves is bounded by save_timeout.
+        if manager.max_sessions is not None and len(manager._live) > manager.max_sessions:
+            # Whatever the operation's outcome: a session it made live counts against the
+            # bound even if it failed or was cancelled (an outage must not grow the live set
+            # with every key it touches). Shielded, so that a cancellation arriving now does
+            # not report a committed save as cancelled. Eviction never waits for a key in
+            # use, each of its saves is bounded by save_timeout, and its failures are
+            # reported, never raised here.
             with anyio.CancelScope(shield=True):
                 await manager._evict_over_capacity(self._key)
 
@@ -357,18 +411,18 @@ class InMemorySessionManager:
     # -- lifecycle of one session -------------------------------------------------------------
 
     async def register(self, key: str, state: dict[str, Any] | None = None) -> Session:
-        """Make ``key`` a live session with ``state`` (default ``{}``) and persist it.
+        """Make ``key`` a live session with a copy of ``state`` (default ``{}``) and persist it.
 
         If a session with that key is stored already, ``state`` replaces its state (the
         version keeps counting, the turn log is kept). To resume a stored session, use
         :meth:`get` or :meth:`open`.
         """
         check_key(key)
-        state = {} if state is None else state
+        state = _own_copy(key, state)
         async with self._operation(key):
             live = self._live.get(key)
             if self._store.backend is None:
-                session = live or Session(key, state, turns=Turns(key, 0, self._store.turns))
+                session = live or Session(key, state, turns=Turns(key, 0, self._store.turn_loader))
                 await self._register_write(session, state, None)
             else:
                 session = await self._register_stored(key, live, state)
@@ -399,7 +453,7 @@ class InMemorySessionManager:
                     session = live
                 else:
                     count = 0 if stored is None else stored.turn_count
-                    session = Session(key, state, turns=Turns(key, count, self._store.turns))
+                    session = Session(key, state, turns=Turns(key, count, self._store.turn_loader))
             try:
                 await self._register_write(session, state, expected)
             except VersionConflictError:
@@ -409,7 +463,7 @@ class InMemorySessionManager:
         stored = await self._store.read(key)
         read = 0 if stored is None else stored.version
         session = Session(
-            key, state, turns=Turns(key, 0 if stored is None else stored.turn_count, self._store.turns)
+            key, state, turns=Turns(key, 0 if stored is None else stored.turn_count, self._store.turn_loader)
         )
         await self._register_write(session, state, None)
         if session.version != read + 1:  # another write came in between: count again
@@ -441,19 +495,22 @@ class InMemorySessionManager:
             return session
 
     async def open(self, key: str, state: dict[str, Any] | None = None) -> Session:
-        """:meth:`get` the session, or create it with ``state`` if it exists nowhere.
+        """:meth:`get` the session, or create it with a copy of ``state`` if it exists nowhere.
 
+        The copy is made, and checked to be storable, before anything else: the caller's
+        dict (a shared default, say) never becomes a session's state.
         A created session is live but not yet stored; its first :meth:`save` stores it
         (and fails with a conflict if another worker created the key in the meantime).
         """
         check_key(key)
+        initial = _own_copy(key, state)
         async with self._operation(key):
             session = await self._get_locked(key)
             if session is None:
                 session = Session(
                     key,
-                    {} if state is None else state,
-                    turns=Turns(key, 0, self._store.turns),
+                    initial,
+                    turns=Turns(key, 0, self._store.turn_loader),
                     last_active=self._clock(),
                 )
                 self._admit(session)
@@ -550,6 +607,10 @@ class InMemorySessionManager:
         change: Callable[[dict[str, Session]], Awaitable[object] | object],
         retries: int | None,
     ) -> dict[str, Session]:
+        if retries is not None and (type(retries) is not int or retries < 0):
+            raise ValueError(
+                f"retries must be an int >= 0, got {retries!r} (sessions {', '.join(map(repr, keys))})"
+            )
         attempts = (self.retries if retries is None else retries) + 1
         for attempt in range(attempts):
             if attempt:
@@ -559,7 +620,9 @@ class InMemorySessionManager:
                 try:
                     for key in keys:
                         found = await self._get_locked(key)
-                        sessions[key] = found or Session(key, {}, turns=Turns(key, 0, self._store.turns))
+                        sessions[key] = found or Session(
+                            key, {}, turns=Turns(key, 0, self._store.turn_loader)
+                        )
                 except VersionConflictError:
                     # An idle live copy's unsaved changes lost to a newer save (the copy is
                     # dropped): retried like a conflict of this save.
@@ -805,7 +868,7 @@ class InMemorySessionManager:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool | None:
+    ) -> None:
         task_group, self._task_group = self._task_group, None
         assert task_group is not None
         task_group.cancel_scope.cancel()  # stops the sweeper
@@ -813,8 +876,9 @@ class InMemorySessionManager:
             with anyio.CancelScope(shield=True):
                 await self.aclose()
         finally:
-            suppressed = await task_group.__aexit__(exc_type, exc, tb)
-        return suppressed
+            # The body's exception is not the sweeper's: it goes on as raised, not wrapped in
+            # an exception group by the task group.
+            await task_group.__aexit__(None, None, None)
 
     async def aclose(self) -> None:
         """Refuse further operations, then close every live session. The backend stays open.
@@ -899,7 +963,7 @@ class InMemorySessionManager:
             key,
             loaded.state,
             version=loaded.version,
-            turns=Turns(key, loaded.turn_count, self._store.turns),
+            turns=Turns(key, loaded.turn_count, self._store.turn_loader),
             saved_json=dumps(key, loaded.state),
             last_active=self._clock(),
         )
