@@ -345,9 +345,11 @@ def test_misuse_is_refused_at_decoration_time() -> None:
     # Arguments that would fail every call are refused when decorating.
     with pytest.raises(ValueError, match="retries must be an int >= 0, got -1"):
         persisted_session(backend, retries=-1)(plain)
-    with pytest.raises(ValueError, match="scope must be a MemoryScope .*got 'bogus'"):
+    with pytest.raises(ValueError, match=r"scope must be a MemoryScope .*got 'bogus'"):
         persisted_session(backend, scope="bogus")(plain)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="key must be the name of a parameter of .*plain or a callable, got int"):
+    with pytest.raises(
+        TypeError, match=r"key must be the name of a parameter of .*plain or a callable, got int"
+    ):
         persisted_session(backend, key=123)(plain)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="encoder must be a callable, got str"):
         persisted_session(backend, encoder="json")(plain)  # type: ignore[arg-type]

@@ -1554,7 +1554,9 @@ async def test_a_failed_turn_never_reaches_a_backend_that_hands_out_its_own_dict
 
 
 @pytest.mark.parametrize("method", ["open", "register"])
-async def test_a_session_starts_from_a_copy_of_the_state_it_is_given(backend: SessionBackend, method: str) -> None:
+async def test_a_session_starts_from_a_copy_of_the_state_it_is_given(
+    backend: SessionBackend, method: str
+) -> None:
     manager = InMemorySessionManager(backend)
     default: dict[str, Any] = {"role": "coach", "history": []}
     make = manager.open if method == "open" else manager.register
@@ -1616,13 +1618,15 @@ async def test_max_sessions_holds_when_operations_fail_or_are_cancelled(backend:
     assert (await InMemorySessionManager(backend).get("user:7")).state == {"n": 7}
 
 
-async def test_an_exception_in_the_body_of_an_entered_manager_propagates_as_raised(anyio_backend: str) -> None:
-    for options in ({}, {"idle_ttl": 60.0}):
+async def test_an_exception_in_the_body_of_an_entered_manager_propagates_as_raised(
+    anyio_backend: str,
+) -> None:
+    for idle_ttl in (None, 60.0):  # without and with a sweeper task
         with pytest.raises(SessionNotFound):
-            async with InMemorySessionManager(**options) as manager:
+            async with InMemorySessionManager(idle_ttl=idle_ttl) as manager:
                 await manager.get("agent:nobody")
         with pytest.raises(KeyError):
-            async with InMemorySessionManager(**options):
+            async with InMemorySessionManager(idle_ttl=idle_ttl):
                 raise KeyError("mine")
 
 
