@@ -441,6 +441,59 @@ async def test_statement_timeout_cancels_a_blocked_write(postgres_dsn: str, sche
         assert await backend.commit("agent:locked", {"n": 3}, expected_version=1) == 2
 
 
+async def test_a_write_cancelled_by_statement_timeout_in_a_batch_is_not_sent_again(
+    postgres_dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes queued together share a transaction; one cancelled by statement_timeout fails
+    alone, and only the others are sent again (the cancelled one would wait once more)."""
+    import psycopg
+
+    from cognitia.session.backends import _postgres
+
+    sent: dict[str, int] = {}
+    commit = _postgres._commit
+
+    def counted(conn: Any, q: Any, key: str, *args: Any) -> Any:
+        sent[key] = sent.get(key, 0) + 1
+        return commit(conn, q, key, *args)
+
+    keys = ["agent:first", *(f"agent:{i}" for i in range(6)), "agent:locked"]
+    async with PostgresSessionBackend(postgres_dsn, schema=schema) as setup:
+        for key in keys:
+            await setup.save(key, {"n": 0})
+    monkeypatch.setattr(_postgres, "_commit", counted)
+    outcome: dict[str, str] = {}
+    async with PostgresSessionBackend(postgres_dsn, schema=schema, statement_timeout=0.3) as backend:
+
+        async def save(key: str) -> None:
+            try:
+                await backend.save(key, {"n": 1})
+                outcome[key] = "saved"
+            except StorageError as exc:
+                outcome[key] = type(exc.__cause__).__name__
+
+        with psycopg.connect(postgres_dsn) as blocker:
+            blocker.execute(
+                f'SELECT 1 FROM "{schema}".cognitia_sessions WHERE key = ANY(%s) FOR UPDATE',
+                (["agent:first", "agent:locked"],),
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(save, "agent:first")  # holds the writer until it is cancelled
+                await anyio.sleep(0.05)
+                for key in keys[1:]:  # queued behind it: sent together
+                    tg.start_soon(save, key)
+            blocker.rollback()
+        assert outcome == {
+            "agent:first": "QueryCanceled",
+            "agent:locked": "QueryCanceled",
+            **{f"agent:{i}": "saved" for i in range(6)},
+        }
+        assert sent["agent:locked"] == 1
+        assert all(sent[f"agent:{i}"] == 2 for i in range(6))  # rolled back with it, sent again
+        assert await backend.load("agent:locked") == {"n": 0}
+        assert await backend.load("agent:3") == {"n": 1}
+
+
 async def test_an_unreachable_server_is_a_storage_error(driver: None) -> None:
     # Port 1 on the loopback interface refuses connections at once.
     async with PostgresSessionBackend("postgresql://nobody@127.0.0.1:1/none", connect_timeout=2) as backend:

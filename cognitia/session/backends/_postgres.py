@@ -542,9 +542,11 @@ def _run_writes(link: _Link, jobs: list[Job], q: _Statements) -> None:
         lock = _removed_version_lock(jobs, q)
         if lock is not None:
             conn.execute(lock)
+        failed = None
         for job in jobs:
             job.run(conn)
             if conn.closed or conn.info.transaction_status == pq.TransactionStatus.INERROR:
+                failed = job
                 break
         else:
             conn.execute("COMMIT")
@@ -554,9 +556,30 @@ def _run_writes(link: _Link, jobs: list[Job], q: _Statements) -> None:
         if not conn.closed and conn.info.transaction_status != pq.TransactionStatus.IDLE:
             conn.execute("ROLLBACK")
         raise
+    if (
+        failed is not None
+        and not conn.closed
+        and isinstance(failed.error, pg_errors.Error)
+        and not _batch_made(failed.error)
+    ):
+        # The statement failed on its own account (a lock waited past statement_timeout,
+        # a value PostgreSQL refuses): that is its result, and running it again would only
+        # make everyone wait again. The others were merely rolled back: they run again,
+        # together.
+        rest = [job for job in jobs if job is not failed]
+        for job in rest:
+            job.result = job.error = None
+        _run_writes(link, rest, q)
+        return
     for job in jobs:
         job.result = job.error = None
         job.run(conn)
+
+
+def _batch_made(error: BaseException) -> bool:
+    """Whether ``error`` may come from running with the rest of a batch, not from the statement
+    itself: a deadlock or serialization failure involving the rows the batch held."""
+    return isinstance(error, (pg_errors.DeadlockDetected, pg_errors.SerializationFailure))
 
 
 def _removed_version_lock(jobs: list[Job], q: _Statements) -> str | None:
