@@ -22,9 +22,11 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import sqlite3
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,7 +38,7 @@ import anyio
 from ._json import check_key, dumps
 from .errors import CognitiaError, SessionNotFound, VersionConflictError
 from .session.backends import MemoryScope
-from .session.backends._base import BackendBase
+from .session.backends._base import MAX_TTL, BackendBase
 
 __all__ = ["main"]
 
@@ -55,6 +57,8 @@ class _Exported:
     state: dict[str, Any]
     version: int
     turns: list[dict[str, Any]]
+    expires_at: float | None
+    """When the session expires (seconds since the epoch), if it has a deadline."""
     where: str
     """The file and line it was read from."""
 
@@ -340,7 +344,10 @@ async def _export(backend: BackendBase, args: argparse.Namespace, out: TextIO) -
         if record is None:
             continue
         turns = await backend.load_turns(key)
-        _print_json_line({"key": key, "state": record.state, "version": record.version, "turns": turns}, out)
+        line = {"key": key, "state": record.state, "version": record.version, "turns": turns}
+        if record.expires_at is not None:
+            line["expires_at"] = record.expires_at
+        _print_json_line(line, out)
 
 
 async def _import(backend: BackendBase, args: argparse.Namespace, out: TextIO) -> None:
@@ -363,20 +370,26 @@ async def _import(backend: BackendBase, args: argparse.Namespace, out: TextIO) -
             raise _CommandError(
                 f"{len(existing)} session(s) already exist: {shown}; nothing was imported (use --replace)"
             )
+    now = time.time()
+    expired = [s for s in sessions if s.expires_at is not None and s.expires_at <= now]
     for session in sessions:
+        if session.expires_at is not None and session.expires_at <= now:
+            continue  # gone already: absent to every read, and due for pruning
         try:
-            await backend.commit(
+            # Its own deadline, if it had one: an export keeps a session's time to live.
+            await backend._restore(
                 session.key,
                 session.state,
+                session.turns,
                 expected_version=None if args.replace else 0,
-                turns=session.turns,
-                truncate=0,
+                expires_at=session.expires_at,
             )
         except VersionConflictError:
             raise _CommandError(
                 f"session {session.key!r} was created by another writer during the import (use --replace)"
             ) from None
-    print(f"imported {len(sessions)} session(s)", file=sys.stderr)
+    skipped = f" ({len(expired)} expired before the import, skipped)" if expired else ""
+    print(f"imported {len(sessions) - len(expired)} session(s){skipped}", file=sys.stderr)
 
 
 def _read_import_file(file: str) -> list[_Exported]:
@@ -393,6 +406,7 @@ def _read_import_file(file: str) -> list[_Exported]:
 
 def _read_export(lines: IO[str], name: str) -> Iterator[_Exported]:
     seen: set[str] = set()
+    latest = time.time() + MAX_TTL  # the furthest deadline every engine stores
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -419,6 +433,13 @@ def _read_export(lines: IO[str], name: str) -> Iterator[_Exported]:
             raise _CommandError(f"{where}: 'turns' of {key!r} must be a list of objects")
         if type(version) is not int:
             raise _CommandError(f"{where}: 'version' of {key!r} must be an integer")
+        expires_at = item.get("expires_at")
+        if expires_at is not None and (
+            type(expires_at) not in (int, float) or not math.isfinite(expires_at) or expires_at > latest
+        ):
+            raise _CommandError(
+                f"{where}: 'expires_at' of {key!r} must be seconds since the epoch, or absent"
+            )
         if key in seen:
             raise _CommandError(f"{where}: session {key!r} appears twice")
         # Storage encodes what it is given: whatever it would refuse (NaN, Infinity, nesting
@@ -430,7 +451,7 @@ def _read_export(lines: IO[str], name: str) -> Iterator[_Exported]:
         except CognitiaError as exc:
             raise _CommandError(f"{where}: {exc}") from None
         seen.add(key)
-        yield _Exported(key, state, version, turns, where)
+        yield _Exported(key, state, version, turns, None if expires_at is None else float(expires_at), where)
 
 
 _COMMANDS: dict[str, Callable[[BackendBase, argparse.Namespace, TextIO], Awaitable[None]]] = {

@@ -27,7 +27,7 @@ from cognitia import (
     persisted_session,
 )
 from cognitia._json import dumps
-from cognitia.session.backends import BackendBase, InMemorySessionBackend, SqliteSessionBackend
+from cognitia.session.backends import BackendBase, InMemorySessionBackend, SqliteSessionBackend, Write
 
 pytestmark = pytest.mark.anyio
 
@@ -280,14 +280,50 @@ async def test_the_longest_allowed_key_works(backend: BackendBase) -> None:
     assert await backend.load(key) == {"ok": True}
 
 
-@pytest.mark.parametrize("bad", [0, -1, True, 1.0, "1"], ids=repr)
+@pytest.mark.parametrize(
+    ("turns", "problem"),
+    [
+        ({"role": "user"}, "turns must be a sequence of dicts, got dict (session 'agent:k'); a single turn"),
+        ("bye", "turns must be a sequence of dicts, got str (session 'agent:k')"),
+        (7, "turns must be a sequence of dicts, got int (session 'agent:k')"),
+        ([{"i": 1}, "not a dict"], "turns[1] must be a dict, got str (session 'agent:k')"),
+    ],
+    ids=["a dict", "a str", "an int", "a str item"],
+)
+async def test_a_commit_refuses_turns_that_are_not_a_sequence_of_dicts(
+    backend: BackendBase, turns: Any, problem: str
+) -> None:
+    await backend.commit("agent:k", {"n": 1}, turns=[{"i": 0}])
+    with pytest.raises(TypeError, match=re.escape(problem)):
+        await backend.commit("agent:k", {"n": 2}, turns=turns)
+    with pytest.raises(TypeError, match=re.escape(problem)):
+        await backend.commit_many([Write("agent:k", {"n": 2}, turns=turns)])
+    assert await backend.load("agent:k") == {"n": 1}
+    assert await backend.load_turns("agent:k") == [{"i": 0}]
+
+
+@pytest.mark.parametrize("bad", [-1, 2**63, True, "1"], ids=repr)
+async def test_a_commit_refuses_an_expected_version_it_cannot_mean(backend: BackendBase, bad: Any) -> None:
+    await backend.commit("agent:k", {"n": 1})
+    message = f"expected_version must be None or an int from 0 to 2**63 - 1, got {bad!r} (session 'agent:k')"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        await backend.commit("agent:k", {"n": 2}, expected_version=bad)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        await backend.commit_many([Write("agent:k", {"n": 2}, expected_version=bad)])
+    assert await backend.commit("agent:k", {"n": 3}, expected_version=1) == 2
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.0, "1", 2**63], ids=repr)
 async def test_a_delete_refuses_an_expected_version_it_cannot_mean(backend: BackendBase, bad: Any) -> None:
-    """Only None or an int >= 1: 0 ("only if nothing is stored") would leave nothing to delete."""
+    """Only None or an int from 1 to 2**63 - 1: 0 ("only if nothing is stored") would leave
+    nothing to delete, and no engine stores a version past 64 bits."""
     await backend.commit("agent:k", {"n": 1})
     managers = [InMemorySessionManager(backend), InMemorySessionManager()]
     await managers[1].register("agent:k", {"n": 1})
     for delete in (backend.delete, *(manager.delete for manager in managers)):
-        message = f"expected_version must be None or an int >= 1, got {bad!r} (session 'agent:k')"
+        message = (
+            f"expected_version must be None or an int from 1 to 2**63 - 1, got {bad!r} (session 'agent:k')"
+        )
         with pytest.raises(ValueError, match=re.escape(message)):
             await delete("agent:k", expected_version=bad)
     assert await backend.load("agent:k") == {"n": 1}

@@ -461,6 +461,65 @@ def test_output_is_utf_8_whatever_the_locale(db: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "store",
+    [
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("redis", marks=pytest.mark.redis),
+    ],
+)
+def test_export_and_import_keep_each_sessions_deadline(
+    store: str, request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if store == "sqlite":
+        where = ["--db", str(tmp_path / "ttl.db")]
+    else:
+        where = [
+            f"--{store}",
+            request.getfixturevalue("postgres_dsn" if store == "postgres" else "redis_url"),
+        ]
+    prefix = f"cli-ttl:{uuid.uuid4().hex}:"
+    deadline = time.time() + 3600.25
+    dump = tmp_path / "in.jsonl"
+    dump.write_text(
+        "".join(
+            json.dumps(line) + "\n"
+            for line in [
+                {"key": prefix + "lasting", "state": {"n": 1}, "turns": [{"i": 0}]},
+                {"key": prefix + "expiring", "state": {"n": 2}, "turns": [], "expires_at": deadline},
+                {"key": prefix + "expired", "state": {"n": 3}, "turns": [], "expires_at": time.time() - 5},
+            ]
+        ),
+        encoding="utf-8",
+    )
+    try:
+        code, _, err = run(capsys, *where, "import", str(dump))
+        assert (code, err) == (0, "imported 2 session(s) (1 expired before the import, skipped)\n")
+        exported = {
+            e["key"].removeprefix(prefix): e
+            for e in map(json.loads, run(capsys, *where, "export", prefix)[1].splitlines())
+        }
+        assert sorted(exported) == ["expiring", "lasting"]
+        assert "expires_at" not in exported["lasting"]
+        assert exported["expiring"]["expires_at"] == deadline
+        # Round trip: the export imports back with the same deadline.
+        again = tmp_path / "again.jsonl"
+        again.write_text(run(capsys, *where, "export", prefix)[1], encoding="utf-8")
+        assert run(capsys, *where, "import", "--replace", str(again))[0] == 0
+        line = run(capsys, *where, "export", prefix + "expiring")[1]
+        assert json.loads(line)["expires_at"] == deadline
+    finally:
+        for name in ("lasting", "expiring", "expired"):
+            run(capsys, *where, "rm", prefix + name)
+
+    bad = tmp_path / "bad.jsonl"
+    for value in ('"tomorrow"', "true", "1e300"):
+        bad.write_text(f'{{"key": "{prefix}x", "state": {{}}, "expires_at": {value}}}\n', encoding="utf-8")
+        code, _, err = run(capsys, *where, "import", str(bad))
+        assert code == 1 and "'expires_at' of" in err and "must be seconds since the epoch" in err
+
+
+@pytest.mark.parametrize(
     "server",
     [pytest.param("postgres", marks=pytest.mark.postgres), pytest.param("redis", marks=pytest.mark.redis)],
 )

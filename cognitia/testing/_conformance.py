@@ -614,12 +614,20 @@ async def a_conflict_in_commit_many_writes_none_of_it(factory: Factory) -> None:
                 Write("agent:new", {"lost": 1}, expected_version=4),
             ],
             [Write("agent:new", {"lost": 1}), Write("agent:x", {"lost": 1}, expected_version=0)],
+            # Two stale writes: the first in the order given is named, whatever the key order.
+            [
+                Write("agent:y", {"lost": 1}, expected_version=1),
+                Write("agent:x", {"lost": 1}, expected_version=5),
+            ],
         ):
             try:
                 await backend.commit_many(stale)
             except VersionConflictError as exc:
-                culprit = {"agent:y": 2, "agent:new": None, "agent:x": 1}
-                _expect(exc.key in culprit and exc.actual == culprit[exc.key], f"conflict says {exc}")
+                stored = {"agent:y": 2, "agent:new": None, "agent:x": 1}
+                first = next(w.key for w in stale if w.expected_version not in (None, stored[w.key] or 0))
+                _expect(
+                    exc.key == first and exc.actual == stored[first], f"conflict says {exc}, not {first!r}"
+                )
             else:
                 raise AssertionError(f"commit_many with a stale version must conflict: {stale}")
             after = await _snapshot(backend, keys)
@@ -644,7 +652,11 @@ async def commit_many_refuses_bad_input_before_writing(factory: Factory) -> None
                 StateNotSerializableError,
             ),
             ([Write("agent:ok", {"n": 2}), Write("agent:bad", {}, expected_version=-1)], ValueError),
+            ([Write("agent:ok", {"n": 2}), Write("agent:bad", {}, expected_version=2**63)], ValueError),
             ([Write("agent:ok", {"n": 2}), Write("agent:bad", {}, truncate=-2)], ValueError),
+            # A single turn not in a list, and a turn that is not a dict.
+            ([Write("agent:ok", {"n": 2}), Write("agent:bad", {}, turns={"role": "user"})], TypeError),  # type: ignore[arg-type]
+            ([Write("agent:ok", {"n": 2}), Write("agent:bad", {}, turns=["hi"])], TypeError),  # type: ignore[list-item]
         ]
         for writes, error in bad:
             try:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, NamedTuple, Self
 
@@ -25,6 +25,8 @@ MAX_TTL = 1000 * 365.25 * 24 * 3600
 """The longest ``ttl`` a backend takes, in seconds: every engine can store such a deadline."""
 MAX_COUNT = 2**31 - 1
 """Turn counts are passed to the engines capped here (more turns than any log holds)."""
+MAX_VERSION = 2**63 - 1
+"""The highest ``expected_version`` accepted (SQLite and PostgreSQL store versions in 64 bits)."""
 
 RawRecord = tuple[str, int, int, float, "float | None"]
 """What a storage engine returns for a session: state JSON, version, turn count, updated_at, expires_at."""
@@ -59,9 +61,12 @@ def check_delete_version(key: str, expected_version: object) -> None:
     must have. ``0`` ("only if nothing is stored") would leave nothing to delete, so it is
     refused like a negative number or a ``bool``.
     """
-    if expected_version is not None and (type(expected_version) is not int or expected_version < 1):
+    if expected_version is not None and (
+        type(expected_version) is not int or not 1 <= expected_version <= MAX_VERSION
+    ):
         raise ValueError(
-            f"expected_version must be None or an int >= 1, got {expected_version!r} (session {key!r})"
+            f"expected_version must be None or an int from 1 to 2**63 - 1, got {expected_version!r} "
+            f"(session {key!r})"
         )
 
 
@@ -127,7 +132,7 @@ class BackendBase(ABC):
         check_key(key)
         with self._errors("load", key):
             text = await self._raw_load_state(key, self._clock())
-        return None if text is None else loads(text)
+        return None if text is None else self._decode(text, key, "state")
 
     async def delete(self, key: str, *, expected_version: int | None = None) -> bool:
         """Delete the session and its turns; ``True`` if it existed.
@@ -153,7 +158,7 @@ class BackendBase(ABC):
             prefix = prefix.prefix
         elif not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str or MemoryScope, got {type(prefix).__name__}")
-        with self._errors("list keys", prefix or "*"):
+        with self._errors("list", f"keys starting with {prefix!r}" if prefix else "keys", whole=True):
             if not key_prefix_possible(prefix):
                 # NUL or a lone surrogate: no key holds one, and not every engine can take one.
                 await checkpoint()
@@ -170,7 +175,8 @@ class BackendBase(ABC):
         if raw is None:
             return None
         state, version, turn_count, updated_at, expires_at = raw
-        return SessionRecord(key, loads(state), version, turn_count, updated_at, expires_at, byte_size(state))
+        decoded = self._decode(state, key, "state")
+        return SessionRecord(key, decoded, version, turn_count, updated_at, expires_at, byte_size(state))
 
     async def commit(
         self,
@@ -197,7 +203,7 @@ class BackendBase(ABC):
         """
         check_key(key)
         encoded = dumps(key, state)
-        encoded_turns = [dumps(key, turn, root=f"turns[{i}]") for i, turn in enumerate(turns)]
+        encoded_turns = _encode_turns(key, turns)
         return await self.commit_encoded(
             key, encoded, expected_version=expected_version, turns=encoded_turns, truncate=truncate
         )
@@ -218,6 +224,25 @@ class BackendBase(ABC):
         with self._errors("save", key):
             return await self._raw_commit(
                 key, state, expected_version, list(turns), truncate, now, expires_at
+            )
+
+    async def _restore(
+        self,
+        key: str,
+        state: dict[str, Any],
+        turns: Sequence[dict[str, Any]],
+        *,
+        expected_version: int | None,
+        expires_at: float | None,
+    ) -> int:
+        """Write a whole exported session: its state, its turns replacing the log, and its own
+        expiry (``None``: none) in place of this backend's ``ttl``. What ``cognitia import`` writes."""
+        check_key(key)
+        encoded, encoded_turns = dumps(key, state), _encode_turns(key, turns)
+        _check_write(key, expected_version, 0)
+        with self._errors("save", key):
+            return await self._raw_commit(
+                key, encoded, expected_version, encoded_turns, 0, self._clock(), expires_at
             )
 
     async def commit_many(self, writes: Sequence[Write]) -> list[int]:
@@ -245,7 +270,7 @@ class BackendBase(ABC):
                     write.key,
                     dumps(write.key, write.state),
                     write.expected_version,
-                    [dumps(write.key, turn, root=f"turns[{i}]") for i, turn in enumerate(write.turns)],
+                    _encode_turns(write.key, write.turns),
                     write.truncate,
                 )
             )
@@ -274,7 +299,7 @@ class BackendBase(ABC):
                 )
             ]
         now, expires_at = self._write_times()
-        with self._errors("save", ", ".join(write.key for write in checked)):
+        with self._errors("save", "sessions " + ", ".join(repr(write.key) for write in checked), whole=True):
             return await self._raw_commit_many(checked, now, expires_at)
 
     def check_storable(self, key: str, state: str, turns: Sequence[str] = ()) -> None:
@@ -297,11 +322,11 @@ class BackendBase(ABC):
             if last is not None:
                 last = min(last, MAX_COUNT)  # more than any log holds: all of them
             raw = await self._raw_load_turns(key, last, self._clock())
-        return [loads(t) for t in raw]
+        return [self._decode(turn, key, f"turn {i}") for i, turn in enumerate(raw)]
 
     async def prune(self, *, dry_run: bool = False) -> list[str]:
         """Delete expired sessions and return their keys (only report them if ``dry_run``)."""
-        with self._errors("prune", "*"):
+        with self._errors("prune", "expired sessions", whole=True):
             return await self._raw_prune(self._clock(), dry_run)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -346,10 +371,22 @@ class BackendBase(ABC):
         now = self._clock()
         return now, None if self.ttl is None else now + self.ttl
 
-    def _errors(self, operation: str, key: str) -> _ErrorBoundary:
+    def _errors(self, operation: str, key: str, *, whole: bool = False) -> _ErrorBoundary:
+        """Driver errors of ``operation`` on session ``key`` (or, ``whole``, on what ``key`` says)
+        raised as :class:`StorageError`."""
+        target = key if whole else f"session {key!r}"
         if self._closed:
-            raise BackendClosedError(f"{self.name} backend is closed: cannot {operation} session {key!r}")
-        return _ErrorBoundary(self, operation, key)
+            raise BackendClosedError(f"{self.name} backend is closed: cannot {operation} {target}")
+        return _ErrorBoundary(self, operation, target)
+
+    def _decode(self, text: str, key: str, what: str) -> Any:
+        """Stored JSON decoded; text that is not JSON (written around cognitia) is a storage error."""
+        try:
+            return loads(text)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: the position, not the text
+            raise StorageError(
+                f"{self.name} backend failed to load session {key!r}: its stored {what} is not JSON ({exc})"
+            ) from exc
 
     # -- what a storage engine implements ---------------------------------------------------
 
@@ -417,11 +454,29 @@ class BackendBase(ABC):
         self._raw_close()
 
 
+def _encode_turns(key: str, turns: object) -> list[str]:
+    """Each turn of a commit encoded; a turn is a dict, and ``turns`` a sequence of them."""
+    if isinstance(turns, (str, bytes, Mapping)) or not isinstance(turns, Iterable):
+        raise TypeError(
+            f"turns must be a sequence of dicts, got {type(turns).__name__} (session {key!r}); "
+            "a single turn goes in a list: turns=[turn]"
+        )
+    encoded = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, Mapping):
+            raise TypeError(f"turns[{i}] must be a dict, got {type(turn).__name__} (session {key!r})")
+        encoded.append(dumps(key, turn, root=f"turns[{i}]"))
+    return encoded
+
+
 def _check_write(key: str, expected_version: object, truncate: object) -> int | None:
     """Refuse arguments a commit cannot mean; returns ``truncate`` capped at :data:`MAX_COUNT`."""
-    if expected_version is not None and (type(expected_version) is not int or expected_version < 0):
+    if expected_version is not None and (
+        type(expected_version) is not int or not 0 <= expected_version <= MAX_VERSION
+    ):
         raise ValueError(
-            f"expected_version must be None or an int >= 0, got {expected_version!r} (session {key!r})"
+            f"expected_version must be None or an int from 0 to 2**63 - 1, got {expected_version!r} "
+            f"(session {key!r})"
         )
     if truncate is None:
         return None
@@ -433,12 +488,12 @@ def _check_write(key: str, expected_version: object, truncate: object) -> int | 
 class _ErrorBoundary:
     """Translates a driver's errors into :class:`StorageError` (a class: it runs on every operation)."""
 
-    __slots__ = ("backend", "key", "operation")
+    __slots__ = ("backend", "operation", "target")
 
-    def __init__(self, backend: BackendBase, operation: str, key: str) -> None:
+    def __init__(self, backend: BackendBase, operation: str, target: str) -> None:
         self.backend = backend
         self.operation = operation
-        self.key = key
+        self.target = target
 
     def __enter__(self) -> None:
         return None
@@ -453,9 +508,9 @@ class _ErrorBoundary:
             return
         if not isinstance(exc, self.backend._driver_errors):
             return
-        backend, operation, key = self.backend, self.operation, self.key
+        backend, operation, target = self.backend, self.operation, self.target
         if backend._closed:
             raise BackendClosedError(
-                f"{backend.name} backend was closed during {operation} of {key!r}"
+                f"{backend.name} backend was closed during {operation} of {target}"
             ) from exc
-        raise StorageError(f"{backend.name} backend failed to {operation} session {key!r}: {exc}") from exc
+        raise StorageError(f"{backend.name} backend failed to {operation} {target}: {exc}") from exc

@@ -683,12 +683,30 @@ def _commit_many(
     with conn.transaction():
         if any(write.expected_version in (None, 0) for write in writes):
             conn.execute(q.share_removed_version)
+        done: set[int] = set()
         for i in sorted(range(len(writes)), key=lambda i: writes[i].key):
             key, state, expected_version, turns, truncate = writes[i]
-            versions[i] = _commit(
-                conn, q, key, state, expected_version, list(turns), truncate, now, expires_at
-            )
+            try:
+                versions[i] = _commit(
+                    conn, q, key, state, expected_version, list(turns), truncate, now, expires_at
+                )
+            except VersionConflictError:
+                # Everything is rolled back; the error names the first stale session in the
+                # order given, as on every backend, not the first in the order locked.
+                for j in range(i):
+                    if j not in done and (earlier := _stale(conn, q, writes[j], now)) is not None:
+                        raise earlier from None
+                raise
+            done.add(i)
     return versions
+
+
+def _stale(conn: Connection, q: _Statements, write: EncodedWrite, now: float) -> VersionConflictError | None:
+    """The conflict ``write`` would meet now, if any."""
+    if write.expected_version is None:
+        return None
+    error = _conflict(conn, q, write.key, write.expected_version, now)
+    return error if (error.actual or 0) != write.expected_version else None
 
 
 def _unstorable_string(state: str, turns: list[str]) -> tuple[str, str] | None:

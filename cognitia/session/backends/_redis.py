@@ -567,6 +567,9 @@ class RedisSessionBackend(BackendBase):
         expires_at: float | None,
     ) -> int:
         nonce = secrets.token_hex(8)
+        ttl_ms = self._ttl_ms
+        if ttl_ms is None and expires_at is not None:  # a restored session's own expiry
+            ttl_ms = max(1, math.ceil((expires_at - now) * 1000))
         return await self._call(  # type: ignore[no-any-return]
             self._commands.commit,
             key,
@@ -576,7 +579,7 @@ class RedisSessionBackend(BackendBase):
             truncate,
             now,
             expires_at,
-            self._ttl_ms,
+            ttl_ms,
             nonce,
             write=True,
         )
