@@ -82,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend = _open_backend(args)
         anyio.run(_run, backend, args)
     except (_CommandError, CognitiaError) as exc:
-        print(f"{_PROG}: {exc}", file=sys.stderr)
+        # One line: a driver's message may span several (libpq's hints do).
+        print(f"{_PROG}: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # `cognitia export | head` closed the pipe early; that is not an error of ours.
@@ -198,9 +199,8 @@ def _open_backend(args: argparse.Namespace) -> BackendBase:
                 try:
                     found = postgres._tables_exist()
                 except Exception as exc:
-                    raise _CommandError(
-                        f"cannot read the PostgreSQL database: {type(exc).__name__}"
-                    ) from None
+                    # libpq's messages name the host, port, database and user, never the password.
+                    raise _CommandError(f"cannot read the PostgreSQL database: {exc}") from None
                 if not found:
                     raise _CommandError(
                         f"the PostgreSQL database holds no cognitia sessions in schema {postgres.schema!r} "
@@ -243,7 +243,13 @@ def _holds_sessions(path: Path) -> bool:
                 "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?", ("cognitia_sessions",)
             ).fetchone()
     except sqlite3.OperationalError as exc:
-        raise _CommandError(f"cannot read {path}: {exc}") from None
+        hint = ""
+        if "readonly" in str(exc) and not os.access(path.parent, os.W_OK):
+            # Reading a WAL database takes its shared-memory file beside it, made on first use.
+            hint = (
+                f" (SQLite must create {path.name}-shm in {path.parent} to read it, and cannot write there)"
+            )
+        raise _CommandError(f"cannot read {path}: {exc}{hint}") from None
     except sqlite3.DatabaseError:  # not an SQLite database at all
         return False
     return bool(found[0])
@@ -393,15 +399,19 @@ async def _import(backend: BackendBase, args: argparse.Namespace, out: TextIO) -
 
 
 def _read_import_file(file: str) -> list[_Exported]:
-    if file == "-":
-        return list(_read_export(sys.stdin, "<stdin>"))
+    # UTF-8 whatever the locale's encoding, as export writes it (a byte order mark, which
+    # some Windows tools put first, is skipped).
     try:
-        with open(file, encoding="utf-8") as handle:
+        if file == "-":
+            stdin = getattr(sys.stdin, "buffer", None)  # bytes, unless stdin was replaced by text
+            text = sys.stdin.read() if stdin is None else stdin.read().decode("utf-8-sig")
+            return list(_read_export(io.StringIO(text), "<stdin>"))
+        with open(file, encoding="utf-8-sig") as handle:
             return list(_read_export(handle, file))
     except OSError as exc:
         raise _CommandError(f"cannot read {file}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
-        raise _CommandError(f"{file} is not UTF-8 text: {exc}") from None
+        raise _CommandError(f"{'standard input' if file == '-' else file} is not UTF-8 text: {exc}") from None
 
 
 def _read_export(lines: IO[str], name: str) -> Iterator[_Exported]:

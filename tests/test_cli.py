@@ -391,9 +391,24 @@ def test_bad_server_addresses_and_import_keys_are_clear_errors(
     pytest.importorskip("psycopg")
     code, _, err = run(capsys, "--postgres", "not a dsn", "ls")
     assert (code, err) == (1, "cognitia: dsn is not a valid libpq connection string or postgresql:// URL\n")
+    # libpq's reason, on one line (port 1 on the loopback interface refuses at once).
+    code, _, err = run(
+        capsys, "--postgres", "postgresql://nobody:secret@127.0.0.1:1/none?connect_timeout=5", "ls"
+    )
+    assert code == 1 and err.count("\n") == 1 and "secret" not in err
+    assert err.startswith("cognitia: cannot read the PostgreSQL database: ") and "port 1 failed" in err
     pytest.importorskip("redis")
     code, _, err = run(capsys, "--redis", "http://localhost/0", "ls")
     assert code == 1 and err.startswith("cognitia: Redis URL must specify one of the following schemes")
+    # What redis-py accepts and fails on later, or ignores: refused at once, the URL not quoted.
+    code, _, err = run(capsys, "--redis", "redis://:secret@localhost:6379/0?colour=blue", "ls")
+    assert code == 1 and err.startswith("cognitia: url has an option redis-py does not know:")
+    assert "'colour'" in err and "secret" not in err
+    code, _, err = run(capsys, "--redis", "redis://:secret@localhost:6379/abc", "ls")
+    assert (code, err) == (
+        1,
+        "cognitia: url: the database index after the last / must be a number, got 'abc'\n",
+    )
     lines = tmp_path / "bad.jsonl"
     lines.write_text(
         json.dumps({"key": "agent:a", "state": {}}) + "\n" + json.dumps({"key": " ", "state": {}}) + "\n"
@@ -458,6 +473,50 @@ def test_output_is_utf_8_whatever_the_locale(db: Path, tmp_path: Path) -> None:
     imported = cli("--db", str(other), "import", str(backup))
     assert imported.returncode == 0, imported.stderr
     assert stored(other, "agent:user:44") == ({"note": "café 🙂"}, 1, [{"q": "naïve ✓"}])
+
+    # Standard input is read as UTF-8 too (a byte order mark first is skipped), and bytes
+    # that are not UTF-8 are refused, not stored garbled.
+    line = '{"key": "agent:piped", "state": {"x": "café"}}\n'.encode()
+    for given in (line, b"\xef\xbb\xbf" + line):
+        piped = subprocess.run(
+            [sys.executable, "-m", "cognitia", "--db", str(other), "import", "--replace", "-"],
+            input=given,
+            capture_output=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        assert piped.returncode == 0, piped.stderr
+        assert stored(other, "agent:piped")[0] == {"x": "café"}
+    latin = subprocess.run(
+        [sys.executable, "-m", "cognitia", "--db", str(other), "import", "--replace", "-"],
+        input=line.replace("é".encode(), b"\xe9"),
+        capture_output=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert latin.returncode == 1
+    assert latin.stderr.decode().startswith("cognitia: standard input is not UTF-8 text:")
+    assert stored(other, "agent:piped")[0] == {"x": "café"}
+
+
+def test_stored_text_that_is_not_json_is_a_one_line_error_naming_the_key(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("UPDATE cognitia_sessions SET state = 'not json' WHERE key = 'global:settings'")
+        conn.execute("UPDATE cognitia_turns SET turn = '{bad' WHERE key = 'agent:user:42'")
+    prefix = "cognitia: sqlite backend failed to load session"
+    for argv, key, what in [
+        (("show", "global:settings"), "global:settings", "state"),
+        (("ls",), "global:settings", "state"),
+        (("turns", "agent:user:42"), "agent:user:42", "turn 0"),
+        (("export", "agent:"), "agent:user:42", "turn 0"),
+    ]:
+        code, _, err = run(capsys, "--db", str(db), *argv)
+        assert code == 1 and err.count("\n") == 1, (argv, err)
+        assert err.startswith(f"{prefix} {key!r}: its stored {what} is not JSON ("), (argv, err)
 
 
 @pytest.mark.parametrize(

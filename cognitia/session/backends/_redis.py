@@ -532,13 +532,15 @@ class RedisSessionBackend(BackendBase):
             timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            socket_keepalive=True,
+            # TCP keepalives notice a server that vanished; a unix socket has none.
+            **({} if urlsplit(url).scheme == "unix" else {"socket_keepalive": True}),
             health_check_interval=30,
             decode_responses=True,
             client_name="cognitia",
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), retries),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
+        _check_url(url, self._pool)
         self._workers = [
             ThreadWorker(f"cognitia-redis-{i}:{self._describe()}", self._open, _close, batch=_run_batch)
             for i in range(max_connections)
@@ -646,3 +648,18 @@ def _checked(key: str, expected_version: int | None, reply: list[int]) -> int:
         assert expected_version is not None
         raise VersionConflictError(key, expected_version, None if value < 0 else int(value))
     return int(value)
+
+
+def _check_url(url: str, pool: Any) -> None:
+    """Refuse what redis-py accepts from a URL and fails on (or ignores) later: an option no
+    connection takes, a database index that is not a number. The URL is not quoted: it may
+    hold a password."""
+    parts = urlsplit(url)
+    if parts.scheme in ("redis", "rediss"):
+        index = parts.path.strip("/")
+        if index and not index.isdigit():
+            raise ValueError(f"url: the database index after the last / must be a number, got {index!r}")
+    try:
+        pool.connection_class(**pool.connection_kwargs)  # builds the object only: no socket yet
+    except TypeError as exc:
+        raise ValueError(f"url has an option redis-py does not know: {exc}") from None

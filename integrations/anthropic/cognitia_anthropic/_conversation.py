@@ -371,9 +371,10 @@ def _as_json(value: object, files: list[tuple[dict[str, Any], object]]) -> objec
 
     A base64 source whose ``data`` is a path or a file object (the SDK reads and encodes
     those when it sends them) is noted in ``files``, to be read and encoded the same way.
-    ``cache_control`` is left out: it asks the API to cache a prefix of this one request,
-    and the caller marks the blocks of each request anew (a stored mark would be sent again
-    with every later request, past the API's limit of four).
+    ``cache_control`` marks are left out: one asks the API to cache a prefix of this one
+    request, and the caller marks the blocks of each request anew (a stored mark would be
+    sent again with every later request, past the API's limit of four). A tool call's
+    ``input`` is kept as it is, whatever its keys.
     """
     if isinstance(value, pydantic.BaseModel):
         # Only the fields the API sent (exclude_unset), so the dump round-trips as input.
@@ -381,7 +382,14 @@ def _as_json(value: object, files: list[tuple[dict[str, Any], object]]) -> objec
             mode="json", by_alias=True, exclude_unset=True, exclude=getattr(value, "__api_exclude__", None)
         )
     if isinstance(value, Mapping):
-        copied = {key: _as_json(item, files) for key, item in value.items() if key != "cache_control"}
+        # A tool call's input is the model's JSON, stored as it is: a "cache_control" key
+        # there is an argument of the tool, not a mark.
+        tool_call = str(value.get("type", "")).endswith("tool_use")
+        copied = {
+            key: _verbatim(item) if tool_call and key == "input" else _as_json(item, files)
+            for key, item in value.items()
+            if key != "cache_control"
+        }
         data = value.get("data")
         if value.get("type") == "base64" and isinstance(data, (os.PathLike, io.IOBase)):
             files.append((copied, data))
@@ -390,6 +398,17 @@ def _as_json(value: object, files: list[tuple[dict[str, Any], object]]) -> objec
         return [_as_json(item, files) for item in value]
     # Anything else is stored as is; a value JSON cannot hold is refused by the manager,
     # which names its path, before anything is written.
+    return value
+
+
+def _verbatim(value: object) -> object:
+    """A JSON copy of ``value`` with nothing left out."""
+    if isinstance(value, pydantic.BaseModel):
+        return value.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    if isinstance(value, Mapping):
+        return {key: _verbatim(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_verbatim(item) for item in value]
     return value
 
 

@@ -175,6 +175,28 @@ async def test_prompt_caching_marks_are_the_callers_for_one_request(
     assert marks(await PersistedConversation(InMemorySessionManager(backend), "user-1").messages()) == 0
 
 
+async def test_a_tool_input_with_a_cache_control_key_is_stored_as_it_is(
+    backend_factory: Any, api: Any, get_weather: Any
+) -> None:
+    """Marks are left out of content blocks only: a tool argument named cache_control is the
+    model's data, kept, and the conversation goes on from messages() after it."""
+    backend = backend_factory()
+    conversation = PersistedConversation(backend, "user-1")
+    call = {"type": "tool_use", "id": "toolu_9", "name": "get_weather", "input": {"city": "Paris"}}
+    call["input"]["cache_control"] = "max-age=60"  # type: ignore[index]
+    reply = {"role": "assistant", "content": [{"type": "text", "text": "Let me look."}, call]}
+    result = {
+        "role": "user",
+        "content": [{"type": "tool_result", "tool_use_id": "toolu_9", "content": "sunny"}],
+    }
+    await conversation.append({"role": "user", "content": "weather?"}, reply, result)  # type: ignore[arg-type]
+    stored = await conversation.messages()
+    assert stored[1]["content"][1]["input"] == {"city": "Paris", "cache_control": "max-age=60"}  # type: ignore[index]
+    assert await ask(conversation, api.client(), get_weather, "thanks") == "echo: thanks"
+    again = await PersistedConversation(InMemorySessionManager(backend), "user-1").messages()
+    assert again[:3] == stored and len(again) == 5
+
+
 async def test_conversation_resumes_after_a_restart_with_its_full_history(
     backend_factory: Any, api: Any, get_weather: Any
 ) -> None:
