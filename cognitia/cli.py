@@ -107,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
         "--db",
         metavar="PATH",
         default=None,
-        help="SQLite database file (default: sessions.db)",
+        help="SQLite database file (default: $COGNITIA_DB, else sessions.db)",
     )
     where.add_argument("--postgres", metavar="DSN", help="PostgreSQL connection string (extra [postgres])")
     where.add_argument(
@@ -224,9 +224,12 @@ def _open_backend(args: argparse.Namespace) -> BackendBase:
     # No command leaves an empty database behind after a typo in the path, nor adds
     # cognitia's tables to some other program's database; import may create a new file.
     if args.command == "import" and (not path.exists() or (path.is_file() and path.stat().st_size == 0)):
+        if not path.parent.is_dir():
+            raise _CommandError(f"no directory {path.parent} to create the database {path.name} in")
         return SqliteSessionBackend(db_path=path)
     if not path.exists():
-        raise _CommandError(f"no database at {path} (use --db PATH)")
+        named = "" if args.db or not os.environ.get("COGNITIA_DB") else ", named by COGNITIA_DB"
+        raise _CommandError(f"no database at {path}{named} (use --db PATH)")
     if path.is_dir():
         raise _CommandError(f"{path} is a directory, not a database (use --db PATH)")
     if not _holds_sessions(path):

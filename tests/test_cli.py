@@ -311,7 +311,22 @@ def test_cognitia_db_names_the_database_when_db_is_not_given(
     monkeypatch.setenv("COGNITIA_DB", str(db))
     assert json.loads(run(capsys, "show", "global:settings")[1]) == {"lang": "en"}
     # --db wins over the variable.
-    assert run(capsys, "--db", str(tmp_path / "other.db"), "show", "global:settings")[0] == 1
+    code, _, err = run(capsys, "--db", str(tmp_path / "other.db"), "show", "global:settings")
+    assert (code, err) == (1, f"cognitia: no database at {tmp_path / 'other.db'} (use --db PATH)\n")
+    dump = tmp_path / "one.jsonl"
+    dump.write_text('{"key": "agent:a", "state": {}}\n', encoding="utf-8")
+    code, _, err = run(capsys, "--db", str(tmp_path / "nowhere" / "new.db"), "import", str(dump))
+    assert (code, err) == (
+        1,
+        f"cognitia: no directory {tmp_path / 'nowhere'} to create the database new.db in\n",
+    )
+    # A stale variable is named in the error.
+    monkeypatch.setenv("COGNITIA_DB", str(tmp_path / "gone.db"))
+    code, _, err = run(capsys, "ls")
+    assert (code, err) == (
+        1,
+        f"cognitia: no database at {tmp_path / 'gone.db'}, named by COGNITIA_DB (use --db PATH)\n",
+    )
 
 
 def test_usage_errors_exit_2(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
