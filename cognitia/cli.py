@@ -372,18 +372,19 @@ async def _import(backend: BackendBase, args: argparse.Namespace, out: TextIO) -
             )
         except CognitiaError as exc:
             raise _CommandError(f"{session.where}: {exc}") from None
+    # A session past its deadline is gone already (absent to every read): it is not
+    # written, and with --replace the target's copy of it goes too, as the file says.
+    now = time.time()
+    expired = [s for s in sessions if s.expires_at is not None and s.expires_at <= now]
+    lasting = [s for s in sessions if not (s.expires_at is not None and s.expires_at <= now)]
     if not args.replace:
-        existing = [s.key for s in sessions if await backend.load_record(s.key) is not None]
+        existing = [s.key for s in lasting if await backend.load_record(s.key) is not None]
         if existing:
             shown = ", ".join(repr(k) for k in existing[:5]) + (" ..." if len(existing) > 5 else "")
             raise _CommandError(
                 f"{len(existing)} session(s) already exist: {shown}; nothing was imported (use --replace)"
             )
-    now = time.time()
-    expired = [s for s in sessions if s.expires_at is not None and s.expires_at <= now]
-    for session in sessions:
-        if session.expires_at is not None and session.expires_at <= now:
-            continue  # gone already: absent to every read, and due for pruning
+    for session in lasting:
         try:
             # Its own deadline, if it had one: an export keeps a session's time to live.
             await backend._restore(
@@ -397,8 +398,11 @@ async def _import(backend: BackendBase, args: argparse.Namespace, out: TextIO) -
             raise _CommandError(
                 f"session {session.key!r} was created by another writer during the import (use --replace)"
             ) from None
+    if args.replace:
+        for session in expired:
+            await backend.delete(session.key)
     skipped = f" ({len(expired)} expired before the import, skipped)" if expired else ""
-    print(f"imported {len(sessions) - len(expired)} session(s){skipped}", file=sys.stderr)
+    print(f"imported {len(lasting)} session(s){skipped}", file=sys.stderr)
 
 
 def _read_import_file(file: str) -> list[_Exported]:

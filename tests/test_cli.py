@@ -586,6 +586,25 @@ def test_export_and_import_keep_each_sessions_deadline(
         for name in ("lasting", "expiring", "expired"):
             run(capsys, *where, "rm", prefix + name)
 
+    # A session the file holds as expired: no conflict with the target's copy, which
+    # --replace removes, as the file says it is gone.
+    gone = tmp_path / "gone.jsonl"
+    gone.write_text(
+        json.dumps({"key": prefix + "x", "state": {"old": True}, "expires_at": time.time() - 5}) + "\n",
+        encoding="utf-8",
+    )
+    fresh = tmp_path / "fresh.jsonl"
+    fresh.write_text(json.dumps({"key": prefix + "x", "state": {"n": 1}}) + "\n", encoding="utf-8")
+    try:
+        assert run(capsys, *where, "import", str(fresh))[0] == 0
+        code, _, err = run(capsys, *where, "import", str(gone))
+        assert (code, err) == (0, "imported 0 session(s) (1 expired before the import, skipped)\n")
+        assert json.loads(run(capsys, *where, "show", prefix + "x")[1]) == {"n": 1}
+        assert run(capsys, *where, "import", "--replace", str(gone))[0] == 0
+        assert run(capsys, *where, "show", prefix + "x")[0] == 1
+    finally:
+        run(capsys, *where, "rm", prefix + "x")
+
     bad = tmp_path / "bad.jsonl"
     for value in ('"tomorrow"', "true", "1e300"):
         bad.write_text(f'{{"key": "{prefix}x", "state": {{}}, "expires_at": {value}}}\n', encoding="utf-8")

@@ -1618,6 +1618,39 @@ async def test_max_sessions_holds_when_operations_fail_or_are_cancelled(backend:
     assert (await InMemorySessionManager(backend).get("user:7")).state == {"n": 7}
 
 
+async def test_a_failed_or_cancelled_operation_makes_room_without_writing(anyio_backend: str) -> None:
+    """After a failure or a cancellation, eviction lets go only of sessions with nothing to
+    save: the caller is not held by writes to storage that may be what is failing."""
+    storage: dict[str, str] = {}
+    backend = DictBackend(storage)
+    manager = InMemorySessionManager(backend)
+    for i in range(4):
+        (await manager.open(f"agent:{i}", {"n": i})).state["changed"] = True  # unsaved
+    await manager.open("agent:clean", {})
+    await manager.save("agent:clean")
+    manager.max_sessions = 2  # five live now: over the bound
+    saves: list[str] = []
+    save = backend.save
+
+    async def counted(key: str, state: dict[str, Any]) -> None:
+        saves.append(key)
+        await save(key, state)
+
+    backend.save = counted  # type: ignore[method-assign]
+    with anyio.CancelScope() as scope:
+        async with manager.locked("agent:new"):
+            scope.cancel()
+            await anyio.lowlevel.checkpoint()
+    assert saves == []
+    assert sorted(manager.live_keys()) == [f"agent:{i}" for i in range(4)]  # the unsaved ones wait
+    with pytest.raises(ValueError):
+        await manager.update("agent:other", lambda session: (_ for _ in ()).throw(ValueError()))
+    assert saves == []
+    await manager.get("agent:0")  # succeeds: saves and evicts down to the bound
+    assert saves == ["agent:1", "agent:2"] and manager.live_keys() == ["agent:3", "agent:0"]
+    assert json.loads(storage["agent:1"])["changed"] is True
+
+
 async def test_an_exception_in_the_body_of_an_entered_manager_propagates_as_raised(
     anyio_backend: str,
 ) -> None:
@@ -1628,6 +1661,13 @@ async def test_an_exception_in_the_body_of_an_entered_manager_propagates_as_rais
         with pytest.raises(KeyError):
             async with InMemorySessionManager(idle_ttl=idle_ttl):
                 raise KeyError("mine")
+        # Also when the caller's scope is cancelled as the body fails: the exception is
+        # not replaced by the cancellation met while the sweeper stops.
+        with pytest.raises(ValueError, match="body failed"):
+            with anyio.CancelScope() as scope:
+                async with InMemorySessionManager(idle_ttl=idle_ttl):
+                    scope.cancel()
+                    raise ValueError("body failed")
 
 
 async def test_update_refuses_a_negative_retry_count(backend: SessionBackend) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 from typing import Any
 
 import anyio
@@ -102,6 +103,27 @@ async def test_without_ttl_keys_do_not_expire(redis_url: str, redis_prefix: str,
         and redis_client.pttl(f"{redis_prefix}t:agent:p") == -1
     )
     assert redis_client.zscore(f"{redis_prefix}expiry", "agent:p") is None
+
+
+async def test_a_restored_session_expires_at_its_own_deadline_whatever_the_ttl(
+    redis_url: str, redis_prefix: str, redis_client: Any
+) -> None:
+    """What ``cognitia import`` writes: a session's own deadline (or none), in the record and
+    as the Redis keys' expiry, on a backend with or without a ttl."""
+    for ttl in (None, 5.0):
+        async with make(redis_url, redis_prefix, ttl=ttl) as backend:
+            deadline = time.time() + 1_000
+            await backend._restore("agent:kept", {"n": 1}, [{"i": 0}], expected_version=None, expires_at=None)
+            await backend._restore(
+                "agent:due", {"n": 2}, [{"i": 0}], expected_version=None, expires_at=deadline
+            )
+            kept, due = await backend.load_record("agent:kept"), await backend.load_record("agent:due")
+            assert kept is not None and kept.expires_at is None
+            assert due is not None and due.expires_at == deadline
+        assert redis_client.pttl(f"{redis_prefix}s:agent:kept") == -1
+        assert redis_client.zscore(f"{redis_prefix}expiry", "agent:kept") is None
+        assert 990_000 < redis_client.pttl(f"{redis_prefix}s:agent:due") <= 1_000_000
+        assert 990_000 < redis_client.pttl(f"{redis_prefix}t:agent:due") <= 1_000_000
 
 
 async def test_key_prefix_isolates_backends(redis_url: str, redis_prefix: str, redis_client: Any) -> None:

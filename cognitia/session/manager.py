@@ -245,9 +245,11 @@ class _Operation(_Held):
             # with every key it touches). Shielded, so that a cancellation arriving now does
             # not report a committed save as cancelled. Eviction never waits for a key in
             # use, each of its saves is bounded by save_timeout, and its failures are
-            # reported, never raised here.
+            # reported, never raised here. After a failure or a cancellation only sessions
+            # with nothing to save go: the caller is not held by writes (storage may be
+            # what failed), and the next operation that succeeds saves and evicts the rest.
             with anyio.CancelScope(shield=True):
-                await manager._evict_over_capacity(self._key)
+                await manager._evict_over_capacity(self._key, unsaved=exc is None)
 
 
 class _Operations(_Operation):
@@ -872,6 +874,9 @@ class InMemorySessionManager:
         task_group, self._task_group = self._task_group, None
         assert task_group is not None
         task_group.cancel_scope.cancel()  # stops the sweeper
+        # Shielded from outer cancellation: the sweeper ends at once, and a cancellation of
+        # the caller arriving while it does must not replace the body's exception.
+        task_group.cancel_scope.shield = True
         try:
             with anyio.CancelScope(shield=True):
                 await self.aclose()
@@ -1130,7 +1135,7 @@ class InMemorySessionManager:
         self._live[session.key] = session
         self._live.move_to_end(session.key)
 
-    async def _evict_over_capacity(self, keep: str) -> None:
+    async def _evict_over_capacity(self, keep: str, *, unsaved: bool = True) -> None:
         """Save and evict least recently used sessions until at most ``max_sessions`` are live.
 
         Runs on whichever caller pushed the live set over capacity; its own session,
@@ -1138,7 +1143,8 @@ class InMemorySessionManager:
         skipped, never waited for: the caller must not wait on another key (a handler
         calling a sub-agent under a second key would wait for itself). A session that
         cannot be saved stays live and is reported, not raised to that unrelated caller;
-        the next eviction tries it again.
+        the next eviction tries it again. Without ``unsaved``, a session with changes to save
+        is passed over too.
         """
         assert self.max_sessions is not None
         for key in list(self._live):
@@ -1146,6 +1152,8 @@ class InMemorySessionManager:
             if len(self._live) - leaving <= self.max_sessions:
                 return
             if key == keep or key in self._locks._locks:
+                continue
+            if not unsaved and self._store.backend is not None and self._changed(self._live[key]):
                 continue
             async with self._locks.hold(key):
                 session = self._live.get(key)

@@ -569,9 +569,9 @@ class RedisSessionBackend(BackendBase):
         expires_at: float | None,
     ) -> int:
         nonce = secrets.token_hex(8)
-        ttl_ms = self._ttl_ms
-        if ttl_ms is None and expires_at is not None:  # a restored session's own expiry
-            ttl_ms = max(1, math.ceil((expires_at - now) * 1000))
+        # The key expires with the session: at the backend's ttl, or at a restored session's
+        # own deadline (or never).
+        ttl_ms = None if expires_at is None else max(1, math.ceil((expires_at - now) * 1000))
         return await self._call(  # type: ignore[no-any-return]
             self._commands.commit,
             key,
